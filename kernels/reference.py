@@ -1,0 +1,62 @@
+"""Plain-PyTorch references for the Triton kernels: same inputs, fp32 math, no tiling tricks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[seq_len, Hkv, D] of one request from a paged cache view [pages, page_size, Hkv, D]."""
+    page_size = cache.shape[1]
+    pos = torch.arange(seq_len, device=cache.device)
+    return cache[block_table_row[pos // page_size].long(), pos % page_size]
+
+
+def sparse_attention_reference(
+    q, k_cache, v_cache, block_table, seq_lens, qblocks, block_mask, scale, block_size
+) -> torch.Tensor:
+    """Attention of every query row over the KV blocks ``block_mask`` [n, Hkv or 1, nkb] keeps,
+    causal inside them. Returns [tokens, Hq, D] fp32 (rows outside ``qblocks`` are zero)."""
+    gqa = q.shape[1] // k_cache.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    table = qblocks.cpu()
+    cached = (None, None, None)
+    for i in range(table.shape[0]):
+        req, row0, pos0, rows = (int(x) for x in table[i])
+        seq_len = int(seq_lens[req])
+        if cached[0] != req:
+            k = gather_kv(k_cache, block_table[req], seq_len).float().repeat_interleave(gqa, 1)
+            v = gather_kv(v_cache, block_table[req], seq_len).float().repeat_interleave(gqa, 1)
+            cached = (req, k, v)
+        _, k, v = cached
+        qpos = torch.arange(pos0, pos0 + rows, device=q.device)
+        kpos = torch.arange(seq_len, device=q.device)
+        allowed = block_mask[i].expand(k_cache.shape[2], -1)[:, kpos // block_size]
+        allowed = allowed.repeat_interleave(gqa, 0)  # [Hq, seq]
+        allowed = allowed[:, None, :] & (kpos[None, None, :] <= qpos[None, :, None])
+        logits = torch.einsum("thd,shd->hts", q[row0:row0 + rows].float(), k) * scale
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        out[row0:row0 + rows] = torch.einsum("hts,shd->thd", probs, v)
+    return out
+
+
+def block_scores_reference(
+    q, k_cache, block_table, seq_lens, qblocks, scale, block_size, num_kv_blocks
+) -> torch.Tensor:
+    """[n, Hq, nkb]: max over keys of each KV block of scale * mean-pooled query . key (fp32);
+    -inf for KV blocks after the query block."""
+    n = qblocks.shape[0]
+    num_q_heads = q.shape[1]
+    gqa = num_q_heads // k_cache.shape[2]
+    scores = torch.full((n, num_q_heads, num_kv_blocks), float("-inf"), device=q.device)
+    table = qblocks.cpu()
+    for i in range(n):
+        req, row0, pos0, rows = (int(x) for x in table[i])
+        qb = pos0 // block_size
+        seq_len = int(seq_lens[req])
+        pooled = q[row0:row0 + rows].float().mean(0)  # [Hq, D]
+        k = gather_kv(k_cache, block_table[req], seq_len).float().repeat_interleave(gqa, dim=1)
+        logits = torch.einsum("hd,shd->hs", pooled, k) * scale
+        for kb in range(qb + 1):
+            scores[i, :, kb] = logits[:, kb * block_size:(kb + 1) * block_size].amax(-1)
+    return scores

@@ -1,0 +1,143 @@
+"""Block scores for dynamic selection (Triton): mean-pooled query block x every key, max per KV block.
+
+``scores[i, h, kb]`` = max over keys j in KV block kb of ``scale * mean_q(i, h) . k_j`` (query
+block i, query head h), for kb <= the query block's own block; later entries are left unwritten.
+Only the query block's own rows and the keys before them enter, never the chunk around them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pool_queries_kernel(
+    q_ptr, pooled_ptr, qblocks_ptr,
+    stride_qt, stride_qh, stride_pi, stride_ph,
+    ROWS: tl.constexpr, HEAD_SIZE: tl.constexpr,
+):
+    qblock = tl.program_id(0)
+    head = tl.program_id(1)
+    row_start = tl.load(qblocks_ptr + qblock * 4 + 1)
+    num_rows = tl.load(qblocks_ptr + qblock * 4 + 3)
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_SIZE)
+    total = tl.zeros([HEAD_SIZE], dtype=tl.float32)
+    for r in range(0, num_rows, ROWS):
+        rows = r + offs_r
+        ptrs = q_ptr + (row_start + rows).to(tl.int64)[:, None] * stride_qt + head * stride_qh
+        x = tl.load(ptrs + offs_d[None, :], mask=(rows < num_rows)[:, None], other=0.0)
+        total += tl.sum(x.to(tl.float32), 0)
+    tl.store(pooled_ptr + qblock * stride_pi + head * stride_ph + offs_d, total / num_rows)
+
+
+@triton.jit
+def _block_scores_kernel(
+    pooled_ptr, k_ptr, scores_ptr,
+    block_table_ptr, seq_lens_ptr, qblocks_ptr, groups_ptr,
+    scale,
+    stride_pi, stride_ph,
+    stride_kb, stride_kt, stride_kh,
+    stride_bt,
+    stride_si, stride_sh,
+    GQA: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+):
+    group = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    first = tl.load(groups_ptr + group * 2)
+    count = tl.load(groups_ptr + group * 2 + 1)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_SIZE)
+    qblock = first + offs_m // GQA
+    head = kv_head * GQA + offs_m % GQA
+    row_ok = (offs_m < BLOCKS_PER_GROUP * GQA) & (offs_m // GQA < count)
+    row_qb = tl.load(qblocks_ptr + qblock * 4 + 2, mask=row_ok, other=0) // SPARSE_BLOCK
+
+    req = tl.load(qblocks_ptr + first * 4)
+    seq_len = tl.load(seq_lens_ptr + req)
+    last_qb = tl.load(qblocks_ptr + (first + count - 1) * 4 + 2) // SPARSE_BLOCK
+
+    pooled = tl.load(
+        pooled_ptr + qblock.to(tl.int64)[:, None] * stride_pi + head[:, None] * stride_ph
+        + offs_d[None, :],
+        mask=row_ok[:, None], other=0.0,
+    ).to(k_ptr.dtype.element_ty)
+    k_base = k_ptr + kv_head * stride_kh
+    bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
+    out_row = scores_ptr + qblock.to(tl.int64) * stride_si + head * stride_sh
+
+    for kv_block in range(0, last_qb + 1):
+        block_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for n in range(0, SPARSE_BLOCK, BLOCK_N):
+            kpos = kv_block * SPARSE_BLOCK + n + offs_n
+            kv_ok = kpos < seq_len
+            page = tl.load(bt_row + kpos // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
+            k = tl.load(
+                k_base + page[None, :] * stride_kb + (kpos % PAGE_SIZE)[None, :] * stride_kt
+                + offs_d[:, None],
+                mask=kv_ok[None, :], other=0.0,
+            )
+            s = tl.where(kv_ok[None, :], tl.dot(pooled, k), float("-inf"))
+            block_max = tl.maximum(block_max, tl.max(s, 1))
+        tl.store(out_row + kv_block, block_max * scale, mask=row_ok & (kv_block <= row_qb))
+
+
+def pool_queries(q: torch.Tensor, qblocks: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """pooled[i, h] = mean of q over the rows of query block i (fp32)."""
+    num_qblocks = qblocks.shape[0]
+    if num_qblocks:
+        _pool_queries_kernel[(num_qblocks, q.shape[1])](
+            q, pooled, qblocks, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
+            ROWS=16, HEAD_SIZE=q.shape[2],
+        )
+    return pooled
+
+
+def blocks_per_group(gqa: int, rows: int = 128) -> int:
+    """Query blocks one scoring program takes (its rows are query blocks x the GQA group)."""
+    return max(1, rows // triton.next_power_of_2(gqa))
+
+
+def block_scores(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    qblocks: torch.Tensor,
+    groups: torch.Tensor,
+    scores: torch.Tensor,
+    pooled: torch.Tensor,
+    scale: float,
+    sparse_block: int,
+) -> torch.Tensor:
+    """Fill ``scores[i, h, :qb_i + 1]`` (see the module docstring).
+
+    groups: [g, 2] int32 (first query block, count) of consecutive query blocks of one request,
+    at most ``blocks_per_group(gqa)`` each. pooled: an fp32 workspace [n >= num qblocks, Hq, D].
+    """
+    num_q_heads, head_size = q.shape[1], q.shape[2]
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    gqa = num_q_heads // num_kv_heads
+    per_group = blocks_per_group(gqa)
+    if groups.shape[0] == 0:
+        return scores
+    pool_queries(q, qblocks, pooled)
+    block_m = max(16, triton.next_power_of_2(per_group * gqa))
+    _block_scores_kernel[(groups.shape[0], num_kv_heads)](
+        pooled, k_cache, scores, block_table, seq_lens, qblocks, groups, scale,
+        pooled.stride(0), pooled.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_table.stride(0),
+        scores.stride(0), scores.stride(1),
+        GQA=gqa, BLOCKS_PER_GROUP=per_group, BLOCK_M=block_m,
+        BLOCK_N=32 if head_size == 256 else 64, HEAD_SIZE=head_size,
+        SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size,
+        num_warps=4 if head_size == 64 else 8,
+    )
+    return scores

@@ -1,0 +1,1 @@
+"""Version-specific steps that vLLM offers no API for (see vllm_flashprefill/compat.py)."""

@@ -1,0 +1,163 @@
+"""FlashPrefill options: read from ``additional_config["flashprefill"]`` and ``FLASHPREFILL_*``.
+
+Every key is checked when the engine builds its attention layers; a bad key, type or value raises
+one ``ValueError`` that names the key, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+PATTERNS = ("dense", "local", "strided", "hybrid", "dynamic")
+ENV_PREFIX = "FLASHPREFILL_"
+CONFIG_KEY = "flashprefill"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashPrefillConfig:
+    # Which KV blocks a query block visits (see vllm_flashprefill/patterns.py).
+    pattern: str = "dynamic"
+    # Side of the square sparse tile in tokens; selection works on these blocks.
+    block_size: int = 128
+    # Leading KV blocks every query block keeps (attention sinks).
+    sink_blocks: int = 1
+    # KV blocks kept right before the diagonal block (the diagonal is always kept).
+    local_blocks: int = 16
+    # strided/hybrid: keep KV block kb when (query_block - kb) % stride == 0.
+    stride: int = 16
+    # dynamic: keep a block whose score is >= threshold * the row's max score.
+    threshold: float = 0.1
+    # dynamic: at least / at most this many KV blocks per query block (0 = no cap).
+    min_budget: int = 0
+    max_budget: int = 0
+    # Query rows at absolute positions below this run dense.
+    min_seq_len: int = 8192
+    # Layers that stay dense: an int N means the first N layers, a list names layer indices.
+    dense_layers: int | tuple[int, ...] = 0
+
+    def __post_init__(self) -> None:
+        def bad(key: str, allowed: str) -> ValueError:
+            return ValueError(
+                f"flashprefill: invalid value for '{key}': {getattr(self, key)!r}; "
+                f"allowed: {allowed}"
+            )
+
+        if self.pattern not in PATTERNS:
+            raise bad("pattern", " | ".join(PATTERNS))
+        bs = self.block_size
+        if bs < 64 or bs & (bs - 1):
+            raise bad("block_size", "a power of two >= 64")
+        for key in ("sink_blocks", "local_blocks", "min_budget", "max_budget"):
+            if getattr(self, key) < 0:
+                raise bad(key, "an integer >= 0")
+        if self.stride < 1:
+            raise bad("stride", "an integer >= 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise bad("threshold", "a number in [0, 1]")
+        if self.max_budget and self.max_budget < self.min_budget:
+            raise bad("max_budget", f"0 (no cap) or >= min_budget ({self.min_budget})")
+        if self.min_seq_len < 0:
+            raise bad("min_seq_len", "an integer >= 0")
+        dl = self.dense_layers
+        if (isinstance(dl, int) and dl < 0) or (
+            isinstance(dl, tuple) and any(i < 0 for i in dl)
+        ):
+            raise bad("dense_layers", "an integer N >= 0 (first N layers) or a list of layer indices >= 0")
+
+    @property
+    def is_dense(self) -> bool:
+        return self.pattern == "dense"
+
+    def layer_is_dense(self, layer_index: int | None) -> bool:
+        if self.is_dense:
+            return True
+        if layer_index is None:
+            return False
+        if isinstance(self.dense_layers, int):
+            return layer_index < self.dense_layers
+        return layer_index in self.dense_layers
+
+    def summary(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        return f"FlashPrefill: {fields}"
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | None) -> "FlashPrefillConfig":
+        options = dict(options or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in known:
+                raise ValueError(
+                    f"flashprefill: unknown key '{key}' (value {options[key]!r}); "
+                    f"allowed keys: {', '.join(known)}"
+                )
+        return cls(**{k: _coerce(k, v) for k, v in options.items()})
+
+    @classmethod
+    def from_additional_config(
+        cls, additional_config: Any, environ: Mapping[str, str] | None = None
+    ) -> "FlashPrefillConfig":
+        """Options under ``additional_config["flashprefill"]``, then ``FLASHPREFILL_*`` overrides."""
+        options: dict[str, Any] = {}
+        if isinstance(additional_config, Mapping):
+            section = additional_config.get(CONFIG_KEY, {})
+            if not isinstance(section, Mapping):
+                raise ValueError(
+                    f"flashprefill: additional_config['{CONFIG_KEY}'] must be a dict, "
+                    f"got {section!r}"
+                )
+            options.update(section)
+        options.update(env_overrides(os.environ if environ is None else environ))
+        return cls.from_dict(options)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> "FlashPrefillConfig":
+        return cls.from_additional_config(getattr(vllm_config, "additional_config", None))
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``FLASHPREFILL_BLOCK_SIZE=256`` -> ``{"block_size": "256"}`` (values are coerced later)."""
+    return {
+        name[len(ENV_PREFIX):].lower(): value
+        for name, value in environ.items()
+        if name.startswith(ENV_PREFIX)
+    }
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Accept the JSON/CLI spellings of each field's type; reject anything else by name."""
+    expected = {
+        "pattern": "a string",
+        "threshold": "a number",
+        "dense_layers": "an integer or a list of integers",
+    }.get(key, "an integer")
+
+    def fail() -> ValueError:
+        return ValueError(
+            f"flashprefill: invalid value for '{key}': {value!r}; expected {expected}"
+        )
+
+    if isinstance(value, str) and key != "pattern":
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise fail() from None
+    if key == "pattern":
+        if not isinstance(value, str):
+            raise fail()
+        return value.lower()
+    if key == "threshold":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        return float(value)
+    if key == "dense_layers" and isinstance(value, (list, tuple)):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise fail()
+        return tuple(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise fail()
+    return value

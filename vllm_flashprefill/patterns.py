@@ -1,0 +1,86 @@
+"""Which KV blocks each query block visits: block masks, made into the kernels' block lists.
+
+A pattern is a boolean mask over (query block, KV head, KV block), always causal and always
+holding the diagonal block. Static patterns depend on block indices only (one mask row shared by
+every head); ``dynamic`` adds the blocks whose score passes a threshold relative to the row maximum.
+Query blocks that start below ``min_seq_len`` keep every causal block (dense).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_flashprefill.config import FlashPrefillConfig
+
+
+def forced_block_mask(
+    block_index: torch.Tensor, num_kv_blocks: int, cfg: FlashPrefillConfig
+) -> torch.Tensor:
+    """[n, 1, num_kv_blocks] mask of the blocks a pattern keeps regardless of content."""
+    qb = block_index.long()[:, None]
+    kb = torch.arange(num_kv_blocks, device=block_index.device)[None, :]
+    causal = kb <= qb
+    keep = (kb == qb) | (kb < cfg.sink_blocks)
+    if cfg.pattern in ("local", "hybrid", "dynamic"):
+        keep |= kb >= qb - cfg.local_blocks
+    if cfg.pattern in ("strided", "hybrid"):
+        keep |= (qb - kb) % cfg.stride == 0
+    if cfg.pattern == "dense":
+        keep = causal
+    keep |= qb * cfg.block_size < cfg.min_seq_len
+    return (keep & causal)[:, None, :]
+
+
+def select_dynamic(
+    scores: torch.Tensor,
+    block_index: torch.Tensor,
+    num_kv_heads: int,
+    cfg: FlashPrefillConfig,
+) -> torch.Tensor:
+    """[n, Hkv, nkb] mask from block scores [n, Hq, nkb] (max logit of the pooled query per block).
+
+    Per query head the scores are taken relative to that head's maximum (so ``threshold`` is a
+    fraction of the row's top score, ``exp(s - max) >= threshold``); the heads sharing a KV head
+    keep the union of their blocks. ``min_budget``/``max_budget`` bound how many blocks content
+    selection adds on top of the forced sink/local/diagonal blocks.
+    """
+    n, num_q_heads, nkb = scores.shape
+    forced = forced_block_mask(block_index, nkb, cfg)
+    causal = torch.arange(nkb, device=scores.device)[None, None, :] <= block_index[:, None, None]
+    s = scores.masked_fill(~causal, float("-inf"))
+    rel = s - s.amax(-1, keepdim=True)
+    rel = rel.view(n, num_kv_heads, num_q_heads // num_kv_heads, nkb).amax(2)
+    rel = rel.masked_fill(forced, float("-inf"))
+    log_threshold = math.log(cfg.threshold) if cfg.threshold > 0 else float("-inf")
+    keep = rel >= log_threshold
+    if cfg.min_budget:
+        kth = rel.topk(min(cfg.min_budget, nkb), dim=-1).values[..., -1:]
+        keep |= rel >= kth
+    if cfg.max_budget and cfg.max_budget < nkb:
+        kth = rel.topk(cfg.max_budget, dim=-1).values[..., -1:]
+        keep &= rel >= kth
+    keep &= rel > float("-inf")
+    return keep | forced
+
+
+def mask_to_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block mask [n, H, nkb] -> (indices [n, H, nkb] int32, ascending; counts [n, H] int32)."""
+    n, heads, nkb = mask.shape
+    counts = mask.sum(-1, dtype=torch.int32)
+    slots = torch.cumsum(mask, -1, dtype=torch.int32) - 1
+    slots = torch.where(mask, slots, nkb)  # dropped blocks land in a spare last column
+    indices = torch.zeros(n, heads, nkb + 1, dtype=torch.int32, device=mask.device)
+    kb = torch.arange(nkb, dtype=torch.int32, device=mask.device).expand(n, heads, nkb)
+    indices.scatter_(-1, slots.long(), kb)
+    return indices[..., :nkb], counts
+
+
+def lists_to_mask(indices: torch.Tensor, counts: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
+    """Inverse of :func:`mask_to_lists` (for tests and the reference)."""
+    n, heads, _ = indices.shape
+    mask = torch.zeros(n, heads, num_kv_blocks + 1, dtype=torch.bool, device=indices.device)
+    valid = torch.arange(indices.shape[-1], device=indices.device)[None, None, :] < counts[..., None]
+    mask.scatter_(-1, torch.where(valid, indices.long(), num_kv_blocks), True)
+    return mask[..., :num_kv_blocks]

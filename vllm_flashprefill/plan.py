@@ -1,0 +1,75 @@
+"""Query blocks: the sparse kernels' unit of work, built on the host from vLLM's CPU-side metadata.
+
+Blocks are aligned to absolute positions (block k covers positions [k*B, (k+1)*B)), not to the
+chunk, so a prompt is cut the same way whatever its chunking or cached prefix; a chunk that starts
+or ends inside a block contributes the part of the block it holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass
+class QueryBlocks:
+    # [n, 4] int32 on the device: request, first row in the query tensor, first position, rows.
+    table: torch.Tensor
+    # Same, on the host.
+    table_cpu: np.ndarray
+    # [n] absolute block index of each query block (device).
+    block_index: torch.Tensor
+    # [g, 2] int32 (first query block, count): runs of one request for the scoring kernel.
+    score_groups: torch.Tensor
+    # KV blocks the longest request spans (the width of block masks and lists).
+    num_kv_blocks: int
+    block_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.table_cpu.shape[0]
+
+
+def build_query_blocks(
+    query_start_loc_cpu: torch.Tensor | np.ndarray,
+    seq_lens_cpu: torch.Tensor | np.ndarray,
+    requests: Sequence[int],
+    block_size: int,
+    device: torch.device | str,
+    blocks_per_score_group: int = 16,
+) -> QueryBlocks:
+    qsl = np.asarray(query_start_loc_cpu, dtype=np.int64)
+    seq_lens = np.asarray(seq_lens_cpu, dtype=np.int64)
+    rows, groups = [], []
+    num_kv_blocks = 0
+    for r in requests:
+        q_start, q_len, seq_len = qsl[r], qsl[r + 1] - qsl[r], seq_lens[r]
+        if q_len <= 0:
+            continue
+        context = seq_len - q_len
+        first_block, last_block = context // block_size, (seq_len - 1) // block_size
+        starts = np.maximum(np.arange(first_block, last_block + 1) * block_size, context)
+        ends = np.minimum(np.arange(first_block + 1, last_block + 2) * block_size, seq_len)
+        base = sum(len(x) for x in rows)
+        rows.append(
+            np.stack(
+                [np.full_like(starts, r), q_start + starts - context, starts, ends - starts], axis=1
+            )
+        )
+        for g in range(0, len(starts), blocks_per_score_group):
+            groups.append((base + g, min(blocks_per_score_group, len(starts) - g)))
+        num_kv_blocks = max(num_kv_blocks, int(last_block) + 1)
+    table_cpu = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+    groups_cpu = np.asarray(groups, dtype=np.int32).reshape(-1, 2)
+    table = torch.from_numpy(table_cpu).to(device, non_blocking=True)
+    return QueryBlocks(
+        table=table,
+        table_cpu=table_cpu,
+        block_index=table[:, 2] // block_size,
+        score_groups=torch.from_numpy(groups_cpu).to(device, non_blocking=True),
+        num_kv_blocks=num_kv_blocks,
+        block_size=block_size,
+    )
