@@ -22,14 +22,13 @@ def forced_block_mask(
     qb = block_index.long()[:, None]
     kb = torch.arange(num_kv_blocks, device=block_index.device)[None, :]
     causal = kb <= qb
-    keep = (kb == qb) | (kb < cfg.sink_blocks)
+    keep = (kb == qb) | (kb < cfg.sink_blocks) | (qb * cfg.block_size < cfg.min_seq_len)
     if cfg.pattern in ("local", "hybrid", "dynamic"):
-        keep |= kb >= qb - cfg.local_blocks
+        keep = keep | (kb >= qb - cfg.local_blocks)
     if cfg.pattern in ("strided", "hybrid"):
-        keep |= (qb - kb) % cfg.stride == 0
+        keep = keep | ((qb - kb) % cfg.stride == 0)
     if cfg.pattern == "dense":
         keep = causal
-    keep |= qb * cfg.block_size < cfg.min_seq_len
     return (keep & causal)[:, None, :]
 
 

@@ -1,0 +1,176 @@
+"""The Triton kernels against the PyTorch references (Triton's interpreter on CPU, fp16/fp32)."""
+
+import pytest
+import torch
+
+from tests.paged import make_paged_batch
+from vllm_flashprefill.config import FlashPrefillConfig
+from vllm_flashprefill.kernels.attention import sparse_prefill_attention
+from vllm_flashprefill.kernels.reference import (
+    block_scores_reference,
+    sparse_attention_reference,
+)
+from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
+from vllm_flashprefill.patterns import (
+    forced_block_mask,
+    lists_to_mask,
+    mask_to_lists,
+    select_dynamic,
+)
+from vllm_flashprefill.plan import build_query_blocks
+
+BLOCK = 64
+
+
+def plan(batch, gqa):
+    return build_query_blocks(
+        batch.query_start_loc, batch.seq_lens, range(len(batch.query_lens)), BLOCK, "cpu",
+        blocks_per_group(gqa),
+    )
+
+
+def run_sparse(batch, qblocks, mask, scale):
+    indices, counts = mask_to_lists(mask)
+    out = torch.full_like(batch.q, float("nan"))
+    sparse_prefill_attention(
+        batch.q, batch.k_cache, batch.v_cache, out, batch.block_table, batch.seq_lens,
+        qblocks.table, indices, counts, scale, BLOCK,
+    )
+    return out
+
+
+def dynamic_mask(batch, qblocks, cfg, scale):
+    heads, head_size = batch.q.shape[1], batch.q.shape[2]
+    scores = torch.full((qblocks.num_blocks, heads, qblocks.num_kv_blocks), float("-inf"))
+    pooled = torch.empty(qblocks.num_blocks, heads, head_size)
+    block_scores(
+        batch.q, batch.k_cache, batch.block_table, batch.seq_lens, qblocks.table,
+        qblocks.score_groups, scores, pooled, scale, BLOCK,
+    )
+    return scores, select_dynamic(scores, qblocks.block_index, batch.k_cache.shape[2], cfg)
+
+
+# (query lengths, context lengths, Hq, Hkv, head size, page size, dtype, layout)
+CASES = [
+    ([150], [0], 4, 4, 64, 16, torch.float32, "NHD"),
+    ([100, 37, 200], [70, 300, 0], 8, 2, 64, 32, torch.float16, "NHD"),
+    ([130, 64], [5, 64], 7, 1, 64, 16, torch.float32, "HND"),
+    ([90], [200], 4, 1, 128, 64, torch.float16, "NHD"),
+]
+
+
+@pytest.mark.parametrize("pattern", ["dense", "local", "strided", "hybrid", "dynamic"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"q{c[0]}-c{c[1]}-h{c[2]}/{c[3]}-d{c[4]}-p{c[5]}")
+def test_sparse_attention_matches_reference(pattern, case):
+    query_lens, context_lens, hq, hkv, head_size, page_size, dtype, layout = case
+    batch = make_paged_batch(
+        query_lens, context_lens, hq, hkv, head_size, page_size, dtype, layout=layout, seed=len(pattern)
+    )
+    cfg = FlashPrefillConfig(
+        pattern=pattern, block_size=BLOCK, sink_blocks=1, local_blocks=1, stride=2,
+        threshold=0.5, min_seq_len=128,
+    )
+    scale = head_size**-0.5
+    qblocks = plan(batch, hq // hkv)
+    if pattern == "dynamic":
+        _, mask = dynamic_mask(batch, qblocks, cfg, scale)
+    else:
+        mask = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, cfg)
+    out = run_sparse(batch, qblocks, mask, scale)
+    ref = sparse_attention_reference(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
+        qblocks.table, mask, scale, BLOCK,
+    )
+    assert not out.isnan().any(), "a row was left unwritten or read garbage"
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_sparse_patterns_actually_skip_blocks():
+    batch = make_paged_batch([640], [0], 2, 2, 64, 16, torch.float32)
+    qblocks = plan(batch, 1)
+    cfg = FlashPrefillConfig(pattern="local", block_size=BLOCK, sink_blocks=1, local_blocks=1, min_seq_len=0)
+    mask = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, cfg)
+    dense = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, FlashPrefillConfig(pattern="dense", block_size=BLOCK))
+    assert mask.sum() < dense.sum()
+    out = run_sparse(batch, qblocks, mask, 0.125)
+    out_dense = run_sparse(batch, qblocks, dense, 0.125)
+    assert not torch.allclose(out[-64:], out_dense[-64:], atol=1e-3)
+
+
+def test_block_scores_match_reference_and_give_same_selection():
+    batch = make_paged_batch([300, 77], [40, 129], 8, 2, 64, 16, torch.float32)
+    qblocks = plan(batch, 4)
+    scale = 0.125
+    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.97, min_seq_len=0)
+    scores, mask = dynamic_mask(batch, qblocks, cfg, scale)
+    ref_scores = block_scores_reference(
+        batch.q, batch.k_cache, batch.block_table, batch.seq_lens, qblocks.table, scale, BLOCK,
+        qblocks.num_kv_blocks,
+    )
+    causal = torch.isfinite(ref_scores)
+    torch.testing.assert_close(scores[causal], ref_scores[causal], atol=1e-4, rtol=1e-4)
+    ref_mask = select_dynamic(ref_scores, qblocks.block_index, 2, cfg)
+    assert torch.equal(mask, ref_mask)
+    assert mask.sum() < causal[:, ::4].sum(), "threshold 0.97 should drop some blocks"
+
+
+def test_selection_ignores_the_chunk_around_a_block():
+    """A block-aligned prompt gives the same selection in one chunk or in two."""
+    whole = make_paged_batch([512], [0], 4, 2, 64, 16, torch.float32, seed=3)
+    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.4, min_seq_len=0)
+    qb_whole = plan(whole, 2)
+    _, mask_whole = dynamic_mask(whole, qb_whole, cfg, 0.125)
+    # Second chunk: the last 192 query rows, the first 320 tokens already in the cache.
+    tail = make_paged_batch([192], [320], 4, 2, 64, 16, torch.float32, seed=3)
+    tail.kv_cache.copy_(whole.kv_cache)
+    tail.block_table.copy_(whole.block_table)
+    tail.q.copy_(whole.q[320:])
+    qb_tail = plan(tail, 2)
+    _, mask_tail = dynamic_mask(tail, qb_tail, cfg, 0.125)
+    assert torch.equal(mask_tail, mask_whole[-3:])
+
+
+@pytest.mark.parametrize("pattern", ["local", "strided", "hybrid", "dynamic"])
+def test_forced_blocks(pattern):
+    cfg = FlashPrefillConfig(pattern=pattern, block_size=BLOCK, sink_blocks=2, local_blocks=3, stride=4, min_seq_len=5 * BLOCK)
+    block_index = torch.arange(20)
+    mask = forced_block_mask(block_index, 20, cfg)[:, 0]
+    for qb in range(20):
+        row = mask[qb]
+        assert row[qb] and not row[qb + 1:].any(), "diagonal kept, nothing after it"
+        if qb < 5:
+            assert row[: qb + 1].all(), "rows below min_seq_len are dense"
+            continue
+        assert row[:2].all()
+        if pattern != "strided":
+            assert row[qb - 3: qb + 1].all()
+        if pattern in ("strided", "hybrid"):
+            assert all(row[kb] for kb in range(qb % 4, qb + 1, 4))
+        if pattern == "local":
+            assert row.sum() == 2 + 4
+
+
+def test_budgets_bound_content_selection():
+    scores = torch.randn(6, 2, 10)
+    block_index = torch.arange(4, 10)
+    base = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=0, min_seq_len=0)
+    forced = forced_block_mask(block_index, 10, FlashPrefillConfig(**base))
+    free = select_dynamic(scores, block_index, 1, FlashPrefillConfig(**base, threshold=0.0))
+    capped = select_dynamic(scores, block_index, 1, FlashPrefillConfig(**base, threshold=0.0, max_budget=2))
+    assert ((capped & ~forced).sum(-1) <= 2).all()
+    assert (capped <= free).all()
+    atleast = select_dynamic(scores, block_index, 1, FlashPrefillConfig(**base, threshold=1.0, min_budget=3))
+    candidates = (free & ~forced).sum(-1)
+    assert torch.equal((atleast & ~forced).sum(-1), candidates.clamp(max=3))
+
+
+def test_lists_round_trip():
+    mask = torch.rand(5, 3, 17) > 0.6
+    mask[..., 0] = True
+    indices, counts = mask_to_lists(mask)
+    assert torch.equal(lists_to_mask(indices, counts, 17), mask)
+    for i in range(5):
+        for h in range(3):
+            listed = indices[i, h, : counts[i, h]].tolist()
+            assert listed == sorted(listed) == mask[i, h].nonzero().flatten().tolist()

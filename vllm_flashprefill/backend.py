@@ -1,0 +1,323 @@
+"""The FLASHPREFILL attention backend: vLLM's FLASH_ATTN everywhere except long prefill rows.
+
+Per step the builder splits the batch: decode rows, short prompts and whatever a layer cannot run
+sparse go through FlashAttention (FA3 on Hopper) exactly as FLASH_ATTN would run them; prefill
+rows of requests that reach ``min_seq_len`` go through the block-sparse Triton kernels, reading the
+same paged KV cache that vLLM's own cache write filled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import ClassVar
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadata,
+    FlashAttentionMetadataBuilder,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from vllm_flashprefill import compat
+from vllm_flashprefill.config import FlashPrefillConfig
+from vllm_flashprefill.kernels.attention import (
+    SUPPORTED_HEAD_SIZES,
+    sparse_prefill_attention,
+)
+from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
+from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists, select_dynamic
+from vllm_flashprefill.plan import QueryBlocks, build_query_blocks
+from vllm_flashprefill.registration import BACKEND_NAME
+
+logger = init_logger(__name__)
+
+
+@functools.cache
+def _config_for(additional_config_json: str) -> FlashPrefillConfig:
+    import json
+
+    cfg = FlashPrefillConfig.from_additional_config(json.loads(additional_config_json))
+    logger.info(cfg.summary())
+    return cfg
+
+
+def flashprefill_config(vllm_config) -> FlashPrefillConfig:
+    """The validated config of this engine, logged once per process."""
+    import json
+
+    extra = getattr(vllm_config, "additional_config", None)
+    return _config_for(json.dumps(extra if isinstance(extra, dict) else {}, sort_keys=True))
+
+
+class FlashPrefillBackend(FlashAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type["FlashPrefillImpl"]:
+        return FlashPrefillImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["FlashPrefillMetadataBuilder"]:
+        return FlashPrefillMetadataBuilder
+
+
+@dataclasses.dataclass
+class DenseRun:
+    """Consecutive requests FlashAttention handles: their token range and their own metadata."""
+
+    token_start: int
+    token_end: int
+    metadata: FlashAttentionMetadata
+
+
+@dataclasses.dataclass
+class SparseStep:
+    """What the sparse rows of one step need; shared by every layer."""
+
+    query_blocks: QueryBlocks
+    forced_mask: torch.Tensor  # [n, 1, nkb]: the static pattern, or dynamic's always-kept blocks
+    kv_indices: torch.Tensor | None  # static patterns: lists ready for the kernel
+    kv_counts: torch.Tensor | None
+    dense_runs: list[DenseRun]
+    workspace: "DynamicWorkspace | None"
+
+
+@dataclasses.dataclass
+class FlashPrefillMetadata(FlashAttentionMetadata):
+    sparse: SparseStep | None = None
+
+
+class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
+    # Batches with prefills pick their kernels from the data, so they must not replay inside
+    # full CUDA graphs; uniform decode batches (FlashAttention only) still do.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        return AttentionCGSupport.UNIFORM_BATCH
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
+        self.cfg = flashprefill_config(vllm_config)
+        self.workspace = (
+            DynamicWorkspace.for_engine(vllm_config, self.cfg, self.num_heads_q, self.headdim, device)
+            if self.cfg.pattern == "dynamic"
+            else None
+        )
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> FlashPrefillMetadata:
+        fa = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        fields = {f.name: getattr(fa, f.name) for f in dataclasses.fields(FlashAttentionMetadata)}
+        metadata = FlashPrefillMetadata(**fields)
+        if self.cfg.is_dense or getattr(fa, "use_cascade", False):
+            return metadata
+        metadata.sparse = self._plan_sparse_step(common_attn_metadata, metadata)
+        return metadata
+
+    def _plan_sparse_step(
+        self, cm: CommonAttentionMetadata, fa: FlashAttentionMetadata
+    ) -> SparseStep | None:
+        num_decodes, _, _, _ = split_decodes_and_prefills(
+            cm, decode_threshold=self.reorder_batch_threshold
+        )
+        qsl = cm.query_start_loc_cpu.numpy()
+        seq_lens = compat.seq_lens_cpu(cm).numpy()
+        bs = self.cfg.block_size
+        sparse = [
+            r
+            for r in range(num_decodes, cm.num_reqs)
+            if ((int(seq_lens[r]) - 1) // bs) * bs >= self.cfg.min_seq_len
+        ]
+        if not sparse:
+            return None
+        gqa = self.num_heads_q // self.num_heads_kv
+        qblocks = build_query_blocks(
+            qsl, seq_lens, sparse, bs, self.device, blocks_per_group(gqa)
+        )
+        forced = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, self.cfg)
+        indices = counts = None
+        if self.cfg.pattern != "dynamic":
+            indices, counts = mask_to_lists(forced)
+        return SparseStep(
+            query_blocks=qblocks,
+            forced_mask=forced,
+            kv_indices=indices,
+            kv_counts=counts,
+            dense_runs=self._dense_runs(cm, fa, set(sparse), qsl, seq_lens),
+            workspace=self.workspace,
+        )
+
+    @staticmethod
+    def _dense_runs(cm, fa, sparse: set[int], qsl, seq_lens) -> list[DenseRun]:
+        runs, start = [], None
+        for r in range(cm.num_reqs + 1):
+            dense = r < cm.num_reqs and r not in sparse
+            if dense and start is None:
+                start = r
+            if not dense and start is not None:
+                t0, t1 = int(qsl[start]), int(qsl[r])
+                if t1 > t0:
+                    runs.append(
+                        DenseRun(
+                            t0,
+                            t1,
+                            dataclasses.replace(
+                                fa,
+                                num_actual_tokens=t1 - t0,
+                                max_query_len=int((qsl[start + 1 : r + 1] - qsl[start:r]).max()),
+                                query_start_loc=fa.query_start_loc[start : r + 1] - t0,
+                                max_seq_len=int(seq_lens[start:r].max()),
+                                seq_lens=fa.seq_lens[start:r],
+                                block_table=fa.block_table[start:r],
+                                slot_mapping=fa.slot_mapping[t0:t1],
+                                scheduler_metadata=None,
+                                max_num_splits=0,
+                            ),
+                        )
+                    )
+                start = None
+        return runs
+
+
+@dataclasses.dataclass
+class DynamicWorkspace:
+    """Score buffers for dynamic selection, allocated once at start-up and shared by all layers."""
+
+    scores: torch.Tensor  # [max query blocks, Hq, max KV blocks] fp32
+    pooled: torch.Tensor  # [max query blocks, Hq, D] fp32
+
+    @classmethod
+    def for_engine(cls, vllm_config, cfg: FlashPrefillConfig, num_q_heads, head_size, device):
+        sched = vllm_config.scheduler_config
+        max_qblocks = sched.max_num_batched_tokens // cfg.block_size + 2 * sched.max_num_seqs
+        max_kv_blocks = -(-vllm_config.model_config.max_model_len // cfg.block_size)
+        return cls(
+            scores=torch.empty(max_qblocks, num_q_heads, max_kv_blocks, dtype=torch.float32, device=device),
+            pooled=torch.empty(max_qblocks, num_q_heads, head_size, dtype=torch.float32, device=device),
+        )
+
+    def views(self, num_qblocks: int, num_kv_blocks: int):
+        return self.scores[:num_qblocks, :, :num_kv_blocks], self.pooled[:num_qblocks]
+
+
+class FlashPrefillImpl(FlashAttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **ignored_kwargs,
+    ) -> None:
+        super().__init__(
+            num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+            kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks=sinks,
+        )
+        from vllm.config import get_current_vllm_config
+
+        self.cfg = flashprefill_config(get_current_vllm_config())
+        self.dense_reason = self._dense_reason(
+            alibi_slopes, sliding_window, kv_cache_dtype, logits_soft_cap, attn_type, sinks
+        )
+        if self.dense_reason and not self.cfg.is_dense:
+            logger.info_once("FlashPrefill: layers with %s run dense (FlashAttention)", self.dense_reason)
+        self._layer_sparse: bool | None = None
+
+    def _dense_reason(self, alibi, window, kv_dtype, soft_cap, attn_type, sinks) -> str | None:
+        if attn_type != AttentionType.DECODER:
+            return f"attention type {attn_type}"
+        if window is not None:
+            return "a sliding window"
+        if sinks is not None:
+            return "attention sinks"
+        if alibi is not None:
+            return "ALiBi"
+        if soft_cap:
+            return "logit soft-capping"
+        if self.head_size not in SUPPORTED_HEAD_SIZES:
+            return f"head size {self.head_size} (sparse kernels: {SUPPORTED_HEAD_SIZES})"
+        if kv_dtype not in ("auto", "float16", "bfloat16"):
+            return f"KV cache dtype {kv_dtype}"
+        return None
+
+    def _runs_sparse(self, layer) -> bool:
+        if self._layer_sparse is None:
+            index = _layer_index(getattr(layer, "layer_name", None))
+            self._layer_sparse = not (self.dense_reason or self.cfg.layer_is_dense(index))
+        return self._layer_sparse
+
+    def forward(
+        self,
+        layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,
+        output_scale=None,
+        output_block_scale=None,
+    ):
+        step = getattr(attn_metadata, "sparse", None)
+        if step is None or output_scale is not None or not self._runs_sparse(layer):
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale, output_block_scale,
+            )
+        for run in step.dense_runs:
+            lo, hi = run.token_start, run.token_end
+            super().forward(
+                layer, query[lo:hi], key[lo:hi], value[lo:hi], kv_cache, run.metadata, output[lo:hi]
+            )
+        self.forward_sparse(query, kv_cache, attn_metadata, step, output)
+        return output
+
+    def forward_sparse(self, query, kv_cache, attn_metadata, step: SparseStep, output) -> None:
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        qblocks = step.query_blocks
+        indices, counts = step.kv_indices, step.kv_counts
+        if indices is None:
+            scores, pooled = step.workspace.views(
+                qblocks.num_blocks, qblocks.num_kv_blocks
+            )
+            block_scores(
+                query, key_cache, attn_metadata.block_table, attn_metadata.seq_lens,
+                qblocks.table, qblocks.score_groups, scores, pooled, self.scale, qblocks.block_size,
+            )
+            mask = select_dynamic(scores, qblocks.block_index, self.num_kv_heads, self.cfg)
+            indices, counts = mask_to_lists(mask)
+        sparse_prefill_attention(
+            query, key_cache, value_cache, output, attn_metadata.block_table,
+            attn_metadata.seq_lens, qblocks.table, indices, counts, self.scale, qblocks.block_size,
+        )
+
+
+def _layer_index(layer_name: str | None) -> int | None:
+    if not layer_name:
+        return None
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    try:
+        return extract_layer_index(layer_name)
+    except (AssertionError, ValueError):
+        return None
