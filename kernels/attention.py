@@ -25,29 +25,39 @@ def _attend_tile(
     acc, m_i, l_i, q, kv_start, offs_n, offs_d, sm_scale_log2,
     k_base, v_base, bt_row, seq_len, q_pos,
     stride_kb, stride_kt, stride_vb, stride_vt,
-    PAGE_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, DIAGONAL: tl.constexpr,
 ):
+    """One BLOCK_N-key tile of online softmax. Off-diagonal tiles lie wholly in the past, so only
+    diagonal tiles pay for the causal mask and for bounds checks."""
     kpos = kv_start + offs_n
-    kv_ok = kpos < seq_len
-    page = tl.load(bt_row + kpos // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
+    if DIAGONAL:
+        kv_ok = kpos < seq_len
+        page = tl.load(bt_row + kpos // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_row + kpos // PAGE_SIZE).to(tl.int64)
     slot = kpos % PAGE_SIZE
-    k = tl.load(
-        k_base + page[None, :] * stride_kb + slot[None, :] * stride_kt + offs_d[:, None],
-        mask=kv_ok[None, :], other=0.0,
-    )
+    k_ptrs = k_base + page[None, :] * stride_kb + slot[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = v_base + page[:, None] * stride_vb + slot[:, None] * stride_vt + offs_d[None, :]
+    if DIAGONAL:
+        k = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
     s = tl.dot(q, k) * sm_scale_log2  # [BLOCK_M, BLOCK_N] logits in log2 units
-    if CAUSAL:
+    if DIAGONAL:
         s = tl.where((kpos[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # Rows with nothing visible yet keep m_new == -inf; shift by 0 there so exp2 gives 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
+    if DIAGONAL:
+        # A row may see no key of this tile yet: shift by 0 there so exp2 gives 0, not NaN.
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(s - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        v_base + page[:, None] * stride_vb + slot[:, None] * stride_vt + offs_d[None, :],
-        mask=kv_ok[:, None], other=0.0,
-    )
+    if DIAGONAL:
+        v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
@@ -104,25 +114,23 @@ def _sparse_prefill_kernel(
     idx_row = kv_indices_ptr + qblock.to(tl.int64) * stride_ii + kv_head * stride_ih
     count = tl.load(kv_counts_ptr + qblock * stride_ci + kv_head * stride_ch)
 
-    # Off-diagonal blocks lie entirely in the past: no element mask.
-    for j in range(0, count - 1):
-        kv_block = tl.load(idx_row + j)
-        for n in range(0, SPARSE_BLOCK, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, kv_block * SPARSE_BLOCK + n, offs_n, offs_d, sm_scale_log2,
-                k_base, v_base, bt_row, seq_len, q_pos,
-                stride_kb, stride_kt, stride_vb, stride_vt,
-                PAGE_SIZE, HEAD_SIZE, False,
-            )
-    # The diagonal block: only the tiles at or before this program's last row.
+    # Off-diagonal blocks, as one flat loop over their tiles so that Triton pipelines the loads.
+    TILES_PER_BLOCK: tl.constexpr = SPARSE_BLOCK // BLOCK_N
+    for t in range(0, (count - 1) * TILES_PER_BLOCK):
+        kv_block = tl.load(idx_row + t // TILES_PER_BLOCK)
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, kv_block * SPARSE_BLOCK + (t % TILES_PER_BLOCK) * BLOCK_N, offs_n,
+            offs_d, sm_scale_log2, k_base, v_base, bt_row, seq_len, q_pos,
+            stride_kb, stride_kt, stride_vb, stride_vt, PAGE_SIZE, False,
+        )
+    # The diagonal block (always listed last): only the tiles at or before this program's last row.
     diag_start = (pos_start // SPARSE_BLOCK) * SPARSE_BLOCK
     last_pos = pos_start + tl.minimum(num_rows, (sub + 1) * BLOCK_Q) - 1
     for kv_start in range(diag_start, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, kv_start, offs_n, offs_d, sm_scale_log2,
             k_base, v_base, bt_row, seq_len, q_pos,
-            stride_kb, stride_kt, stride_vb, stride_vt,
-            PAGE_SIZE, HEAD_SIZE, True,
+            stride_kb, stride_kt, stride_vb, stride_vt, PAGE_SIZE, True,
         )
 
     out = acc / l_i[:, None]
