@@ -50,13 +50,14 @@ def main() -> None:
         causal_pairs = sum(i + 1 for i in range(qb.num_blocks))
         flops_dense = 4.0 * hq * d * S * (S + 1) / 2
         base = launch_config(d, hq // hkv, B)
+        gqa = hq // hkv
         sweep = [base] + [
-            dict(BLOCK_Q=bq, BLOCK_M=max(16, triton.next_power_of_2(bq * hq // hkv)), BLOCK_N=bn,
+            dict(BLOCK_Q=bq, BLOCK_M=max(16, triton.next_power_of_2(bq * gqa)), BLOCK_N=bn,
                  num_warps=w, num_stages=st)
-            for bq, bn, w, st in itertools.product((64 // (hq // hkv), 128 // (hq // hkv)), (64, 128), (4, 8), (2, 3))
-            if bq >= 1 and bq * (hq // hkv) <= 128
+            for bq, bn, w, st in itertools.product((4, 8, 16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4))
+            if 64 <= triton.next_power_of_2(bq * gqa) <= 128
         ]
-        for pattern in ("dense", "hybrid"):
+        for pattern in ("dense",):
             cfg = FlashPrefillConfig(pattern=pattern, block_size=B, min_seq_len=0)
             mask = forced_block_mask(qb.block_index, qb.num_kv_blocks, cfg)
             idx, cnt = mask_to_lists(mask)

@@ -187,6 +187,8 @@ def sparse_prefill_attention(
         if t.stride(-1) != 1:
             raise ValueError("the head dimension must be contiguous")
     cfg = dict(config or launch_config(head_size, gqa, sparse_block))
+    if sparse_block % cfg["BLOCK_Q"] or sparse_block % cfg["BLOCK_N"]:
+        raise ValueError(f"tile shape {cfg} does not divide the sparse block {sparse_block}")
     num_qblocks = qblocks.shape[0]
     if num_qblocks == 0:
         return out

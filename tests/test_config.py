@@ -1,0 +1,281 @@
+"""FlashPrefillConfig: defaults, validation of every key, FLASHPREFILL_* overrides, dense layers."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import pytest
+
+from vllm_flashprefill.config import PATTERNS, FlashPrefillConfig
+
+pytestmark = pytest.mark.usefixtures("clean_flashprefill_env")
+
+
+def load(options, environ=None):
+    """What the backend does: options under additional_config["flashprefill"], then env."""
+    return FlashPrefillConfig.from_additional_config(
+        {"flashprefill": options}, environ={} if environ is None else environ
+    )
+
+
+# --- defaults -------------------------------------------------------------------------------------
+
+
+def test_defaults_are_valid():
+    default = FlashPrefillConfig()
+    assert default.pattern in PATTERNS
+    assert default.block_size >= 64 and default.block_size & (default.block_size - 1) == 0
+    assert 0.0 <= default.threshold <= 1.0
+    # Re-validating the default values through the dict path gives the same config.
+    assert FlashPrefillConfig.from_dict(dataclasses.asdict(default)) == default
+
+
+@pytest.mark.parametrize(
+    "additional_config",
+    [
+        None,
+        {},
+        {"flashprefill": {}},
+        # Keys of vLLM itself or of other plugins are not ours to check.
+        {"gdn_prefill_backend": "triton", "ascend": {"x": 1}},
+        "not-a-mapping",
+    ],
+    ids=["none", "empty", "empty-section", "other-keys", "non-mapping"],
+)
+def test_missing_section_means_defaults(additional_config):
+    cfg = FlashPrefillConfig.from_additional_config(additional_config, environ={})
+    assert cfg == FlashPrefillConfig()
+
+
+def test_every_field_can_be_set():
+    options = {
+        "pattern": "HYBRID",  # case-insensitive
+        "block_size": 256,
+        "sink_blocks": 0,
+        "local_blocks": 4,
+        "stride": 8,
+        "threshold": 1,  # an int is a number
+        "min_budget": 2,
+        "max_budget": 32,
+        "min_seq_len": 0,
+        "dense_layers": [0, 3],
+    }
+    assert set(options) == {f.name for f in dataclasses.fields(FlashPrefillConfig)}
+    cfg = load(options)
+    assert cfg == FlashPrefillConfig(
+        pattern="hybrid",
+        block_size=256,
+        sink_blocks=0,
+        local_blocks=4,
+        stride=8,
+        threshold=1.0,
+        min_budget=2,
+        max_budget=32,
+        min_seq_len=0,
+        dense_layers=(0, 3),
+    )
+    assert isinstance(cfg.threshold, float)
+    hash(cfg)  # frozen and hashable: a list was turned into a tuple
+
+
+def test_summary_names_every_field():
+    summary = load({"pattern": "local", "stride": 4}).summary()
+    for field in dataclasses.fields(FlashPrefillConfig):
+        assert f"{field.name}=" in summary
+    assert "pattern=local" in summary
+
+
+# --- invalid configs ------------------------------------------------------------------------------
+
+# (options under "flashprefill", key the message must name, text of the bad value it must show)
+BAD_CONFIGS = [
+    ({"patern": "hybrid"}, "patern", "'hybrid'"),
+    ({"pattern": 3}, "pattern", "3"),
+    ({"pattern": "sparse"}, "pattern", "'sparse'"),
+    ({"pattern": None}, "pattern", "None"),
+    ({"block_size": "abc"}, "block_size", "'abc'"),
+    ({"block_size": 100}, "block_size", "100"),
+    ({"block_size": 32}, "block_size", "32"),
+    ({"block_size": 0}, "block_size", "0"),
+    ({"block_size": 128.0}, "block_size", "128.0"),
+    ({"block_size": True}, "block_size", "True"),
+    ({"sink_blocks": -1}, "sink_blocks", "-1"),
+    ({"local_blocks": -3}, "local_blocks", "-3"),
+    ({"stride": 0}, "stride", "0"),
+    ({"stride": [8]}, "stride", "[8]"),
+    ({"threshold": 1.5}, "threshold", "1.5"),
+    ({"threshold": -0.1}, "threshold", "-0.1"),
+    ({"threshold": "high"}, "threshold", "'high'"),
+    ({"threshold": False}, "threshold", "False"),
+    ({"min_budget": -1}, "min_budget", "-1"),
+    ({"min_budget": 8, "max_budget": 4}, "max_budget", "4"),
+    ({"min_seq_len": -1}, "min_seq_len", "-1"),
+    ({"dense_layers": [-1]}, "dense_layers", "-1"),
+    ({"dense_layers": -2}, "dense_layers", "-2"),
+    ({"dense_layers": ["a"]}, "dense_layers", "'a'"),
+    ({"dense_layers": [1.5]}, "dense_layers", "1.5"),
+    ({"dense_layers": "first"}, "dense_layers", "'first'"),
+]
+
+
+@pytest.mark.parametrize(
+    "options, key, shown",
+    BAD_CONFIGS,
+    ids=[f"{key}={shown}" + ("+" if len(opts) > 1 else "") for opts, key, shown in BAD_CONFIGS],
+)
+def test_bad_config_is_rejected_by_name(options, key, shown):
+    with pytest.raises(ValueError) as excinfo:
+        load(options)
+    message = str(excinfo.value)
+    assert f"'{key}'" in message, message
+    assert shown in message, message
+    assert message.startswith("flashprefill:"), message
+
+
+@pytest.mark.parametrize("section", ["hybrid", ["pattern", "hybrid"], 3, None], ids=repr)
+def test_section_must_be_a_dict(section):
+    with pytest.raises(ValueError) as excinfo:
+        FlashPrefillConfig.from_additional_config({"flashprefill": section}, environ={})
+    message = str(excinfo.value)
+    assert "'flashprefill'" in message, message
+    assert repr(section) in message, message
+    assert "dict" in message, message
+
+
+# --- FLASHPREFILL_* environment overrides --------------------------------------------------------
+
+ENV_OVERRIDES = {
+    "FLASHPREFILL_PATTERN": "local",
+    "FLASHPREFILL_BLOCK_SIZE": "256",
+    "FLASHPREFILL_DENSE_LAYERS": "[0,1]",
+    "FLASHPREFILL_THRESHOLD": "0.2",
+}
+FROM_FILE = {"pattern": "hybrid", "block_size": 128, "dense_layers": 4, "threshold": 0.5, "stride": 8}
+
+
+def test_env_overrides_additional_config():
+    cfg = load(FROM_FILE, environ=ENV_OVERRIDES)
+    assert cfg.pattern == "local"
+    assert cfg.block_size == 256
+    assert cfg.dense_layers == (0, 1)
+    assert cfg.threshold == pytest.approx(0.2)
+    assert cfg.stride == 8  # not overridden: the additional_config value stays
+
+
+@pytest.mark.parametrize(
+    "name, value, key, expected",
+    [
+        ("FLASHPREFILL_PATTERN", "local", "pattern", "local"),
+        ("FLASHPREFILL_PATTERN", "Strided", "pattern", "strided"),
+        ("FLASHPREFILL_BLOCK_SIZE", "256", "block_size", 256),
+        ("FLASHPREFILL_DENSE_LAYERS", "[0,1]", "dense_layers", (0, 1)),
+        ("FLASHPREFILL_DENSE_LAYERS", "2", "dense_layers", 2),
+        ("FLASHPREFILL_THRESHOLD", "0.2", "threshold", 0.2),
+        ("FLASHPREFILL_STRIDE", "32", "stride", 32),
+    ],
+)
+def test_each_env_override_alone(name, value, key, expected):
+    cfg = load(FROM_FILE, environ={name: value})
+    assert cfg == dataclasses.replace(load(FROM_FILE), **{key: expected})
+
+
+def test_env_overrides_without_additional_config():
+    cfg = FlashPrefillConfig.from_additional_config(None, environ={"FLASHPREFILL_DENSE_LAYERS": "3"})
+    assert cfg.dense_layers == 3
+    assert cfg.layer_is_dense(2) and not cfg.layer_is_dense(3)
+
+
+def test_explicit_environ_ignores_process_environment(monkeypatch):
+    monkeypatch.setenv("FLASHPREFILL_BLOCK_SIZE", "not-a-number")
+    monkeypatch.setenv("FLASHPREFILL_PATTERN", "dense")
+    assert load({"pattern": "strided"}, environ={}).pattern == "strided"
+    with pytest.raises(ValueError, match="block_size"):
+        FlashPrefillConfig.from_additional_config({"flashprefill": {}})  # environ=None: os.environ
+
+
+def test_from_vllm_config_reads_process_environment(monkeypatch):
+    vllm_config = types.SimpleNamespace(
+        additional_config={"flashprefill": {"pattern": "hybrid", "block_size": 128, "stride": 4}}
+    )
+    assert FlashPrefillConfig.from_vllm_config(vllm_config).pattern == "hybrid"
+    for name, value in ENV_OVERRIDES.items():
+        monkeypatch.setenv(name, value)
+    cfg = FlashPrefillConfig.from_vllm_config(vllm_config)
+    assert (cfg.pattern, cfg.block_size, cfg.dense_layers) == ("local", 256, (0, 1))
+    assert cfg.threshold == pytest.approx(0.2)
+    assert cfg.stride == 4
+
+
+def test_from_vllm_config_without_additional_config(monkeypatch):
+    assert FlashPrefillConfig.from_vllm_config(types.SimpleNamespace()) == FlashPrefillConfig()
+    monkeypatch.setenv("FLASHPREFILL_PATTERN", "strided")
+    assert FlashPrefillConfig.from_vllm_config(object()).pattern == "strided"
+
+
+@pytest.mark.parametrize(
+    "name, value, key, shown",
+    [
+        ("FLASHPREFILL_BLOCK_SIZE", "big", "block_size", "'big'"),
+        ("FLASHPREFILL_BLOCK_SIZE", "96", "block_size", "96"),
+        ("FLASHPREFILL_PATTERN", "everything", "pattern", "'everything'"),
+        ("FLASHPREFILL_THRESHOLD", "2", "threshold", "2"),
+        ("FLASHPREFILL_THRESHOLD", "NaN", "threshold", "nan"),
+        ("FLASHPREFILL_DENSE_LAYERS", "[0,-1]", "dense_layers", "-1"),
+        ("FLASHPREFILL_DENSE_LAYERS", "[0,", "dense_layers", "'[0,'"),
+        ("FLASHPREFILL_STRIDE", "0", "stride", "0"),
+    ],
+)
+def test_bad_env_value_is_rejected_by_name(name, value, key, shown):
+    with pytest.raises(ValueError) as excinfo:
+        load({"pattern": "hybrid"}, environ={name: value})
+    message = str(excinfo.value)
+    assert f"'{key}'" in message, message
+    assert shown in message, message
+
+
+def test_env_that_names_no_option_is_ignored():
+    environ = {
+        "VLLM_ATTENTION_BACKEND": "FLASH_ATTN",
+        "FLASHPREFILLX": "1",
+        "flashprefill_pattern": "x",
+        # Switches of the test suite and benchmarks share the prefix; they are not options.
+        "FLASHPREFILL_TEST_DEVICE": "cpu",
+        "FLASHPREFILL_BLOKSIZE": "96",
+    }
+    assert load({}, environ=environ) == FlashPrefillConfig()
+    assert load({"stride": 4}, environ={**environ, "FLASHPREFILL_STRIDE": "2"}).stride == 2
+
+
+def test_from_vllm_config_with_test_switches_in_environment(monkeypatch):
+    monkeypatch.setenv("FLASHPREFILL_TEST_DEVICE", "cpu")
+    vllm_config = types.SimpleNamespace(additional_config={"flashprefill": {"pattern": "local"}})
+    assert FlashPrefillConfig.from_vllm_config(vllm_config).pattern == "local"
+
+
+# --- dense layers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dense_layers, dense, sparse",
+    [
+        (0, [], [0, 1, 31]),
+        (2, [0, 1], [2, 3, 31]),
+        ([], [], [0, 1]),
+        ([0, 5], [0, 5], [1, 4, 6]),
+        ([3], [3], [0, 1, 2, 4]),
+    ],
+    ids=["int-0", "int-2", "list-empty", "list-0-5", "list-3"],
+)
+def test_layer_is_dense(dense_layers, dense, sparse):
+    cfg = load({"pattern": "hybrid", "dense_layers": dense_layers})
+    assert [i for i in dense if not cfg.layer_is_dense(i)] == []
+    assert [i for i in sparse if cfg.layer_is_dense(i)] == []
+    assert not cfg.layer_is_dense(None)  # a layer without an index follows the pattern
+
+
+def test_dense_pattern_makes_every_layer_dense():
+    cfg = load({"pattern": "dense", "dense_layers": [1]})
+    assert cfg.is_dense
+    assert all(cfg.layer_is_dense(i) for i in (0, 1, 2, 100, None))
+    assert not load({"pattern": "dynamic"}).is_dense
