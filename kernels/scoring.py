@@ -44,10 +44,13 @@ def _block_scores_kernel(
     stride_si, stride_sh,
     GQA: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, KV_BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
     group = tl.program_id(0)
     kv_head = tl.program_id(1)
+    # Every KV block's score is independent of the others, so the KV range is split over
+    # programs: long rows would otherwise leave a few programs looping while the rest idle.
+    kv_first = tl.program_id(2) * KV_BLOCKS_PER_PROGRAM
     first = tl.load(groups_ptr + group * 2)
     count = tl.load(groups_ptr + group * 2 + 1)
 
@@ -62,6 +65,8 @@ def _block_scores_kernel(
     req = tl.load(qblocks_ptr + first * 4)
     seq_len = tl.load(seq_lens_ptr + req)
     last_qb = tl.load(qblocks_ptr + (first + count - 1) * 4 + 2) // SPARSE_BLOCK
+    if kv_first > last_qb:
+        return
 
     pooled = tl.load(
         pooled_ptr + qblock.to(tl.int64)[:, None] * stride_pi + head[:, None] * stride_ph
@@ -72,7 +77,7 @@ def _block_scores_kernel(
     bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
     out_row = scores_ptr + qblock.to(tl.int64) * stride_si + head * stride_sh
 
-    for kv_block in range(0, last_qb + 1):
+    for kv_block in range(kv_first, tl.minimum(kv_first + KV_BLOCKS_PER_PROGRAM, last_qb + 1)):
         block_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         for n in range(0, SPARSE_BLOCK, BLOCK_N):
             kpos = kv_block * SPARSE_BLOCK + n + offs_n
@@ -129,7 +134,9 @@ def block_scores(
         return scores
     pool_queries(q, qblocks, pooled)
     block_m = max(16, triton.next_power_of_2(per_group * gqa))
-    _block_scores_kernel[(groups.shape[0], num_kv_heads)](
+    kv_per_program = 16
+    kv_programs = triton.cdiv(scores.shape[2], kv_per_program)
+    _block_scores_kernel[(groups.shape[0], num_kv_heads, kv_programs)](
         pooled, k_cache, scores, block_table, seq_lens, qblocks, groups, scale,
         pooled.stride(0), pooled.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -137,7 +144,7 @@ def block_scores(
         scores.stride(0), scores.stride(1),
         GQA=gqa, BLOCKS_PER_GROUP=per_group, BLOCK_M=block_m,
         BLOCK_N=32 if head_size == 256 else 64, HEAD_SIZE=head_size,
-        SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size,
+        SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size, KV_BLOCKS_PER_PROGRAM=kv_per_program,
         num_warps=4 if head_size == 64 else 8,
     )
     return scores
