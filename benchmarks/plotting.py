@@ -278,3 +278,13 @@ def plot_ttft(rows: list[dict[str, Any]], baseline: str, path: str, title: str =
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def default_pattern() -> str:
+    """The pattern a FLASHPREFILL engine runs when none is given (env override first)."""
+    env = os.environ.get("FLASHPREFILL_PATTERN")
+    if env:
+        return env.lower()
+    from vllm_flashprefill.config import FlashPrefillConfig
+
+    return FlashPrefillConfig().pattern

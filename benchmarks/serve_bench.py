@@ -150,7 +150,7 @@ def summarize(raw: dict[str, Any], num_prompts: int) -> dict[str, Any]:
 def run_backend(args, backend: str, state: dict[str, Any], raw_dir: str) -> None:
     pattern = None
     if backend == "FLASHPREFILL":
-        pattern = args.fp_options.get("pattern") or _default_pattern()
+        pattern = args.fp_options.get("pattern") or plotting.default_pattern()
     port = args.port or free_port()
     cmd = server_cmd(args, backend, port)
     entry: dict[str, Any] = {"backend": backend, "pattern": pattern,
@@ -260,18 +260,6 @@ def _text(b) -> str:
 
 def _f(v, nd: int = 1) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
-
-
-def _default_pattern() -> str:
-    env = os.environ.get("FLASHPREFILL_PATTERN")
-    if env:
-        return env.lower()
-    try:
-        from vllm_flashprefill.config import FlashPrefillConfig
-
-        return FlashPrefillConfig().pattern
-    except Exception:  # noqa: BLE001
-        return "dynamic"
 
 
 def save(args, state: dict[str, Any]) -> None:

@@ -93,24 +93,12 @@ def parse_config(spec: str) -> dict[str, Any]:
             f"config {spec!r}: only FLASHPREFILL takes options (got {rest!r})")
     pattern = None
     if options is not None:
-        pattern = str(options.get("pattern") or _flashprefill_default_pattern())
+        pattern = str(options.get("pattern") or plotting.default_pattern())
     if label is None:
         label = backend if options is None else (
             f"FLASHPREFILL:{pattern}" if set(options) <= {"pattern"} else
             f"FLASHPREFILL:{json.dumps(options, sort_keys=True, separators=(',', ':'))}")
     return {"label": label, "backend": backend, "pattern": pattern, "options": options}
-
-
-def _flashprefill_default_pattern() -> str:
-    env = os.environ.get("FLASHPREFILL_PATTERN")
-    if env:
-        return env.lower()
-    try:
-        from vllm_flashprefill.config import FlashPrefillConfig
-
-        return FlashPrefillConfig().pattern
-    except Exception:  # noqa: BLE001
-        return "dynamic"
 
 
 def parse_lengths(text: str) -> list[int]:

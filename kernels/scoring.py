@@ -120,6 +120,7 @@ def block_scores(
     pooled: torch.Tensor,
     scale: float,
     sparse_block: int,
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Fill ``scores[i, h, :qb_i + 1]`` (see the module docstring).
 
@@ -134,17 +135,20 @@ def block_scores(
         return scores
     pool_queries(q, qblocks, pooled)
     block_m = max(16, triton.next_power_of_2(per_group * gqa))
-    kv_per_program = 16
-    kv_programs = triton.cdiv(scores.shape[2], kv_per_program)
+    # Tiles from benchmarks/selection.py --sweep on an H200 (131K tokens, d 64 and 128).
+    cfg = dict(
+        KV_BLOCKS_PER_PROGRAM=32, BLOCK_N=min(sparse_block, 64 if head_size == 256 else 128),
+        num_warps=4, num_stages=3,
+    )
+    cfg.update(config or {})
+    kv_programs = triton.cdiv(scores.shape[2], cfg["KV_BLOCKS_PER_PROGRAM"])
     _block_scores_kernel[(groups.shape[0], num_kv_heads, kv_programs)](
         pooled, k_cache, scores, block_table, seq_lens, qblocks, groups, scale,
         pooled.stride(0), pooled.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),
         scores.stride(0), scores.stride(1),
-        GQA=gqa, BLOCKS_PER_GROUP=per_group, BLOCK_M=block_m,
-        BLOCK_N=32 if head_size == 256 else 64, HEAD_SIZE=head_size,
-        SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size, KV_BLOCKS_PER_PROGRAM=kv_per_program,
-        num_warps=4 if head_size == 64 else 8,
+        GQA=gqa, BLOCKS_PER_GROUP=per_group, BLOCK_M=block_m, HEAD_SIZE=head_size,
+        SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size, **cfg,
     )
     return scores

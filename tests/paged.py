@@ -44,22 +44,24 @@ def make_paged_batch(
     for r, n in enumerate(pages_per_req):
         block_table[r, :n] = perm[used:used + n]
         used += n
+    # Random data is drawn on the target device (fast at 128K tokens on a GPU).
+    dev_gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=dev_gen, device=device).to(dtype)
+
     # Physical NHD [pages, page_size, Hkv, 2D] or HND [pages, Hkv, page_size, 2D], viewed logically.
     if layout == "NHD":
-        raw = torch.randn(num_pages, page_size, num_kv_heads, 2 * head_size, generator=gen)
-        kv_cache = raw.to(dtype).transpose(1, 2)
+        kv_cache = randn(num_pages, page_size, num_kv_heads, 2 * head_size).transpose(1, 2)
     else:
-        raw = torch.randn(num_pages, num_kv_heads, page_size, 2 * head_size, generator=gen)
-        kv_cache = raw.to(dtype)
-    unused = perm[used:]
+        kv_cache = randn(num_pages, num_kv_heads, page_size, 2 * head_size)
     # Reads of unlisted pages or of slots past a request's end would poison the output.
-    kv_cache[unused] = float("nan")
+    kv_cache[perm[used:].to(device)] = float("nan")
     for r, s in enumerate(seq_lens):
         if s % page_size:
-            kv_cache[block_table[r, pages_per_req[r] - 1].item(), :, s % page_size:] = float("nan")
-    kv_cache = kv_cache.to(device)
+            kv_cache[int(block_table[r, pages_per_req[r] - 1]), :, s % page_size:] = float("nan")
     k_cache, v_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
-    q = torch.randn(sum(query_lens), num_q_heads, head_size, generator=gen).to(dtype).to(device)
+    q = randn(sum(query_lens), num_q_heads, head_size)
     qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
     qsl[1:] = torch.cumsum(torch.tensor(query_lens), 0)
     return PagedBatch(

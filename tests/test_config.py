@@ -234,23 +234,15 @@ def test_bad_env_value_is_rejected_by_name(name, value, key, shown):
     assert shown in message, message
 
 
-def test_env_that_names_no_option_is_ignored():
-    environ = {
-        "VLLM_ATTENTION_BACKEND": "FLASH_ATTN",
-        "FLASHPREFILLX": "1",
-        "flashprefill_pattern": "x",
-        # Switches of the test suite and benchmarks share the prefix; they are not options.
-        "FLASHPREFILL_TEST_DEVICE": "cpu",
-        "FLASHPREFILL_BLOKSIZE": "96",
-    }
+def test_env_other_prefixes_are_not_options():
+    environ = {"VLLM_ATTENTION_BACKEND": "FLASH_ATTN", "FLASHPREFILLX": "1", "flashprefill_pattern": "x"}
     assert load({}, environ=environ) == FlashPrefillConfig()
     assert load({"stride": 4}, environ={**environ, "FLASHPREFILL_STRIDE": "2"}).stride == 2
 
 
-def test_from_vllm_config_with_test_switches_in_environment(monkeypatch):
-    monkeypatch.setenv("FLASHPREFILL_TEST_DEVICE", "cpu")
-    vllm_config = types.SimpleNamespace(additional_config={"flashprefill": {"pattern": "local"}})
-    assert FlashPrefillConfig.from_vllm_config(vllm_config).pattern == "local"
+def test_misspelt_env_option_is_rejected_by_name():
+    with pytest.raises(ValueError, match="unknown key 'bloksize'.*'96'"):
+        load({}, environ={"FLASHPREFILL_BLOKSIZE": "96"})
 
 
 # --- dense layers ---------------------------------------------------------------------------------

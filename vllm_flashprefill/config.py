@@ -122,15 +122,12 @@ class FlashPrefillConfig:
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``FLASHPREFILL_BLOCK_SIZE=256`` -> ``{"block_size": "256"}`` (values are coerced later).
 
-    Only variables named after a config field count: other ``FLASHPREFILL_*`` variables (test and
-    benchmark switches such as ``FLASHPREFILL_TEST_DEVICE``) are not options and must not make
-    every engine start fail with "unknown key".
+    Every ``FLASHPREFILL_*`` variable is an option, so a misspelt one fails like an unknown key.
     """
-    fields = {f.name for f in dataclasses.fields(FlashPrefillConfig)}
     return {
-        key: value
+        name[len(ENV_PREFIX):].lower(): value
         for name, value in environ.items()
-        if name.startswith(ENV_PREFIX) and (key := name[len(ENV_PREFIX):].lower()) in fields
+        if name.startswith(ENV_PREFIX)
     }
 
 

@@ -4,14 +4,21 @@ Each engine runs in its own subprocess (so GPU memory is freed between them); th
 greedy tokens and log-probs and writes ``benchmarks/results/e2e-<card>-<date>.json``.
 
     python3 tests/gpu/e2e_checks.py --model-dir /tmp/llama8b [--checks dense,all_blocks,chunking,prefix]
+    python3 tests/gpu/e2e_checks.py --model-dir /tmp/smollm2 --real --max-len 8192 \
+        --sparse '{"min_seq_len": 1024, "local_blocks": 4}'
+
+With --load-format dummy (the default) the weights are uniform in +-1e-3: attention then barely moves
+the logits, so identical outputs there only show that nothing breaks. Use --real with real weights
+for a comparison that tests the attention itself.
 
 Checks:
-  dense       pattern=dense (pure FlashAttention delegation) == FLASH_ATTN, prompts 1K-16K.
+  dense       pattern=dense (pure FlashAttention delegation) == FLASH_ATTN, prompts up to L/2.
   all_blocks  every block selected, through the sparse kernel (min_seq_len 0), on a mixed batch
               (long prompts chunked over several steps while short ones already decode) == FLASH_ATTN.
-  chunking    dynamic pattern, one 32K prompt, max_num_batched_tokens 2048 / 8192 / 32768: same output.
-  prefix      dynamic pattern: a 32K prompt served cold == the same prompt after a 20480-token prefix
-              of it was cached by another request.
+  chunking    dynamic pattern, one prompt of length L, max_num_batched_tokens L/16, L/4, L: same output.
+  prefix      dynamic pattern: a prompt of length L served cold == the same prompt after a prefix of
+              5/8 L of it was cached by another request.
+L is --max-len (default 32768).
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ def compare(a: list[dict], b: list[dict]) -> dict:
 
 def base_engine(args, **kw) -> dict:
     engine = dict(
-        model=args.model_dir, load_format="dummy", dtype="bfloat16", seed=0,
+        model=args.model_dir, load_format="auto" if args.real else "dummy", dtype="bfloat16", seed=0,
         gpu_memory_utilization=0.85, max_num_seqs=16, enforce_eager=args.eager,
     )
     engine.update(kw)
@@ -99,42 +106,47 @@ def fp(**options) -> dict:
 
 
 def check_dense(args) -> dict:
-    lengths = [1024, 2048, 4096, 8192, 16384]
+    L = args.max_len
+    lengths = [L // 32, L // 16, L // 8, L // 4, L // 2]
     prompts = [prompt_tokens(n, i) for i, n in enumerate(lengths)]
-    kw = dict(max_model_len=16384 + 64, max_num_batched_tokens=16384 + 64)
+    kw = dict(max_model_len=L, max_num_batched_tokens=L)
     ref = run_engine(base_engine(args, attention_backend="FLASH_ATTN", **kw), prompts, args.max_tokens)
     got = run_engine(base_engine(args, **fp(pattern="dense"), **kw), prompts, args.max_tokens)
     return dict(lengths=lengths, **compare(ref, got))
 
 
 def check_all_blocks(args) -> dict:
-    lengths = [20000, 12000, 300, 900, 50, 4000]
+    L = args.max_len - 64
+    lengths = [L * 5 // 8, L * 3 // 8, 300, 900, 50, L // 8]
     prompts = [prompt_tokens(n, 100 + i) for i, n in enumerate(lengths)]
-    kw = dict(max_model_len=20480 + 64, max_num_batched_tokens=4096)
+    mnbt = max(args.max_len // 8, 512)
+    kw = dict(max_model_len=args.max_len, max_num_batched_tokens=mnbt)
     ref = run_engine(base_engine(args, attention_backend="FLASH_ATTN", **kw), prompts, args.max_tokens)
     every_block = fp(pattern="local", local_blocks=1 << 20, min_seq_len=0)
     got = run_engine(base_engine(args, **every_block, **kw), prompts, args.max_tokens)
-    return dict(lengths=lengths, max_num_batched_tokens=4096, **compare(ref, got))
+    return dict(lengths=lengths, max_num_batched_tokens=mnbt, **compare(ref, got))
 
 
 def check_chunking(args) -> dict:
-    prompts = [prompt_tokens(32768, 7)]
+    L = args.max_len - 64
+    prompts = [prompt_tokens(L, 7)]
     outs = {}
-    for mnbt in (2048, 8192, 32768):
-        kw = dict(max_model_len=32768 + 64, max_num_batched_tokens=mnbt if mnbt < 32768 else 32768 + 64)
-        outs[mnbt] = run_engine(base_engine(args, **fp(pattern="dynamic"), **kw), prompts, args.max_tokens)
-    return {
-        f"{a}_vs_32768": compare(outs[32768], outs[a]) for a in (2048, 8192)
-    }
+    budgets = (args.max_len // 16, args.max_len // 4, args.max_len)
+    for mnbt in budgets:
+        kw = dict(max_model_len=args.max_len, max_num_batched_tokens=mnbt)
+        outs[mnbt] = run_engine(base_engine(args, **fp(**args.sparse), **kw), prompts, args.max_tokens)
+    return {f"{a}_vs_{budgets[-1]}": compare(outs[budgets[-1]], outs[a]) for a in budgets[:-1]}
 
 
 def check_prefix(args) -> dict:
-    prompt = prompt_tokens(32768, 11)
-    other = prompt[:20480] + prompt_tokens(4096, 12)
-    kw = dict(max_model_len=32768 + 64, max_num_batched_tokens=8192, enable_prefix_caching=True)
-    cold = run_engine(base_engine(args, **fp(pattern="dynamic"), **kw), [prompt], args.max_tokens)
-    warm = run_engine(base_engine(args, **fp(pattern="dynamic"), **kw), [prompt], args.max_tokens, warm=[other])
-    return compare(cold, warm)
+    L = args.max_len - 64
+    prompt = prompt_tokens(L, 11)
+    shared = (L * 5 // 8) // 128 * 128
+    other = prompt[:shared] + prompt_tokens(L // 8, 12)
+    kw = dict(max_model_len=args.max_len, max_num_batched_tokens=args.max_len // 4, enable_prefix_caching=True)
+    cold = run_engine(base_engine(args, **fp(**args.sparse), **kw), [prompt], args.max_tokens)
+    warm = run_engine(base_engine(args, **fp(**args.sparse), **kw), [prompt], args.max_tokens, warm=[other])
+    return dict(shared_prefix=shared, **compare(cold, warm))
 
 
 CHECKS = dict(dense=check_dense, all_blocks=check_all_blocks, chunking=check_chunking, prefix=check_prefix)
@@ -148,15 +160,21 @@ def main() -> None:
     ap.add_argument("--checks", default=",".join(CHECKS))
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--eager", action="store_true", help="enforce_eager (faster engine start)")
+    ap.add_argument("--max-len", type=int, default=32768, help="max_model_len; prompts scale with it")
+    ap.add_argument("--real", action="store_true", help="load the model's weights (default: dummy)")
+    ap.add_argument("--sparse", type=json.loads, default={},
+                    help="extra FlashPrefill options for the chunking/prefix checks (pattern dynamic)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.sparse = {"pattern": "dynamic", **args.sparse}
     import torch
     import vllm
 
     card = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
     report = dict(card=card, date=date, vllm=vllm.__version__, model=os.path.basename(args.model_dir.rstrip("/")),
-                  load_format="dummy", eager=args.eager, checks={})
+                  load_format="auto" if args.real else "dummy", eager=args.eager,
+                  sparse=args.sparse, checks={})
     for name in args.checks.split(","):
         print(f"=== {name}", flush=True)
         try:

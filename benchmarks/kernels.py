@@ -1,0 +1,544 @@
+#!/usr/bin/env python
+"""Time one FlashPrefill layer call against vLLM's FA3 and Triton unified attention.
+
+Each configuration is one prompt of ``seq_len`` tokens (no context) in a paged KV cache with
+shuffled pages, shared by every kernel of that configuration. Rows:
+
+* ``flashprefill`` / dense, hybrid, local, ...: static patterns, attention only (their block
+  lists depend on block indices alone, so the backend builds them once per batch, not per layer);
+* ``flashprefill`` / dynamic: ``ms`` is attention alone, ``selection_ms`` block scoring +
+  ``select_dynamic`` + ``mask_to_lists``, ``total_ms`` the two together timed as one call;
+* ``fa3``: ``vllm.vllm_flash_attn.flash_attn_varlen_func(..., fa_version=3)`` as vLLM's
+  FLASH_ATTN backend calls it; ``triton_unified``: ``unified_attention`` as TRITON_ATTN calls it.
+
+``density`` is kept (query block, KV block) pairs, averaged over heads, over causal block pairs;
+``tflops_effective`` = density * 4 * Hq * D * S(S+1)/2 / time (density 1 for the baselines).
+
+Writes ``benchmarks/results/kernels-<card>-<date>.json`` (or ``--out``) after every row, a PNG
+next to it, and prints a table last. ``--check`` first compares every kernel's output with
+``kernels/reference.py`` (on a sample of query blocks) at the smallest length, and the dense
+pattern with FA3 on the whole output.
+
+CPU smoke run (Triton interpreter; baselines are skipped):
+    python benchmarks/kernels.py --device cpu --seq-lens 256 --block-size 64 \
+        --heads 4:2:64 --dtype fp32 --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DEFAULT_PATTERNS = "dense,hybrid,local,dynamic"
+DEFAULT_KERNELS = "flashprefill,fa3,triton_unified,sdpa_cudnn,sdpa_flash"
+KERNELS = ("flashprefill", "fa3", "triton_unified", "sdpa_cudnn", "sdpa_flash")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--seq-lens", default="8192,32768,131072",
+                   help="comma-separated prompt lengths (tokens)")
+    p.add_argument("--heads", default="32:8:128,14:2:64",
+                   help="comma-separated head configs Hq:Hkv:D")
+    p.add_argument("--patterns", default=DEFAULT_PATTERNS,
+                   help="flashprefill patterns (dense, local, strided, hybrid, dynamic)")
+    p.add_argument("--kernels", default=DEFAULT_KERNELS,
+                   help="subset of " + ",".join(KERNELS) + " (sdpa_*: PyTorch SDPA pinned to "
+                        "one backend over contiguous K/V, a dense baseline without vLLM)")
+    p.add_argument("--page-size", type=int, default=16, help="KV cache page size (tokens)")
+    p.add_argument("--block-size", type=int, default=128, help="FlashPrefill block size")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (Triton interpreter)")
+    p.add_argument("--threshold", type=float, default=0.1, help="dynamic: score threshold")
+    p.add_argument("--sink-blocks", type=int, default=1)
+    p.add_argument("--local-blocks", type=int, default=16)
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--data", default="structured", choices=["structured", "random"],
+                   help="structured plants hot KV blocks so dynamic selection is selective; "
+                        "on random data every block scores alike and dynamic keeps them all")
+    p.add_argument("--hot-frac", type=float, default=0.05,
+                   help="structured data: fraction of (KV head, KV block) pairs made hot")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--min-reps", type=int, default=3, help="timed calls at least (median)")
+    p.add_argument("--skip-unified-above", type=int, default=32768,
+                   help="skip triton_unified for seq_len above this (0: never skip)")
+    p.add_argument("--check", action="store_true",
+                   help="validate every kernel at the smallest length before timing")
+    p.add_argument("--check-blocks", type=int, default=8,
+                   help="--check: query blocks compared with the torch reference")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/kernels-<card>-<date>.json)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--plot-only", default=None, metavar="JSON",
+                   help="only redraw the PNG and table of an existing results JSON")
+    return p.parse_args(argv)
+
+
+def parse_heads(text: str) -> list[tuple[int, int, int]]:
+    heads = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3:
+            raise SystemExit(f"--heads: expected Hq:Hkv:D, got {item!r}")
+        hq, hkv, d = map(int, parts)
+        if hq % hkv:
+            raise SystemExit(f"--heads: Hq {hq} is not a multiple of Hkv {hkv}")
+        heads.append((hq, hkv, d))
+    return heads
+
+
+def progress(total: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, dynamic_ncols=True, file=sys.stderr)
+    except ImportError:
+        class _Bar:
+            def __init__(self):
+                self.n = 0
+
+            def update(self, k=1):
+                self.n += k
+
+            def set_description(self, text):
+                print(f"[{self.n}/{total}] {text}", file=sys.stderr, flush=True)
+
+            def write(self, text):
+                print(text, file=sys.stderr, flush=True)
+
+            def close(self):
+                pass
+
+        return _Bar()
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+
+
+BASELINE_STYLE = {"fa3": dict(color="black", linewidth=2.2),
+                  "triton_unified": dict(color="gray", linewidth=2.2),
+                  "sdpa_cudnn": dict(color="black", linewidth=1.2, linestyle=":"),
+                  "sdpa_flash": dict(color="gray", linewidth=1.2, linestyle=":")}
+# The dense baseline that the speedup column divides by: the first one present.
+SPEEDUP_BASES = ("fa3", "sdpa_cudnn", "sdpa_flash", "triton_unified")
+
+
+def series_label(row: dict) -> str:
+    return row["kernel"] if row["kernel"] != "flashprefill" else f"flashprefill/{row['pattern']}"
+
+
+def plot(result: dict, png: Path) -> str | None:
+    """time vs seq_len per (kernel, pattern), one log-log panel per head config."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError as e:
+        return f"no PNG: matplotlib missing ({e}); redraw later with --plot-only {png.with_suffix('.json')}"
+    rows = result["rows"]
+    configs = sorted({(r["num_q_heads"], r["num_kv_heads"], r["head_dim"]) for r in rows},
+                     reverse=True)
+    if not configs:
+        return "no PNG: no rows"
+    fig, axes = plt.subplots(1, len(configs), figsize=(6.5 * len(configs), 5), squeeze=False)
+    for ax, (hq, hkv, d) in zip(axes[0], configs):
+        mine = [r for r in rows if (r["num_q_heads"], r["num_kv_heads"], r["head_dim"]) == (hq, hkv, d)]
+        labels = sorted({series_label(r) for r in mine})
+        for label in labels:
+            pts = sorted((r["seq_len"], r) for r in mine if series_label(r) == label)
+            xs = [x for x, _ in pts]
+            style = BASELINE_STYLE.get(label, {})
+            line, = ax.plot(xs, [r["ms"] for _, r in pts], marker="o", label=label, **style)
+            if any("total_ms" in r for _, r in pts):
+                ax.plot(xs, [r.get("total_ms", float("nan")) for _, r in pts], marker="x",
+                        linestyle="--", color=line.get_color(), label=f"{label} (+selection)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ticks = sorted({r["seq_len"] for r in mine})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t // 1024}K" if t % 1024 == 0 else str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs="all"))
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("ms per layer call")
+        ax.set_title(f"Hq={hq} Hkv={hkv} D={d}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"{result.get('card')}  page={result.get('page_size')}  block={result.get('block_size')}"
+        f"  {result.get('dtype')}  torch {result.get('torch')}  triton {result.get('triton')}"
+        f"  vllm {result.get('vllm')}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def table(result: dict) -> str:
+    rows = result["rows"]
+    present = {r["kernel"] for r in rows}
+    base_name = next((k for k in SPEEDUP_BASES if k in present), None)
+    base = {(r["num_q_heads"], r["num_kv_heads"], r["head_dim"], r["seq_len"]): r["ms"]
+            for r in rows if r["kernel"] == base_name}
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    head = f"{'heads':>9} {'S':>7} {'kernel/pattern':<22} {'dens':>6} {'ms':>9} {'TF/s':>6} " \
+           f"{'sel_ms':>7} {'tot_ms':>9} {'speedup':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        key = (r["num_q_heads"], r["num_kv_heads"], r["head_dim"], r["seq_len"])
+        t = r.get("total_ms", r["ms"])
+        speedup = base[key] / t if key in base and t else None
+        lines.append(
+            f"{r['num_q_heads']:>3}/{r['num_kv_heads']}/{r['head_dim']:<3} {r['seq_len']:>7} "
+            f"{series_label(r):<22} {r['density']:>6.3f} {r['ms']:>9.3f} "
+            f"{f(r.get('tflops_effective'), '6.1f'):>6} {f(r.get('selection_ms'), '7.3f'):>7} "
+            f"{f(r.get('total_ms'), '9.3f'):>9} {f(speedup, '7.2f'):>7}"
+        )
+    lines.append(f"speedup = {base_name or 'no dense baseline'} ms / row ms (tot_ms for dynamic); "
+                 "dens = kept/causal block pairs; TF/s = dens * causal FLOPs / ms")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plot_only:
+        path = Path(args.plot_only)
+        result = json.loads(path.read_text())
+        note = plot(result, path.with_suffix(".png"))
+        print(table(result))
+        print(note or f"PNG: {path.with_suffix('.png')}")
+        return 0
+
+    if args.device.startswith("cpu"):
+        # Must be set before the kernels are imported (triton.jit reads it at decoration).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    import common
+
+    common.bootstrap()
+    from vllm_flashprefill.kernels import reference
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but torch.cuda.is_available() is False (use --device cpu)")
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cuda", torch.cuda.current_device())
+    dtype = common.DTYPES[args.dtype]
+    seq_lens = sorted(int(s) for s in args.seq_lens.split(",") if s.strip())
+    heads = parse_heads(args.heads)
+    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    for k in kernels:
+        if k not in KERNELS:
+            raise SystemExit(f"--kernels: unknown kernel {k!r}")
+    cfgs = {
+        p: common.make_config(
+            p, args.block_size, sink_blocks=args.sink_blocks, local_blocks=args.local_blocks,
+            stride=args.stride, threshold=args.threshold,
+        )
+        for p in (patterns if "flashprefill" in kernels else [])
+    }
+
+    baselines = {}
+    for k in kernels:
+        if k == "fa3":
+            baselines[k] = common.fa3_status(device)
+        elif k == "triton_unified":
+            baselines[k] = common.unified_status(device)
+        elif k.startswith("sdpa"):
+            baselines[k] = common.sdpa_status(device, k)
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    date = datetime.date.today().isoformat()
+    out_path = Path(args.out) if args.out else (
+        common.REPO_ROOT / "benchmarks" / "results"
+        / f"kernels-{common.card_short_name(device)}-{date}.json"
+    )
+    result = {
+        "card": card,
+        "date": date,
+        **common.versions(),
+        "page_size": args.page_size,
+        "block_size": args.block_size,
+        "dtype": args.dtype,
+        "data": args.data,
+        "hot_frac": args.hot_frac if args.data == "structured" else None,
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "plot_only")},
+        "rows": [],
+        "skipped": [],
+        "errors": [],
+        "checks": [],
+    }
+    for name, (fn, reason) in baselines.items():
+        if fn is None:
+            result["skipped"].append({"kernel": name, "reason": reason})
+    failures: list[str] = []
+
+    per_config = len(cfgs) + sum(fn is not None for fn, _ in baselines.values())
+    bar = progress(per_config * len(seq_lens) * len(heads) + (len(heads) if args.check else 0))
+    t_start = time.time()
+
+    def log(text: str) -> None:
+        bar.write(text) if hasattr(bar, "write") else print(text, file=sys.stderr)
+
+    def record_error(what: dict, e: BaseException) -> None:
+        msg = f"{type(e).__name__}: {e}"
+        result["errors"].append({**what, "error": msg[:2000], "traceback": traceback.format_exc()[-4000:]})
+        failures.append(f"ERROR {what}: {msg[:300]}")
+        log(f"ERROR {what}: {msg[:300]}")
+
+    for hq, hkv, d in heads:
+        for si, seq_len in enumerate(seq_lens):
+            cfg_desc = dict(seq_len=seq_len, num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+            bar.set_description(f"{hq}/{hkv}/{d} S={seq_len} data")
+            b = common.make_batch([seq_len], [0], hq, hkv, d, args.page_size, dtype, device,
+                                  seed=args.seed)
+            if args.data == "structured":
+                common.plant_structure(b, args.block_size, args.hot_frac, seed=args.seed)
+            scale = d ** -0.5
+            out = torch.empty_like(b.q)
+            flops = common.causal_flops(hq, d, seq_len)
+
+            def row(kernel, pattern, density, ms, **extra):
+                r = dict(kernel=kernel, pattern=pattern, **cfg_desc, density=round(density, 6),
+                         ms=ms, tflops_effective=density * flops / (ms * 1e-3) / 1e12)
+                r.update(extra)
+                result["rows"].append(r)
+                write_json(out_path, result)
+
+            pipes = {}
+            for pattern, cfg in cfgs.items():
+                try:
+                    pipes[pattern] = common.Pipeline(b, cfg, scale)
+                except Exception as e:  # noqa: BLE001
+                    record_error(dict(kernel="flashprefill", pattern=pattern, **cfg_desc), e)
+
+            if args.check and si == 0:
+                bar.set_description(f"{hq}/{hkv}/{d} S={seq_len} check")
+                try:
+                    run_checks(args, b, pipes, baselines, scale, result,
+                               failures, cfg_desc, reference, log)
+                except Exception as e:  # noqa: BLE001
+                    record_error(dict(kernel="check", **cfg_desc), e)
+                write_json(out_path, result)
+                bar.update(1)
+
+            timing = dict(device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                          min_reps=args.min_reps)
+            order = ([("fa3", None)] + [(k, None) for k in kernels if k.startswith("sdpa")]
+                     + [("flashprefill", p) for p in cfgs] + [("triton_unified", None)])
+            for kernel, pattern in order:
+                if kernel == "flashprefill" and pattern not in pipes:
+                    continue
+                if kernel != "flashprefill" and (kernel not in baselines or baselines[kernel][0] is None):
+                    continue
+                bar.set_description(f"{hq}/{hkv}/{d} S={seq_len} {kernel}{'/' + pattern if pattern else ''}")
+                what = dict(kernel=kernel, pattern=pattern or "dense", **cfg_desc)
+                if (kernel == "triton_unified" and args.skip_unified_above
+                        and seq_len > args.skip_unified_above):
+                    result["skipped"].append({**what, "reason": f"seq_len > --skip-unified-above {args.skip_unified_above}"})
+                    bar.update(1)
+                    continue
+                try:
+                    if kernel == "flashprefill":
+                        pipe = pipes[pattern]
+                        if pipe.dynamic:
+                            lists = pipe.select()
+                            density = common.mask_density(pipe.mask(), pipe.qb.block_index)
+                            sel_ms = common.bench(pipe.select, **timing)
+                            ms = common.bench(lambda: pipe.attend(lists, out), **timing)
+                            total = common.bench(lambda: pipe(out), **timing)
+                            # Where selection time goes: the Triton scoring kernels alone, and
+                            # select_dynamic + mask_to_lists (torch) on ready scores.
+                            scores = pipe.scores()
+                            scores_ms = common.bench(pipe.scores, **timing)
+                            lists_ms = common.bench(lambda: pipe.lists_from_scores(scores), **timing)
+                            del scores
+                            row(kernel, pattern, density, ms, selection_ms=sel_ms, total_ms=total,
+                                scores_ms=scores_ms, select_lists_ms=lists_ms)
+                        else:
+                            lists = pipe.select()
+                            density = common.mask_density(pipe.mask(), pipe.qb.block_index)
+                            ms = common.bench(lambda: pipe.attend(lists, out), **timing)
+                            row(kernel, pattern, density, ms)
+                    else:
+                        call, _ = make_baseline(kernel, baselines[kernel][0], b, out, scale)
+                        ms = common.bench(call, **timing)
+                        row(kernel, "dense", 1.0, ms)
+                except Exception as e:  # noqa: BLE001
+                    if kernel.startswith("sdpa") and "no available kernel" in str(e).lower():
+                        result["skipped"].append({**what, "reason": f"{type(e).__name__}: {e}"[:300]})
+                        bar.update(1)
+                        continue
+                    record_error(what, e)
+                    if device.type == "cuda":
+                        try:
+                            torch.cuda.synchronize()
+                        except Exception:  # noqa: BLE001 - a sticky CUDA error: stop here
+                            bar.close()
+                            return finish(args, result, out_path, failures, t_start, fatal=True)
+                bar.update(1)
+            b = out = pipes = None  # free this configuration's tensors
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    bar.close()
+    return finish(args, result, out_path, failures, t_start)
+
+
+def make_baseline(kernel, fn, b, out, scale):
+    """(zero-argument timed call, getter of its output as [tokens, Hq, D]) for a baseline."""
+    import common
+
+    if kernel == "fa3":
+        return (lambda: common.fa3_attention(fn, b, out, scale)), (lambda: out)
+    if kernel == "triton_unified":
+        return (lambda: common.unified_attention(fn, b, out, scale)), (lambda: out)
+    q4, k4, v4 = common.sdpa_inputs(b)
+    held = {}
+
+    def call():
+        held["out"] = fn(q4, k4, v4, scale)
+
+    return call, (lambda: held["out"][0].transpose(0, 1))
+
+
+def run_checks(args, b, pipes, baselines, scale, result, failures, cfg_desc,
+               reference, log) -> None:
+    """Every kernel vs the torch reference on a sample of query blocks; dense vs FA3 in full."""
+    import torch
+
+    import common
+
+    tight = b.q.dtype == torch.float32
+    rel_tol, abs_tol = (1e-3, 1e-3) if tight else (1e-2, 3e-2)
+
+    def report(name, against, d: "common.Diff", rows):
+        ok = d.ok(rel_tol, abs_tol * max(1.0, d.ref_max))
+        result["checks"].append(dict(kernel=name, against=against, rows=rows, ok=ok,
+                                     max_abs_err=d.max_abs, rel_l2_err=d.rel_l2,
+                                     ref_max=d.ref_max, nonfinite=d.nonfinite, **cfg_desc))
+        line = f"check {name:<24} vs {against:<9} rows={rows:<7} {d}  {'ok' if ok else 'FAIL'}"
+        log(line)
+        if not ok:
+            failures.append(f"CHECK FAILED {cfg_desc}: {line}")
+
+    any_pipe = next(iter(pipes.values()), None)
+    dense_out = None
+    for pattern, pipe in pipes.items():
+        out = torch.full_like(b.q, float("nan"))
+        mask = pipe.mask()
+        pipe.attend(_lists(mask), out)
+        blocks = common.pick_blocks(pipe.qb.num_blocks, args.check_blocks, seed=args.seed)
+        table = pipe.qb.table_cpu[blocks]
+        rows = common.query_block_rows(pipe.qb.table_cpu, blocks).to(b.q.device)
+        ref = reference.sparse_attention_reference(
+            b.q, b.k_cache, b.v_cache, b.block_table, b.seq_lens,
+            torch.from_numpy(table).to(b.q.device), mask[blocks], scale, pipe.block_size,
+        )
+        report(f"flashprefill/{pattern}", "reference", common.diff(out[rows], ref[rows]), len(rows))
+        unwritten = int(torch.isnan(out).any(-1).any(-1).sum())
+        if unwritten:
+            failures.append(f"CHECK FAILED {cfg_desc}: flashprefill/{pattern} left {unwritten} rows unwritten")
+            log(f"check flashprefill/{pattern}: {unwritten} rows unwritten FAIL")
+        if pattern == "dense":
+            dense_out = out
+    if any_pipe is None:
+        return
+    dense_mask = torch.ones(any_pipe.qb.num_blocks, 1, any_pipe.qb.num_kv_blocks, dtype=torch.bool,
+                            device=b.q.device)
+    blocks = common.pick_blocks(any_pipe.qb.num_blocks, args.check_blocks, seed=args.seed)
+    rows = common.query_block_rows(any_pipe.qb.table_cpu, blocks).to(b.q.device)
+    ref = None
+    for name, (fn, _) in baselines.items():
+        if fn is None:
+            continue
+        out = torch.full_like(b.q, float("nan"))
+        try:
+            call, get = make_baseline(name, fn, b, out, scale)
+            call()
+        except Exception as e:  # noqa: BLE001
+            log(f"check {name}: could not run ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        out = get()
+        if ref is None:
+            ref = reference.sparse_attention_reference(
+                b.q, b.k_cache, b.v_cache, b.block_table, b.seq_lens,
+                torch.from_numpy(any_pipe.qb.table_cpu[blocks]).to(b.q.device),
+                dense_mask[blocks], scale, any_pipe.block_size,
+            )
+        report(name, "reference", common.diff(out[rows], ref[rows]), len(rows))
+        if dense_out is not None:  # the whole output, not a sample
+            report("flashprefill/dense", name, common.diff(dense_out, out), out.shape[0])
+
+
+def _lists(mask):
+    from vllm_flashprefill.patterns import mask_to_lists
+
+    return mask_to_lists(mask)
+
+
+def finish(args, result, out_path: Path, failures: list[str], t_start: float, fatal=False) -> int:
+    result["wall_s"] = round(time.time() - t_start, 1)
+    write_json(out_path, result)
+    note = None if args.no_plot else plot(result, out_path.with_suffix(".png"))
+    print(table(result))
+    for s in result["skipped"]:
+        print(f"skipped: {s.get('kernel')} {s.get('seq_len', '')} {s.get('num_q_heads', '')}"
+              f"{'/' if 'num_q_heads' in s else ''}{s.get('num_kv_heads', '')} - {s['reason']}"[:240])
+    checks = result["checks"]
+    if checks:
+        bad = [c for c in checks if not c["ok"]]
+        worst = max(checks, key=lambda c: c["rel_l2_err"])
+        print(f"checks: {len(checks) - len(bad)}/{len(checks)} ok; worst rel_l2 "
+              f"{worst['rel_l2_err']:.2e} ({worst['kernel']} vs {worst['against']}, "
+              f"{worst['num_q_heads']}/{worst['num_kv_heads']}/{worst['head_dim']})")
+    for f in failures:
+        print(f[:400])
+    print(f"JSON: {out_path}")
+    print(note or f"PNG: {out_path.with_suffix('.png')}")
+    print(f"wall {result['wall_s']} s; {len(result['rows'])} rows, {len(result['errors'])} errors"
+          + ("; stopped early after a CUDA error" if fatal else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
