@@ -62,7 +62,9 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Strides that change with the batch must not specialise the kernel, or a new prompt length
+# would trigger a fresh compile in the middle of serving.
+@triton.jit(do_not_specialize=["stride_bt", "stride_ii", "stride_ih", "stride_ci", "stride_ch"])
 def _sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     block_table_ptr, seq_lens_ptr,

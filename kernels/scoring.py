@@ -33,7 +33,7 @@ def _pool_queries_kernel(
     tl.store(pooled_ptr + qblock * stride_pi + head * stride_ph + offs_d, total / num_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _block_scores_kernel(
     pooled_ptr, k_ptr, scores_ptr,
     block_table_ptr, seq_lens_ptr, qblocks_ptr, groups_ptr,

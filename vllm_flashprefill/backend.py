@@ -112,6 +112,33 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             if self.cfg.pattern == "dynamic"
             else None
         )
+        if not self.cfg.is_dense and self.headdim in SUPPORTED_HEAD_SIZES:
+            self._compile_kernels()
+
+    def _compile_kernels(self) -> None:
+        """Run the sparse path once on a tiny batch, so that Triton compiles its kernels at start-up
+        instead of during the first long request (vLLM's profiling run passes no metadata)."""
+        if self.kv_cache_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return
+        bs, page, hq, hkv, d = self.cfg.block_size, self.block_size, self.num_heads_q, self.num_heads_kv, self.headdim
+        tokens = 2 * bs
+        pages = tokens // page
+        kv = torch.randn(pages, page, hkv, 2 * d, device=self.device).to(self.kv_cache_dtype)
+        q = torch.randn(tokens, hq, d, device=self.device).to(self.kv_cache_dtype)
+        seq_lens = torch.tensor([tokens], dtype=torch.int32, device=self.device)
+        block_table = torch.arange(pages, dtype=torch.int32, device=self.device)[None]
+        cfg = dataclasses.replace(self.cfg, min_seq_len=0)
+        qblocks = build_query_blocks([0, tokens], [tokens], [0], bs, self.device, blocks_per_group(hq // hkv))
+        if self.workspace is not None:
+            scores, pooled = self.workspace.views(qblocks.num_blocks, qblocks.num_kv_blocks)
+            block_scores(q, kv[..., :d], block_table, seq_lens, qblocks.table, qblocks.score_groups,
+                         scores, pooled, d**-0.5, bs)
+            mask = select_dynamic(scores, qblocks.block_index, hkv, cfg)
+        else:
+            mask = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, cfg)
+        indices, counts = mask_to_lists(mask)
+        sparse_prefill_attention(q, kv[..., :d], kv[..., d:], torch.empty_like(q), block_table,
+                                 seq_lens, qblocks.table, indices, counts, d**-0.5, bs)
 
     def build(
         self,
