@@ -22,7 +22,13 @@ from vllm_flashprefill.kernels.reference import sparse_attention_reference
 from vllm_flashprefill.patterns import lists_to_mask
 
 HQ, HKV, HEAD, PAGE, BLOCK = 8, 2, 64, 16, 64
-LAYER = types.SimpleNamespace(layer_name="model.layers.3.self_attn.attn")
+# On a GPU machine (vLLM 0.26 from the devkit) the same tests run on CUDA, and the mixed-batch test
+# also runs FlashAttention for the dense rows; on CPU the kernels run in Triton's interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_ONE = torch.ones((), device=DEVICE)
+LAYER = types.SimpleNamespace(
+    layer_name="model.layers.3.self_attn.attn", _q_scale=_ONE, _k_scale=_ONE, _v_scale=_ONE
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,26 +59,26 @@ def common_metadata(batch) -> CommonAttentionMetadata:
     slots = []
     for r, (ctx, q) in enumerate(zip(batch.context_lens, batch.query_lens)):
         pos = torch.arange(ctx, ctx + q)
-        slots.append(batch.block_table[r, pos // PAGE].long() * PAGE + pos % PAGE)
+        slots.append(batch.block_table[r].cpu()[pos // PAGE].long() * PAGE + pos % PAGE)
     return CommonAttentionMetadata(
         query_start_loc=qsl,
-        query_start_loc_cpu=qsl.clone(),
+        query_start_loc_cpu=qsl.cpu(),
         seq_lens=batch.seq_lens,
         num_reqs=len(batch.query_lens),
         num_actual_tokens=num_tokens,
         max_query_len=max(batch.query_lens),
         max_seq_len=int(batch.seq_lens.max()),
         block_table_tensor=batch.block_table,
-        slot_mapping=torch.cat(slots),
+        slot_mapping=torch.cat(slots).to(batch.q.device),
         causal=True,
-        seq_lens_cpu_upper_bound=batch.seq_lens.clone(),
+        seq_lens_cpu_upper_bound=batch.seq_lens.cpu(),
     )
 
 
 def build(config, batch):
     spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=HEAD, dtype=torch.float16)
     with set_current_vllm_config(config):
-        builder = FlashPrefillMetadataBuilder(spec, [LAYER.layer_name], config, torch.device("cpu"))
+        builder = FlashPrefillMetadataBuilder(spec, [LAYER.layer_name], config, torch.device(DEVICE))
         return builder, builder.build(0, common_metadata(batch))
 
 
@@ -100,7 +106,7 @@ def test_builder_splits_decodes_short_and_long_prefills(model_dir):
     query_lens = [1, 1, 40, 200, 30, 300]
     context_lens = [90, 500, 0, 300, 10, 0]
     config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2)
-    batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16)
+    batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
     builder, meta = build(config, batch)
     assert builder.reorder_batch_threshold == 1
     step = meta.sparse
@@ -126,10 +132,10 @@ def test_builder_splits_decodes_short_and_long_prefills(model_dir):
 
 
 def test_decode_only_and_dense_pattern_leave_flash_attention_alone(model_dir):
-    batch = make_paged_batch([1, 1, 1], [600, 700, 10], HQ, HKV, HEAD, PAGE, torch.float16)
+    batch = make_paged_batch([1, 1, 1], [600, 700, 10], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
     _, meta = build(vllm_config(model_dir, pattern="hybrid", min_seq_len=0), batch)
     assert meta.sparse is None
-    batch = make_paged_batch([500], [0], HQ, HKV, HEAD, PAGE, torch.float16)
+    batch = make_paged_batch([500], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
     _, meta = build(vllm_config(model_dir, pattern="dense", min_seq_len=0), batch)
     assert meta.sparse is None
 
@@ -138,7 +144,7 @@ def test_same_decision_whatever_the_chunking(model_dir):
     """Rows go sparse by absolute position: a chunk of a long prompt does, whatever its size."""
     config = vllm_config(model_dir, pattern="local", min_seq_len=512, local_blocks=1)
     for context in (0, 256, 448, 512, 700):
-        batch = make_paged_batch([64], [context], HQ, HKV, HEAD, PAGE, torch.float16)
+        batch = make_paged_batch([64], [context], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
         _, meta = build(config, batch)
         reaches = ((context + 64 - 1) // BLOCK) * BLOCK >= 512
         assert (meta.sparse is not None) == reaches
@@ -150,7 +156,7 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, pattern):
     config = vllm_config(
         model_dir, pattern=pattern, min_seq_len=0, sink_blocks=0, local_blocks=0, stride=2, threshold=1.0
     )
-    batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, seed=5)
+    batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=5)
     _, meta = build(config, batch)
     impl = make_impl(config)
     out = torch.full_like(batch.q, float("nan"))
@@ -187,3 +193,33 @@ def test_layers_that_must_stay_dense(model_dir):
     impl = make_impl(config)
     assert "fp8" in impl._dense_reason(None, None, "fp8", None, AttentionType.DECODER, None)
     assert "encoder" in make_impl(config, attn_type=AttentionType.ENCODER_ONLY).dense_reason
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="FlashAttention (FA3) needs a CUDA GPU and vLLM's CUDA build")
+def test_mixed_batch_dense_rows_on_flash_attention_sparse_rows_on_ours(model_dir):
+    """Decodes and a short prompt through FlashAttention, two long chunks through our kernel: every
+    row matches the reference for the blocks it was meant to see."""
+    from vllm_flashprefill.plan import build_query_blocks
+
+    query_lens, context_lens = [1, 1, 40, 200, 1, 300], [90, 700, 0, 300, 64, 0]
+    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2)
+    batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=9)
+    _, meta = build(config, batch)
+    out = torch.full_like(batch.q, float("nan"))
+    make_impl(config).forward(LAYER, batch.q, batch.q, batch.q, batch.kv_cache, meta, out)
+    every = build_query_blocks(batch.query_start_loc.cpu(), batch.seq_lens.cpu(), range(6), BLOCK, DEVICE)
+    step = meta.sparse
+    sparse_reqs = set(step.query_blocks.table_cpu[:, 0].tolist())
+    assert sparse_reqs == {3, 5}
+    causal = torch.arange(every.num_kv_blocks, device=DEVICE)[None, :] <= every.block_index[:, None]
+    mask = causal[:, None, :].clone()
+    rows = {tuple(r[:3]): i for i, r in enumerate(step.query_blocks.table_cpu.tolist())}
+    pattern = lists_to_mask(step.kv_indices, step.kv_counts, step.query_blocks.num_kv_blocks)
+    for i, (req, row0, pos0, _) in enumerate(every.table_cpu.tolist()):
+        if req in sparse_reqs:
+            mask[i, :, : pattern.shape[-1]] = pattern[rows[(req, row0, pos0)]]
+    ref = sparse_attention_reference(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
+        every.table, mask, HEAD**-0.5, BLOCK,
+    )
+    torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=3e-3)
