@@ -74,6 +74,18 @@ def test_chunked_prefill_and_decode_match_one_pass(model, ids):
     torch.testing.assert_close(out, full, atol=2e-4, rtol=1e-4)
 
 
+def test_block_aligned_chunks_select_like_one_pass(model, ids):
+    """Blocks sit at absolute positions: a chunk boundary on a block boundary changes nothing."""
+    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BS, sink_blocks=0, local_blocks=0,
+                             threshold=1.0, min_seq_len=0)
+    one_pass = logits(model, ids, hf_reference.ATTN_NAME, cfg)
+    with torch.inference_mode():
+        first = model(ids[:, : 3 * BS], use_cache=True)
+        second = model(ids[:, 3 * BS :], past_key_values=first.past_key_values, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), one_pass, atol=2e-4, rtol=1e-4)
+    assert (one_pass - logits(model, ids, "sdpa")).abs().amax() > 1e-3  # and it is sparse
+
+
 def test_sparse_pattern_changes_only_rows_that_lost_blocks(model, ids):
     dense = logits(model, ids, "sdpa")
     cfg = FlashPrefillConfig(pattern="local", block_size=BS, sink_blocks=0, local_blocks=1, min_seq_len=0)
