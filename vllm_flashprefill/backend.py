@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import ClassVar
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
@@ -39,8 +41,6 @@ logger = init_logger(__name__)
 
 @functools.cache
 def _config_for(additional_config_json: str) -> FlashPrefillConfig:
-    import json
-
     cfg = FlashPrefillConfig.from_additional_config(json.loads(additional_config_json))
     logger.info(cfg.summary())
     return cfg
@@ -48,8 +48,6 @@ def _config_for(additional_config_json: str) -> FlashPrefillConfig:
 
 def flashprefill_config(vllm_config) -> FlashPrefillConfig:
     """The validated config of this engine, logged once per process."""
-    import json
-
     extra = getattr(vllm_config, "additional_config", None)
     return _config_for(json.dumps(extra if isinstance(extra, dict) else {}, sort_keys=True))
 
@@ -120,25 +118,18 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         instead of during the first long request (vLLM's profiling run passes no metadata)."""
         if self.kv_cache_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return
-        bs, page, hq, hkv, d = self.cfg.block_size, self.block_size, self.num_heads_q, self.num_heads_kv, self.headdim
-        tokens = 2 * bs
-        pages = tokens // page
-        kv = torch.randn(pages, page, hkv, 2 * d, device=self.device).to(self.kv_cache_dtype)
-        q = torch.randn(tokens, hq, d, device=self.device).to(self.kv_cache_dtype)
-        seq_lens = torch.tensor([tokens], dtype=torch.int32, device=self.device)
-        block_table = torch.arange(pages, dtype=torch.int32, device=self.device)[None]
-        cfg = dataclasses.replace(self.cfg, min_seq_len=0)
-        qblocks = build_query_blocks([0, tokens], [tokens], [0], bs, self.device, blocks_per_group(hq // hkv))
-        if self.workspace is not None:
-            scores, pooled = self.workspace.views(qblocks.num_blocks, qblocks.num_kv_blocks)
-            block_scores(q, kv[..., :d], block_table, seq_lens, qblocks.table, qblocks.score_groups,
-                         scores, pooled, d**-0.5, bs)
-            mask = select_dynamic(scores, qblocks.block_index, hkv, cfg)
-        else:
-            mask = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, cfg)
-        indices, counts = mask_to_lists(mask)
-        sparse_prefill_attention(q, kv[..., :d], kv[..., d:], torch.empty_like(q), block_table,
-                                 seq_lens, qblocks.table, indices, counts, d**-0.5, bs)
+        tokens, d = 2 * self.cfg.block_size, self.headdim
+        pages = -(-tokens // self.block_size)
+        kv = torch.randn(pages, self.block_size, self.num_heads_kv, 2 * d, device=self.device)
+        kv = kv.to(self.kv_cache_dtype)
+        q = torch.randn(tokens, self.num_heads_q, d, device=self.device).to(self.kv_cache_dtype)
+        step = self._sparse_step(np.array([0, tokens]), np.array([tokens]), [0], dense_runs=[])
+        run_sparse(
+            q, kv[..., :d], kv[..., d:], torch.empty_like(q),
+            block_table=torch.arange(pages, dtype=torch.int32, device=self.device)[None],
+            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
+            step=step, cfg=self.cfg, scale=d**-0.5,
+        )
 
     def build(
         self,
@@ -171,9 +162,14 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         ]
         if not sparse:
             return None
-        gqa = self.num_heads_q // self.num_heads_kv
+        return self._sparse_step(
+            qsl, seq_lens, sparse, self._dense_runs(cm, fa, set(sparse), qsl, seq_lens)
+        )
+
+    def _sparse_step(self, qsl, seq_lens, requests, dense_runs) -> SparseStep:
         qblocks = build_query_blocks(
-            qsl, seq_lens, sparse, bs, self.device, blocks_per_group(gqa)
+            qsl, seq_lens, requests, self.cfg.block_size, self.device,
+            blocks_per_group(self.num_heads_q // self.num_heads_kv),
         )
         forced = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, self.cfg)
         indices = counts = None
@@ -184,7 +180,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             forced_mask=forced,
             kv_indices=indices,
             kv_counts=counts,
-            dense_runs=self._dense_runs(cm, fa, set(sparse), qsl, seq_lens),
+            dense_runs=dense_runs,
             workspace=self.workspace,
         )
 
@@ -322,23 +318,29 @@ class FlashPrefillImpl(FlashAttentionImpl):
 
     def forward_sparse(self, query, kv_cache, attn_metadata, step: SparseStep, output) -> None:
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        qblocks = step.query_blocks
-        indices, counts = step.kv_indices, step.kv_counts
-        if indices is None:
-            scores, pooled = step.workspace.views(
-                qblocks.num_blocks, qblocks.num_kv_blocks
-            )
-            block_scores(
-                query, key_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-                qblocks.table, qblocks.score_groups, scores, pooled, self.scale, qblocks.block_size,
-            )
-            mask = select_dynamic(scores, qblocks.block_index, self.num_kv_heads, self.cfg)
-            indices, counts = mask_to_lists(mask)
-        sparse_prefill_attention(
+        run_sparse(
             query, key_cache, value_cache, output, attn_metadata.block_table,
-            attn_metadata.seq_lens, qblocks.table, indices, counts, self.scale, qblocks.block_size,
+            attn_metadata.seq_lens, step, self.cfg, self.scale,
         )
 
+
+def run_sparse(query, key_cache, value_cache, output, block_table, seq_lens, step: SparseStep,
+               cfg: FlashPrefillConfig, scale: float) -> None:
+    """The sparse rows of a step: dynamic selection (per layer) if needed, then attention."""
+    qblocks = step.query_blocks
+    indices, counts = step.kv_indices, step.kv_counts
+    if indices is None:
+        scores, pooled = step.workspace.views(qblocks.num_blocks, qblocks.num_kv_blocks)
+        block_scores(
+            query, key_cache, block_table, seq_lens, qblocks.table, qblocks.score_groups,
+            scores, pooled, scale, qblocks.block_size,
+        )
+        mask = select_dynamic(scores, qblocks.block_index, key_cache.shape[2], cfg)
+        indices, counts = mask_to_lists(mask)
+    sparse_prefill_attention(
+        query, key_cache, value_cache, output, block_table, seq_lens, qblocks.table,
+        indices, counts, scale, qblocks.block_size,
+    )
 
 def _layer_index(layer_name: str | None) -> int | None:
     if not layer_name:
