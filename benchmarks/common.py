@@ -50,20 +50,11 @@ DTYPES = {
 
 
 def bootstrap() -> None:
-    """Import the project from this checkout (pip-installed or not)."""
+    """Import the project from this checkout, pip-installed or not."""
     root = str(REPO_ROOT)
     if root not in sys.path:
         sys.path.insert(0, root)
-    import vllm_flashprefill
-
-    try:
-        importlib.import_module("vllm_flashprefill.kernels.attention")
-    except ImportError:
-        # Not installed: setup.py maps kernels/ (and patches/) at the repo root into the package.
-        for name in [m for m in sys.modules if m.startswith("vllm_flashprefill.kernels")]:
-            del sys.modules[name]
-        vllm_flashprefill.__path__.append(root)
-        importlib.import_module("vllm_flashprefill.kernels.attention")
+    importlib.import_module("vllm_flashprefill.kernels.attention")
 
 
 def load_paged_module():
