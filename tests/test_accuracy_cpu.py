@@ -13,6 +13,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "AttentionInterface") or not hasattr(
+    transformers.PreTrainedModel, "set_attn_implementation"
+):
+    pytest.skip("transformers without AttentionInterface / set_attn_implementation", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"))
 import hf_reference

@@ -271,3 +271,9 @@ def test_dense_pattern_makes_every_layer_dense():
     assert cfg.is_dense
     assert all(cfg.layer_is_dense(i) for i in (0, 1, 2, 100, None))
     assert not load({"pattern": "dynamic"}).is_dense
+
+
+def test_dense_layers_list_given_directly_is_checked():
+    assert FlashPrefillConfig(dense_layers=[1, 2]).dense_layers == (1, 2)
+    with pytest.raises(ValueError, match="dense_layers"):
+        FlashPrefillConfig(dense_layers=[-1])

@@ -34,7 +34,8 @@ class FlashPrefillConfig:
     # dynamic: at least / at most this many KV blocks per query block (0 = no cap).
     min_budget: int = 0
     max_budget: int = 0
-    # Query rows at absolute positions below this run dense.
+    # Query rows at absolute positions below this run dense (so does the rest of the query block
+    # that holds position min_seq_len: decisions are per block).
     min_seq_len: int = 8192
     # Layers that stay dense: an int N means the first N layers, a list names layer indices.
     dense_layers: int | tuple[int, ...] = 0
@@ -62,6 +63,8 @@ class FlashPrefillConfig:
             raise bad("max_budget", f"0 (no cap) or >= min_budget ({self.min_budget})")
         if self.min_seq_len < 0:
             raise bad("min_seq_len", "an integer >= 0")
+        if isinstance(self.dense_layers, list):
+            object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
         dl = self.dense_layers
         if (isinstance(dl, int) and dl < 0) or (
             isinstance(dl, tuple) and any(i < 0 for i in dl)

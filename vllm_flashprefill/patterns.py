@@ -42,7 +42,7 @@ def select_dynamic(
 
     Per query head the scores are taken relative to that head's maximum (so ``threshold`` is a
     fraction of the row's top score, ``exp(s - max) >= threshold``); the heads sharing a KV head
-    keep the union of their blocks. ``min_budget``/``max_budget`` bound how many blocks content
+    keep the union of their blocks (query head h belongs to KV head h // (Hq / Hkv), as in vLLM). ``min_budget``/``max_budget`` bound how many blocks content
     selection adds on top of the forced sink/local/diagonal blocks.
     """
     n, num_q_heads, nkb = scores.shape

@@ -14,8 +14,9 @@ attention layer then does what the vLLM backend does for one request:
   ``min_seq_len`` keep every causal block, and so do ``cfg.dense_layers``;
 * attention is plain fp32 softmax attention over the kept blocks, causal inside them.
 
-Decode steps (one query row) are dense (transformers' SDPA). Batches must be unpadded (no attention mask): run one
-prompt at a time. ``STATS`` counts kept / causal (query block, KV head, KV block) triples.
+Decode steps (one query row) are dense (transformers' SDPA). Padding masks are ignored: run one
+prompt at a time, or batches of equal-length prompts. ``STATS`` counts kept / causal (query block, KV head,
+KV block) triples.
 """
 
 from __future__ import annotations
@@ -132,8 +133,7 @@ def flashprefill_attention(module, query, key, value, attention_mask, dropout=0.
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     b, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError(f"{ATTN_NAME}: padded batches are not supported; run one prompt at a time")
+    # attention_mask is ignored: masking is causal + block mask only (no padding support).
     if q_len == 1:  # decode: dense, transformers' own SDPA path in the model's dtype
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

@@ -80,33 +80,38 @@ def main() -> None:
         [int(x) for x in args.lengths.split(",")] if args.lengths else None, args.num_samples,
     )
     path = suite.output_path(args.out, "cpu")
-    records = []
+    records, invocations = [], []
     if args.resume and path.exists():
-        records = json.loads(path.read_text())["records"]
+        previous = json.loads(path.read_text())
+        records, invocations = previous["records"], previous.get("invocations", [])
     done = {(r["config"], r["task"], r["length"], r["index"]) for r in records}
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
-    eos = {t for t in [tok.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
-        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])]
-        if t is not None}
+    gen_eos = model.generation_config.eos_token_id
+    eos = {tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
     meta = {
         "card": "cpu", "device": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
         "model": os.path.abspath(args.model), "data": os.path.abspath(args.data),
         "runner": "hf_reference (transformers + torch block selection from vllm_flashprefill.patterns)",
-        "settings": {"dtype": args.dtype, "attention": "fp32, one-pass prefill, dense decode",
-                     "greedy": True, "prefill_chunk": args.prefill_chunk, "max_new_tokens_cap": args.max_new_tokens,
-                     "num_samples": args.num_samples},
+        "settings": {"dtype": args.dtype, "attention": "fp32 prefill attention, dense decode (SDPA)",
+                     "greedy": True},
+        # One entry per invocation that added records (--resume appends).
+        "invocations": [*invocations, {
+            "started": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
+            "prefill_chunk": args.prefill_chunk, "max_new_tokens_cap": args.max_new_tokens,
+            "num_samples": args.num_samples, "tasks": args.tasks, "lengths": args.lengths}],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "configs": configs,
     }
     t_start = time.time()
 
     def save() -> None:
-        summary = suite.summarize(records)
-        suite.write_results(path, {**meta, "wall_s": round(time.time() - t_start, 1),
-                                   "summary": summary, "records": records})
+        meta["invocations"][-1]["wall_s"] = round(time.time() - t_start, 1)
+        wall = sum(i.get("wall_s", 0) for i in meta["invocations"])
+        suite.write_results(path, {**meta, "wall_s": round(wall, 1),
+                                   "summary": suite.summarize(records), "records": records})
 
     # Sample-major, configurations inner: a run cut short still compares every config on the same
     # samples, and covers every task.

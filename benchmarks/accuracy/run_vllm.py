@@ -37,7 +37,7 @@ DEFAULT_CONFIGS = [
     "local",
     "strided",
 ]
-LOG_RE = re.compile(r"Using \S+ backend|FlashPrefill:|Error|error:")
+LOG_RE = re.compile(r"Using \S+ backend|[Cc]annot use \S+ backend|FlashPrefill:|non-default args|Error")
 
 
 def child(args) -> None:

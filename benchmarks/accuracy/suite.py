@@ -150,8 +150,9 @@ def write_results(path: Path, payload: dict[str, Any]) -> None:
 
 
 def plot(summary: list[dict[str, Any]], configs: list[str], path: Path, title: str) -> Path | None:
-    """Left: mean score over tasks vs length, one line per configuration. Right: task x config heat
-    map of the score (mean over lengths), each cell annotated with score / agreement with dense."""
+    """Left: score vs length per configuration, averaged over the tasks run at every length.
+    Right: heat map of the score per task (task@length when there are several lengths) x
+    configuration, each cell annotated with the agreement with dense."""
     try:
         import matplotlib
 
@@ -161,43 +162,45 @@ def plot(summary: list[dict[str, Any]], configs: list[str], path: Path, title: s
     except ImportError:
         return None
     lengths = sorted({r["length"] for r in summary})
-    tasks = sorted({r["task"] for r in summary})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6 + 1.1 * len(configs), 0.45 * len(tasks) + 3),
+    common = sorted(set.intersection(*({r["task"] for r in summary if r["length"] == n} for n in lengths)))
+    rows = sorted({(r["task"], r["length"]) for r in summary})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(6 + 1.1 * len(configs), 0.45 * len(rows) + 3),
                                    gridspec_kw={"width_ratios": [1, 1.2]})
     for c in configs:
         ys = []
         for length in lengths:
-            rs = [r["score"] for r in summary if r["config"] == c and r["length"] == length]
+            rs = [r["score"] for r in summary if r["config"] == c and r["length"] == length and r["task"] in common]
             ys.append(sum(rs) / len(rs) if rs else np.nan)
         dens = [r["density"] for r in summary if r["config"] == c and r["density"] is not None]
         label = c + (f" (density {sum(dens) / len(dens):.2f})" if dens else "")
         ax1.plot(lengths, ys, marker="o", label=label, linestyle="--" if c == DENSE else "-")
     ax1.set_xscale("log", base=2)
     ax1.set_xticks(lengths, [f"{x // 1024}K" if x % 1024 == 0 else str(x) for x in lengths])
+    ax1.minorticks_off()
     ax1.set_xlabel("max sequence length (tokens)")
-    ax1.set_ylabel("RULER score (mean over tasks)")
+    names = ", ".join(common) if len(common) <= 3 else f"{len(common)} tasks"
+    ax1.set_ylabel(f"RULER score (mean over {names})")
     ax1.set_ylim(-2, 102)
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)
-    grid = np.full((len(tasks), len(configs)), np.nan)
+    grid = np.full((len(rows), len(configs)), np.nan)
     agree = np.full_like(grid, np.nan)
-    for i, t in enumerate(tasks):
+    cell = {(r["config"], r["task"], r["length"]): r for r in summary}
+    for i, (t, n) in enumerate(rows):
         for j, c in enumerate(configs):
-            rs = [r for r in summary if r["config"] == c and r["task"] == t]
-            if rs:
-                grid[i, j] = sum(r["score"] for r in rs) / len(rs)
-                ag = [r["agreement"] for r in rs if r["agreement"] is not None]
-                agree[i, j] = sum(ag) / len(ag) if ag else np.nan
+            if (r := cell.get((c, t, n))) is not None:
+                grid[i, j] = r["score"]
+                agree[i, j] = np.nan if r["agreement"] is None else r["agreement"]
     im = ax2.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    for i in range(len(tasks)):
+    for i in range(len(rows)):
         for j in range(len(configs)):
             if not np.isnan(grid[i, j]):
                 text = f"{grid[i, j]:.0f}" + ("" if j == 0 or np.isnan(agree[i, j]) else f"\n{agree[i, j]:.0%}")
                 ax2.text(j, i, text, ha="center", va="center", fontsize=7,
                          color="white" if grid[i, j] < 60 else "black")
     ax2.set_xticks(range(len(configs)), configs, rotation=30, ha="right")
-    ax2.set_yticks(range(len(tasks)), tasks)
-    ax2.set_title("score (mean over lengths) / same output as dense", fontsize=9)
+    ax2.set_yticks(range(len(rows)), [t if len(lengths) == 1 else f"{t} @{n // 1024}K" for t, n in rows])
+    ax2.set_title("score / same greedy output as dense", fontsize=9)
     fig.colorbar(im, ax=ax2, fraction=0.04)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
