@@ -335,7 +335,7 @@ def run_sparse(query, key_cache, value_cache, output, block_table, seq_lens, ste
             query, key_cache, block_table, seq_lens, qblocks.table, qblocks.score_groups,
             scores, pooled, scale, qblocks.block_size,
         )
-        mask = select_dynamic(scores, qblocks.block_index, key_cache.shape[2], cfg)
+        mask = select_dynamic(scores, qblocks.block_index, key_cache.shape[2], cfg, step.forced_mask)
         indices, counts = mask_to_lists(mask)
     sparse_prefill_attention(
         query, key_cache, value_cache, output, block_table, seq_lens, qblocks.table,

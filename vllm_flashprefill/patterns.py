@@ -37,16 +37,19 @@ def select_dynamic(
     block_index: torch.Tensor,
     num_kv_heads: int,
     cfg: FlashPrefillConfig,
+    forced: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[n, Hkv, nkb] mask from block scores [n, Hq, nkb] (max logit of the pooled query per block).
 
     Per query head the scores are taken relative to that head's maximum (so ``threshold`` is a
     fraction of the row's top score, ``exp(s - max) >= threshold``); the heads sharing a KV head
     keep the union of their blocks (query head h belongs to KV head h // (Hq / Hkv), as in vLLM). ``min_budget``/``max_budget`` bound how many blocks content
-    selection adds on top of the forced sink/local/diagonal blocks.
+    selection adds on top of the forced sink/local/diagonal blocks (``forced``: that mask, if the
+    caller already has it).
     """
     n, num_q_heads, nkb = scores.shape
-    forced = forced_block_mask(block_index, nkb, cfg)
+    if forced is None:
+        forced = forced_block_mask(block_index, nkb, cfg)
     causal = torch.arange(nkb, device=scores.device)[None, None, :] <= block_index[:, None, None]
     s = scores.masked_fill(~causal, float("-inf"))
     rel = s - s.amax(-1, keepdim=True)
