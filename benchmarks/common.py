@@ -304,25 +304,32 @@ def fa3_status(device) -> tuple[Callable | None, str | None]:
     return flash_attn_varlen_func, None
 
 
+def _varlen_args(batch, out: torch.Tensor, scale: float) -> dict:
+    """The arguments vLLM's FA3 and Triton unified attention share for a causal paged prefill."""
+    return dict(
+        q=batch.q,
+        k=batch.k_cache,
+        v=batch.v_cache,
+        out=out,
+        cu_seqlens_q=batch.query_start_loc,
+        max_seqlen_q=max(batch.query_lens),
+        seqused_k=batch.seq_lens,
+        max_seqlen_k=max(c + q for c, q in zip(batch.context_lens, batch.query_lens)),
+        softmax_scale=scale,
+        causal=True,
+        alibi_slopes=None,
+        block_table=batch.block_table,
+        softcap=0.0,
+    )
+
+
 def fa3_attention(fn: Callable, batch, out: torch.Tensor, scale: float) -> torch.Tensor:
     """vLLM 0.26 FLASH_ATTN backend, non-cascade path (backends/flash_attn.py, forward)."""
     _call_with_supported(
         fn,
         dict(
-            q=batch.q,
-            k=batch.k_cache,
-            v=batch.v_cache,
-            out=out,
-            cu_seqlens_q=batch.query_start_loc,
-            max_seqlen_q=max(batch.query_lens),
-            seqused_k=batch.seq_lens,
-            max_seqlen_k=max(c + q for c, q in zip(batch.context_lens, batch.query_lens)),
-            softmax_scale=scale,
-            causal=True,
-            alibi_slopes=None,
+            _varlen_args(batch, out, scale),
             window_size=None,
-            block_table=batch.block_table,
-            softcap=0.0,
             scheduler_metadata=None,
             fa_version=3,
             num_splits=0,
@@ -354,21 +361,9 @@ def unified_attention(fn: Callable, batch, out: torch.Tensor, scale: float) -> t
     _call_with_supported(
         fn,
         dict(
-            q=batch.q,
-            k=batch.k_cache,
-            v=batch.v_cache,
-            out=out,
-            cu_seqlens_q=batch.query_start_loc,
-            max_seqlen_q=max(batch.query_lens),
-            seqused_k=batch.seq_lens,
-            max_seqlen_k=max(c + q for c, q in zip(batch.context_lens, batch.query_lens)),
-            softmax_scale=scale,
-            causal=True,
-            alibi_slopes=None,
+            _varlen_args(batch, out, scale),
             use_alibi_sqrt=False,
             window_size=(-1, -1),
-            block_table=batch.block_table,
-            softcap=0.0,
             q_descale=None,
             k_descale=descale,
             v_descale=descale,

@@ -13,7 +13,6 @@ dynamic selection has hot blocks to find.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -32,16 +31,14 @@ _NOTES: list[str] = []
 
 
 def load_common():
-    """benchmarks/common.py, loaded by path."""
-    name = "_flashprefill_bench_common"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    module.bootstrap()
-    return module
+    """benchmarks/common.py, imported the way benchmarks/kernels.py imports it."""
+    bench = str(REPO_ROOT / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import common
+
+    common.bootstrap()
+    return common
 
 
 if ENABLED:
