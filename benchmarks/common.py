@@ -221,11 +221,15 @@ class Pipeline:
         return forced_block_mask(self.qb.block_index, self.qb.num_kv_blocks, self.cfg)
 
     def lists_from_scores(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dynamic selection after scoring: ``select_dynamic`` + ``mask_to_lists``."""
-        from vllm_flashprefill.patterns import mask_to_lists, select_dynamic
+        """Dynamic selection after scoring, as the backend runs it (``kernels/selection.py``)."""
+        from vllm_flashprefill.kernels.selection import select_blocks
 
-        return mask_to_lists(
-            select_dynamic(scores, self.qb.block_index, self.num_kv_heads, self.cfg)
+        c = self.cfg
+        return select_blocks(
+            scores, self.qb.table, self.num_kv_heads, self.qb.num_kv_blocks,
+            sparse_block=c.block_size, threshold=c.threshold, sink_blocks=c.sink_blocks,
+            local_blocks=c.local_blocks, min_seq_len=c.min_seq_len, min_budget=c.min_budget,
+            max_budget=c.max_budget,
         )
 
     def select(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +237,7 @@ class Pipeline:
         from vllm_flashprefill.patterns import mask_to_lists
 
         if self.dynamic:
-            return mask_to_lists(self.mask())
+            return self.lists_from_scores(self.scores())
         if self._static is None:
             self._static = mask_to_lists(self.mask())
         return self._static

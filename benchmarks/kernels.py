@@ -7,7 +7,8 @@ shuffled pages, shared by every kernel of that configuration. Rows:
 * ``flashprefill`` / dense, hybrid, local, ...: static patterns, attention only (their block
   lists depend on block indices alone, so the backend builds them once per batch, not per layer);
 * ``flashprefill`` / dynamic: ``ms`` is attention alone, ``selection_ms`` block scoring +
-  ``select_dynamic`` + ``mask_to_lists``, ``total_ms`` the two together timed as one call;
+  the fused selection kernel (``kernels/selection.py``), ``total_ms`` the two together timed as
+  one call;
 * ``fa3``: ``vllm.vllm_flash_attn.flash_attn_varlen_func(..., fa_version=3)`` as vLLM's
   FLASH_ATTN backend calls it; ``triton_unified``: ``unified_attention`` as TRITON_ATTN calls it.
 
@@ -387,8 +388,8 @@ def main(argv=None) -> int:
                             sel_ms = common.bench(pipe.select, **timing)
                             ms = common.bench(lambda: pipe.attend(lists, out), **timing)
                             total = common.bench(lambda: pipe(out), **timing)
-                            # Where selection time goes: the Triton scoring kernels alone, and
-                            # select_dynamic + mask_to_lists (torch) on ready scores.
+                            # Where selection time goes: the scoring kernels alone, and the
+                            # selection kernel on ready scores.
                             scores = pipe.scores()
                             scores_ms = common.bench(pipe.scores, **timing)
                             lists_ms = common.bench(lambda: pipe.lists_from_scores(scores), **timing)

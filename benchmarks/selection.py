@@ -1,5 +1,6 @@
-"""Where the time of dynamic selection goes: pooling + block scores (Triton) vs thresholding and
-list building (torch), for one prompt over a shuffled paged cache (page 16, bf16).
+"""Where the time of dynamic selection goes: pooling + block scores, then thresholding and list
+building (the fused Triton kernel the backend runs, and the torch definition it replaces), for one
+prompt over a shuffled paged cache (page 16, bf16).
 
     python3 benchmarks/selection.py --seq-len 131072 --heads 32,8,128
 """
@@ -14,6 +15,7 @@ import triton
 
 from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
+from vllm_flashprefill.kernels.selection import select_blocks
 from vllm_flashprefill.patterns import mask_to_lists, select_dynamic
 from vllm_flashprefill.plan import build_query_blocks
 
@@ -40,13 +42,20 @@ def main() -> None:
     def score(config=None):
         block_scores(q, k, table, seq_lens, qb.table, qb.score_groups, scores, pooled, d**-0.5, B, config)
 
-    def select():
+    def select_torch():
         return mask_to_lists(select_dynamic(scores, qb.block_index, hkv, cfg))
 
+    def select():
+        return select_blocks(
+            scores, qb.table, hkv, qb.num_kv_blocks, sparse_block=B, threshold=cfg.threshold,
+            sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks, min_seq_len=cfg.min_seq_len,
+        )
+
     score()
-    for name, fn in (("scores", score), ("select+lists", select), ("total", lambda: (score(), select()))):
+    for name, fn in (("scores", score), ("select (torch)", select_torch), ("select (fused)", select),
+                     ("total", lambda: (score(), select()))):
         ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        print(f"{args.heads} S={S} {name:>13}: {ms:.3f} ms")
+        print(f"{args.heads} S={S} {name:>14}: {ms:.3f} ms")
     if args.sweep:
         results = []
         for kvp, bn, warps, stages in itertools.product((8, 16, 32), (64, 128), (4, 8), (1, 2, 3)):

@@ -167,12 +167,12 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, pattern):
         from vllm_flashprefill.patterns import select_dynamic
 
         qblocks = step.query_blocks
-        scores, _ = step.workspace.views(qblocks.num_blocks, qblocks.num_kv_blocks)  # the impl's own
-        mask = select_dynamic(scores, qblocks.block_index, HKV, impl.cfg)
+        scores, _, _, _ = step.workspace.views(qblocks.num_blocks)  # the impl's own
+        mask = select_dynamic(scores[..., : qblocks.num_kv_blocks], qblocks.block_index, HKV, impl.cfg)
         causal_pairs = HKV * sum(pos // BLOCK + 1 for _, _, pos, _ in qblocks.table_cpu)
         assert 0 < mask.sum() < causal_pairs, "threshold 1.0 keeps only each head's top block"
     else:
-        mask = step.forced_mask
+        mask = lists_to_mask(step.kv_indices, step.kv_counts, step.query_blocks.num_kv_blocks)
     ref = sparse_attention_reference(
         batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
         step.query_blocks.table, mask, HEAD**-0.5, BLOCK,

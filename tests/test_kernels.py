@@ -11,6 +11,7 @@ from vllm_flashprefill.kernels.reference import (
     sparse_attention_reference,
 )
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
+from vllm_flashprefill.kernels.selection import select_blocks
 from vllm_flashprefill.patterns import (
     forced_block_mask,
     lists_to_mask,
@@ -163,6 +164,45 @@ def test_budgets_bound_content_selection():
     atleast = select_dynamic(scores, block_index, 1, FlashPrefillConfig(**base, threshold=1.0, min_budget=3))
     candidates = (free & ~forced).sum(-1)
     assert torch.equal((atleast & ~forced).sum(-1), candidates.clamp(max=3))
+
+
+# (GQA group, options over dynamic defaults)
+SELECTION_CASES = [
+    (1, dict(threshold=0.1)),
+    (4, dict(threshold=0.5, sink_blocks=2, local_blocks=3)),
+    (7, dict(threshold=0.0, local_blocks=0, max_budget=3)),
+    (4, dict(threshold=1.0, local_blocks=1, min_budget=4)),
+    (1, dict(threshold=0.3, min_budget=2, max_budget=5, min_seq_len=6 * BLOCK)),
+    (7, dict(threshold=0.2, max_budget=40)),  # budget above the row length: no cap
+]
+
+
+@pytest.mark.parametrize("case", range(len(SELECTION_CASES)))
+def test_fused_selection_matches_torch_selection(case):
+    gqa, options = SELECTION_CASES[case]
+    defaults = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=2, min_seq_len=0)
+    cfg = FlashPrefillConfig(**{**defaults, **options})
+    num_kv_heads, nkb, width = 2, 23, 37  # a workspace wider than the step's rows
+    gen = torch.Generator().manual_seed(case)
+    block_index = torch.tensor([0, 1, 3, 7, 8, 12, 15, 22, 22, 5])
+    table = torch.zeros(len(block_index), 4, dtype=torch.int32)
+    table[:, 2] = (block_index * BLOCK + torch.randint(0, BLOCK, (len(block_index),), generator=gen)).int()
+    scores = torch.randn(len(block_index), gqa * num_kv_heads, width, generator=gen) * 3
+    scores[..., :nkb][scores[..., :nkb] > 4] = 4.0  # ties at the top of a row
+    for i, qb in enumerate(block_index.tolist()):
+        scores[i, :, qb + 1:] = float("nan")  # stale workspace entries past the diagonal
+    ref = select_dynamic(scores[..., :nkb], block_index, num_kv_heads, cfg)
+    indices, counts = select_blocks(
+        scores, table, num_kv_heads, nkb, sparse_block=BLOCK, threshold=cfg.threshold,
+        sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks, min_seq_len=cfg.min_seq_len,
+        min_budget=cfg.min_budget, max_budget=cfg.max_budget,
+    )
+    assert torch.equal(counts, ref.sum(-1, dtype=torch.int32))
+    assert torch.equal(lists_to_mask(indices, counts, nkb), ref)
+    for i in range(len(block_index)):
+        for h in range(num_kv_heads):
+            listed = indices[i, h, : counts[i, h]].tolist()
+            assert listed == sorted(listed) and listed[-1] == block_index[i]
 
 
 def test_lists_round_trip():

@@ -32,7 +32,8 @@ from vllm_flashprefill.kernels.attention import (
     sparse_prefill_attention,
 )
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
-from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists, select_dynamic
+from vllm_flashprefill.kernels.selection import select_blocks
+from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists
 from vllm_flashprefill.plan import QueryBlocks, build_query_blocks
 from vllm_flashprefill.registration import BACKEND_NAME
 
@@ -80,8 +81,7 @@ class SparseStep:
     """What the sparse rows of one step need; shared by every layer."""
 
     query_blocks: QueryBlocks
-    forced_mask: torch.Tensor  # [n, 1, nkb]: the static pattern, or dynamic's always-kept blocks
-    kv_indices: torch.Tensor | None  # static patterns: lists ready for the kernel
+    kv_indices: torch.Tensor | None  # static patterns: lists ready for the kernel; dynamic: per layer
     kv_counts: torch.Tensor | None
     dense_runs: list[DenseRun]
     workspace: "DynamicWorkspace | None"
@@ -106,7 +106,9 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.cfg = flashprefill_config(vllm_config)
         self.workspace = (
-            DynamicWorkspace.for_engine(vllm_config, self.cfg, self.num_heads_q, self.headdim, device)
+            DynamicWorkspace.for_engine(
+                vllm_config, self.cfg, self.num_heads_q, self.num_heads_kv, self.headdim, device
+            )
             if self.cfg.pattern == "dynamic"
             else None
         )
@@ -171,13 +173,12 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             qsl, seq_lens, requests, self.cfg.block_size, self.device,
             blocks_per_group(self.num_heads_q // self.num_heads_kv),
         )
-        forced = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, self.cfg)
         indices = counts = None
         if self.cfg.pattern != "dynamic":
+            forced = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, self.cfg)
             indices, counts = mask_to_lists(forced)
         return SparseStep(
             query_blocks=qblocks,
-            forced_mask=forced,
             kv_indices=indices,
             kv_counts=counts,
             dense_runs=dense_runs,
@@ -218,23 +219,30 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
 
 @dataclasses.dataclass
 class DynamicWorkspace:
-    """Score buffers for dynamic selection, allocated once at start-up and shared by all layers."""
+    """Buffers for dynamic selection, allocated once at start-up (so vLLM's memory profile counts
+    them) and shared by all layers. Rows keep the full width: the selection kernel is compiled
+    for it once, whatever the prompt length."""
 
     scores: torch.Tensor  # [max query blocks, Hq, max KV blocks] fp32
     pooled: torch.Tensor  # [max query blocks, Hq, D] fp32
+    indices: torch.Tensor  # [max query blocks, Hkv, max KV blocks] int32
+    counts: torch.Tensor  # [max query blocks, Hkv] int32
 
     @classmethod
-    def for_engine(cls, vllm_config, cfg: FlashPrefillConfig, num_q_heads, head_size, device):
+    def for_engine(cls, vllm_config, cfg: FlashPrefillConfig, num_q_heads, num_kv_heads, head_size, device):
         sched = vllm_config.scheduler_config
         max_qblocks = sched.max_num_batched_tokens // cfg.block_size + 2 * sched.max_num_seqs
         max_kv_blocks = -(-vllm_config.model_config.max_model_len // cfg.block_size)
         return cls(
             scores=torch.empty(max_qblocks, num_q_heads, max_kv_blocks, dtype=torch.float32, device=device),
             pooled=torch.empty(max_qblocks, num_q_heads, head_size, dtype=torch.float32, device=device),
+            indices=torch.empty(max_qblocks, num_kv_heads, max_kv_blocks, dtype=torch.int32, device=device),
+            counts=torch.empty(max_qblocks, num_kv_heads, dtype=torch.int32, device=device),
         )
 
-    def views(self, num_qblocks: int, num_kv_blocks: int):
-        return self.scores[:num_qblocks, :, :num_kv_blocks], self.pooled[:num_qblocks]
+    def views(self, num_qblocks: int):
+        n = slice(0, num_qblocks)
+        return self.scores[n], self.pooled[n], self.indices[n], self.counts[n]
 
 
 class FlashPrefillImpl(FlashAttentionImpl):
@@ -330,13 +338,17 @@ def run_sparse(query, key_cache, value_cache, output, block_table, seq_lens, ste
     qblocks = step.query_blocks
     indices, counts = step.kv_indices, step.kv_counts
     if indices is None:
-        scores, pooled = step.workspace.views(qblocks.num_blocks, qblocks.num_kv_blocks)
+        scores, pooled, indices, counts = step.workspace.views(qblocks.num_blocks)
         block_scores(
             query, key_cache, block_table, seq_lens, qblocks.table, qblocks.score_groups,
             scores, pooled, scale, qblocks.block_size,
         )
-        mask = select_dynamic(scores, qblocks.block_index, key_cache.shape[2], cfg, step.forced_mask)
-        indices, counts = mask_to_lists(mask)
+        select_blocks(
+            scores, qblocks.table, key_cache.shape[2], qblocks.num_kv_blocks,
+            sparse_block=qblocks.block_size, threshold=cfg.threshold, sink_blocks=cfg.sink_blocks,
+            local_blocks=cfg.local_blocks, min_seq_len=cfg.min_seq_len, min_budget=cfg.min_budget,
+            max_budget=cfg.max_budget, indices=indices, counts=counts,
+        )
     sparse_prefill_attention(
         query, key_cache, value_cache, output, block_table, seq_lens, qblocks.table,
         indices, counts, scale, qblocks.block_size,

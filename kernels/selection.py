@@ -1,0 +1,109 @@
+"""Dynamic block selection (Triton): block scores -> the attention kernel's block lists, in one pass.
+
+Same rule as ``vllm_flashprefill.patterns.select_dynamic`` followed by ``mask_to_lists`` (the torch
+definition the tests compare against), fused so that a layer pays one small launch instead of
+about twenty torch operations: per query block and KV head, each query head's causal scores
+relative to that head's maximum, the union over the heads of the group, the threshold, optional
+min/max budgets on the content-selected blocks, the forced sink/local/diagonal blocks, and the
+kept block indices written in ascending order with their count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _kth_largest(values, offs, K: tl.constexpr):
+    ranked = tl.sort(values, descending=True)
+    return tl.max(tl.where(offs == K - 1, ranked, float("-inf")), 0)
+
+
+@triton.jit(do_not_specialize=["num_kv_blocks", "stride_si", "stride_ii", "stride_ci"])
+def _select_blocks_kernel(
+    scores_ptr, qblocks_ptr, indices_ptr, counts_ptr,
+    num_kv_blocks, log_threshold,
+    stride_si, stride_sh, stride_ii, stride_ih, stride_ci, stride_ch,
+    GQA: tl.constexpr, WIDTH: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, MIN_SEQ_LEN: tl.constexpr,
+    MIN_BUDGET: tl.constexpr, MAX_BUDGET: tl.constexpr,
+):
+    qblock = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    qb = tl.load(qblocks_ptr + qblock * 4 + 2) // SPARSE_BLOCK
+    kb = tl.arange(0, WIDTH)
+    causal = kb <= qb
+    pinned = causal & ((kb == qb) | (kb < SINK_BLOCKS) | (kb >= qb - LOCAL_BLOCKS))
+    forced = tl.where(qb * SPARSE_BLOCK < MIN_SEQ_LEN, causal, pinned)  # dense below min_seq_len
+
+    rel = tl.full([WIDTH], float("-inf"), dtype=tl.float32)
+    row = scores_ptr + qblock.to(tl.int64) * stride_si + kv_head * GQA * stride_sh
+    for g in tl.static_range(GQA):
+        s = tl.load(row + g * stride_sh + kb, mask=causal, other=float("-inf"))
+        rel = tl.maximum(rel, s - tl.max(s, 0))
+    rel = tl.where(forced, float("-inf"), rel)
+
+    keep = rel >= log_threshold
+    if MIN_BUDGET > 0:
+        keep = keep | (rel >= _kth_largest(rel, kb, MIN_BUDGET))
+    if MAX_BUDGET > 0:
+        if MAX_BUDGET < num_kv_blocks:
+            keep = keep & (rel >= _kth_largest(rel, kb, MAX_BUDGET))
+    keep = (keep & (rel > float("-inf"))) | forced
+
+    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    out = indices_ptr + qblock.to(tl.int64) * stride_ii + kv_head * stride_ih
+    tl.store(out + slot, kb, mask=keep)
+    tl.store(counts_ptr + qblock * stride_ci + kv_head * stride_ch, tl.sum(keep.to(tl.int32), 0))
+
+
+def select_blocks(
+    scores: torch.Tensor,
+    qblocks: torch.Tensor,
+    num_kv_heads: int,
+    num_kv_blocks: int,
+    *,
+    sparse_block: int,
+    threshold: float,
+    sink_blocks: int,
+    local_blocks: int,
+    min_seq_len: int,
+    min_budget: int = 0,
+    max_budget: int = 0,
+    indices: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block lists from block scores.
+
+    scores: [n, Hq, W] fp32 (W >= num_kv_blocks; entries after a query block's own block are
+    ignored, so a workspace may hold stale values there); qblocks: the [n, 4] query-block table.
+    Returns indices [n, Hkv, W] int32 (the first ``counts`` of each row are valid, ascending) and
+    counts [n, Hkv] int32, written into ``indices``/``counts`` when given. The kernel is compiled
+    for the padded width W, so a workspace of fixed width never recompiles between prompts.
+    """
+    n, num_q_heads, width = scores.shape
+    if scores.dtype != torch.float32:
+        raise ValueError(f"scores must be float32, got {scores.dtype}")
+    if num_kv_blocks > width:
+        raise ValueError(f"{num_kv_blocks} KV blocks do not fit scores of width {width}")
+    if indices is None:
+        indices = torch.empty(n, num_kv_heads, width, dtype=torch.int32, device=scores.device)
+    if counts is None:
+        counts = torch.empty(n, num_kv_heads, dtype=torch.int32, device=scores.device)
+    if n == 0:
+        return indices, counts
+    _select_blocks_kernel[(n, num_kv_heads)](
+        scores, qblocks, indices, counts,
+        num_kv_blocks, math.log(threshold) if threshold > 0 else float("-inf"),
+        scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1),
+        counts.stride(0), counts.stride(1),
+        GQA=num_q_heads // num_kv_heads, WIDTH=triton.next_power_of_2(width),
+        SPARSE_BLOCK=sparse_block, SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks,
+        MIN_SEQ_LEN=min_seq_len, MIN_BUDGET=min_budget, MAX_BUDGET=max_budget,
+        num_warps=4,
+    )
+    return indices, counts
