@@ -1,9 +1,10 @@
 """Sweep the sparse attention kernel's tile shapes on one GPU; prints TFLOP/s per configuration.
 
-    python3 benchmarks/tune_attention.py --seq-len 32768 [--out results.json]
+    python3 benchmarks/tune_attention.py --seq-len 32768 --page-sizes 16,64,128 [--out results.json]
 
-Times one prompt (context 0) over a shuffled paged cache (page 16, bf16) for the dense pattern
-(every causal block) and hybrid; effective TFLOP/s counts only the blocks computed.
+Times one prompt (context 0) over a shuffled paged cache (bf16) for the dense pattern (every
+causal block). Per page size: the default launch configuration, the pointer-gather tiles of the
+page-16 default, and (pages >= 64) TMA tiles over BLOCK_N x warps x stages x rows.
 """
 
 from __future__ import annotations
@@ -32,56 +33,53 @@ def paged_cache(seq_len, num_kv_heads, head_size, page_size, dtype, device):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-len", type=int, default=32768)
-    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--page-sizes", default="16,64,128")
     ap.add_argument("--heads", default="32,8,128;14,2,64")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev, dtype, B = "cuda", torch.bfloat16, 128
     rows = []
-    for spec in args.heads.split(";"):
+    for spec, page in itertools.product(args.heads.split(";"), map(int, args.page_sizes.split(","))):
         hq, hkv, d = map(int, spec.split(","))
-        S = args.seq_len
-        k, v, table = paged_cache(S, hkv, d, args.page_size, dtype, dev)
+        gqa, S = hq // hkv, args.seq_len
+        k, v, table = paged_cache(S, hkv, d, page, dtype, dev)
         q = torch.randn(S, hq, d, dtype=dtype, device=dev)
         out = torch.empty_like(q)
         seq_lens = torch.tensor([S], dtype=torch.int32, device=dev)
-        qsl = torch.tensor([0, S], dtype=torch.int32)
-        qb = build_query_blocks(qsl, seq_lens.cpu(), [0], B, dev)
-        causal_pairs = sum(i + 1 for i in range(qb.num_blocks))
-        flops_dense = 4.0 * hq * d * S * (S + 1) / 2
-        base = launch_config(d, hq // hkv, B)
-        gqa = hq // hkv
-        sweep = [base] + [
-            dict(BLOCK_Q=bq, BLOCK_M=max(16, triton.next_power_of_2(bq * gqa)), BLOCK_N=bn,
-                 num_warps=w, num_stages=st)
-            for bq, bn, w, st in itertools.product((4, 8, 16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4))
-            if 64 <= triton.next_power_of_2(bq * gqa) <= 128
+        qb = build_query_blocks(torch.tensor([0, S]), seq_lens.cpu(), [0], B, dev)
+        cfg = FlashPrefillConfig(pattern="dense", block_size=B, min_seq_len=0)
+        idx, cnt = mask_to_lists(forced_block_mask(qb.block_index, qb.num_kv_blocks, cfg))
+        flops = 4.0 * hq * d * S * (S + 1) / 2
+        sweep = [launch_config(d, gqa, B, page, tma=True), launch_config(d, gqa, B)]
+        sweep += [
+            dict(BLOCK_Q=bm // triton.next_power_of_2(gqa), BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
+                 num_stages=st, TMA=True)
+            for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))
+            if bn <= page
         ]
-        for pattern in ("dense",):
-            cfg = FlashPrefillConfig(pattern=pattern, block_size=B, min_seq_len=0)
-            mask = forced_block_mask(qb.block_index, qb.num_kv_blocks, cfg)
-            idx, cnt = mask_to_lists(mask)
-            density = mask.sum().item() / causal_pairs
-            for c in sweep:
-                try:
-                    fn = lambda: sparse_prefill_attention(q, k, v, out, table, seq_lens, qb.table, idx, cnt, d**-0.5, B, c)
-                    ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
-                except Exception as exc:  # an infeasible tile shape (shared memory) is a data point too
-                    print(spec, pattern, c, "FAILED", type(exc).__name__, str(exc)[:120])
-                    continue
-                tf = density * flops_dense / ms / 1e9
-                rows.append(dict(heads=spec, pattern=pattern, seq_len=S, density=density, ms=ms, tflops=tf, **c))
-                print(f"{spec:>10} {pattern:>6} dens={density:.3f} {c} {ms:8.3f} ms {tf:6.1f} TF/s", flush=True)
+        sweep = [dict(t) for t in dict.fromkeys(tuple(sorted(c.items())) for c in sweep)]
+        for c in sweep:
+            try:
+                fn = lambda: sparse_prefill_attention(q, k, v, out, table, seq_lens, qb.table, idx, cnt, d**-0.5, B, c)
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            except Exception as exc:  # an infeasible tile shape (shared memory) is a data point too
+                print(spec, page, c, "FAILED", type(exc).__name__, str(exc)[:120], flush=True)
+                continue
+            tf = flops / ms / 1e9
+            rows.append(dict(heads=spec, page_size=page, seq_len=S, ms=ms, tflops=tf, **c))
+            print(f"{spec:>10} page={page:<4} {c} {ms:8.3f} ms {tf:6.1f} TF/s", flush=True)
+        del k, v, q, out
     best = {}
     for r in rows:
-        key = (r["heads"], r["pattern"])
+        key = (r["heads"], r["page_size"])
         if key not in best or r["tflops"] > best[key]["tflops"]:
             best[key] = r
     print("BEST:")
     for key, r in best.items():
-        print(key, f"{r['tflops']:.1f} TF/s {r['ms']:.3f} ms", {k: r[k] for k in ("BLOCK_Q", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages")})
+        print(key, f"{r['tflops']:.1f} TF/s {r['ms']:.3f} ms",
+              {k: r[k] for k in ("BLOCK_Q", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA")})
     if args.out:
-        json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), open(args.out, "w"), indent=1)
+        json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__, rows=rows), open(args.out, "w"), indent=1)
 
 
 if __name__ == "__main__":

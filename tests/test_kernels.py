@@ -5,7 +5,7 @@ import torch
 
 from tests.paged import make_paged_batch
 from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.kernels.attention import sparse_prefill_attention
+from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention, tma_supported
 from vllm_flashprefill.kernels.reference import (
     block_scores_reference,
     sparse_attention_reference,
@@ -56,7 +56,8 @@ CASES = [
     ([150], [0], 4, 4, 64, 16, torch.float32, "NHD"),
     ([100, 37, 200], [70, 300, 0], 8, 2, 64, 32, torch.float16, "NHD"),
     ([130, 64], [5, 64], 7, 1, 64, 16, torch.float32, "HND"),
-    ([90], [200], 4, 1, 128, 64, torch.float16, "NHD"),
+    ([90], [200], 4, 1, 128, 64, torch.float16, "NHD"),  # pages of whole tiles: TMA copies
+    ([170, 60], [64, 0], 8, 2, 64, 64, torch.float16, "NHD"),
 ]
 
 
@@ -85,6 +86,27 @@ def test_sparse_attention_matches_reference(pattern, case):
     assert not out.isnan().any(), "a row was left unwritten or read garbage"
     tol = 2e-3 if dtype == torch.float16 else 1e-5
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_tma_tiles_match_gathered_tiles(head_size):
+    """Pages that hold whole key tiles switch off-diagonal tiles to TMA copies; same numbers."""
+    batch = make_paged_batch([200, 90], [60, 128], 8, 2, head_size, 64, torch.float32, seed=2)
+    qblocks = plan(batch, 4)
+    cfg = FlashPrefillConfig(pattern="hybrid", block_size=BLOCK, local_blocks=1, stride=2, min_seq_len=0)
+    indices, counts = mask_to_lists(forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, cfg))
+    tma = launch_config(head_size, 4, BLOCK, page_size=64, tma=tma_supported(batch.q.device))
+    assert tma["TMA"]
+    outs = []
+    for config in (tma, {**tma, "TMA": False}):
+        out = torch.full_like(batch.q, float("nan"))
+        sparse_prefill_attention(
+            batch.q, batch.k_cache, batch.v_cache, out, batch.block_table, batch.seq_lens,
+            qblocks.table, indices, counts, head_size**-0.5, BLOCK, config,
+        )
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert not outs[0].isnan().any()
 
 
 def test_sparse_patterns_actually_skip_blocks():

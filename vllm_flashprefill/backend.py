@@ -29,6 +29,7 @@ from vllm_flashprefill import compat
 from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.kernels.attention import (
     SUPPORTED_HEAD_SIZES,
+    preferred_page_size,
     sparse_prefill_attention,
 )
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
@@ -65,6 +66,21 @@ class FlashPrefillBackend(FlashAttentionBackend):
     @staticmethod
     def get_builder_cls() -> type["FlashPrefillMetadataBuilder"]:
         return FlashPrefillMetadataBuilder
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        """KV pages that hold whole key tiles of the sparse kernel (TMA copies instead of row
+        gathers); vLLM asks with the engine's config current, and ``--block-size`` overrides it."""
+        preferred = super().get_preferred_block_size(default_block_size)
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+        if flashprefill_config(vllm_config).is_dense or vllm_config.model_config is None:
+            return preferred
+        head_size = vllm_config.model_config.get_head_size()
+        if head_size not in SUPPORTED_HEAD_SIZES:
+            return preferred
+        return max(preferred, preferred_page_size(head_size))
 
 
 @dataclasses.dataclass
