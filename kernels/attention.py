@@ -167,9 +167,13 @@ def tma_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def preferred_page_size(head_size: int) -> int:
+# Key tile rows of the TMA path per head size (d=256 keeps pointer gathers: its tiles are small).
+TMA_BLOCK_N = {64: 128, 128: 64}
+
+
+def preferred_page_size(head_size: int) -> int | None:
     """KV pages this large (or multiples) hold whole key tiles, so the kernel copies them with TMA."""
-    return {64: 128, 128: 64}.get(head_size, 32)
+    return TMA_BLOCK_N.get(head_size)
 
 
 def launch_config(
@@ -189,8 +193,8 @@ def launch_config(
     block_m = max(16, triton.next_power_of_2(block_q * gqa))
     block_n = min({64: 128, 128: 32}.get(head_size, 32), sparse_block)
     config = dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2, TMA=False)
-    tma_block_n = min(preferred_page_size(head_size), sparse_block)
-    if tma and page_size % tma_block_n == 0:
+    tma_block_n = min(TMA_BLOCK_N.get(head_size, 0), sparse_block)
+    if tma and tma_block_n and page_size % tma_block_n == 0:
         config.update(BLOCK_N=tma_block_n, num_stages=3, TMA=True)
     return config
 

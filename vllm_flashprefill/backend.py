@@ -77,10 +77,8 @@ class FlashPrefillBackend(FlashAttentionBackend):
         vllm_config = get_current_vllm_config()
         if flashprefill_config(vllm_config).is_dense or vllm_config.model_config is None:
             return preferred
-        head_size = vllm_config.model_config.get_head_size()
-        if head_size not in SUPPORTED_HEAD_SIZES:
-            return preferred
-        return max(preferred, preferred_page_size(head_size))
+        pages = preferred_page_size(vllm_config.model_config.get_head_size())
+        return max(preferred, pages) if pages else preferred
 
 
 @dataclasses.dataclass
