@@ -167,8 +167,8 @@ def tma_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-# Key tile rows of the TMA path per head size (d=256 keeps pointer gathers: its tiles are small).
-TMA_BLOCK_N = {64: 128, 128: 64}
+# Key tile rows of the TMA path per head size (d=256 keeps pointer gathers; its tiles were not tuned).
+TMA_BLOCK_N = {64: 64, 128: 64}
 
 
 def preferred_page_size(head_size: int) -> int | None:
@@ -181,22 +181,25 @@ def launch_config(
 ) -> dict[str, int]:
     """Tile shapes per head size and GQA group (rows = BLOCK_Q tokens x the group's heads).
 
-    Picked by benchmarks/tune_attention.py on an H200 (32K tokens, bf16). Pages of 16 (vLLM's
-    default): 128 rows with 32-key tiles for d=128 (360 TFLOP/s) and 128-key tiles for d=64
-    (318 TFLOP/s), 4 warps, pointer gathers. With ``tma`` and pages holding whole key tiles the
-    off-diagonal tiles are TMA copies.
+    From benchmarks/tune_attention.py on an H200 (32K tokens, bf16, dense pattern,
+    ``benchmarks/results/tune-attention-h200-2026-11-27-tma.json``): with pages of 64 and TMA,
+    d=128: 128 rows x 64-key tiles, 4 warps, 2 stages, 480 TFLOP/s; d=64: 64 rows x 64-key tiles,
+    356 TFLOP/s. Pages of 16 (pointer gathers): d=128 128 x 32, 360 TFLOP/s; d=64 128 x 128,
+    316 TFLOP/s.
     """
-    rows = 64 if head_size == 256 else 128
+    tma_block_n = min(TMA_BLOCK_N.get(head_size, 0), sparse_block)
+    use_tma = tma and tma_block_n and page_size % tma_block_n == 0
+    rows = 64 if head_size == 256 or (use_tma and head_size == 64) else 128
     block_q = 1
     while block_q * 2 * gqa <= rows and block_q * 2 <= sparse_block:
         block_q *= 2
     block_m = max(16, triton.next_power_of_2(block_q * gqa))
-    block_n = min({64: 128, 128: 32}.get(head_size, 32), sparse_block)
-    config = dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2, TMA=False)
-    tma_block_n = min(TMA_BLOCK_N.get(head_size, 0), sparse_block)
-    if tma and tma_block_n and page_size % tma_block_n == 0:
-        config.update(BLOCK_N=tma_block_n, num_stages=3, TMA=True)
-    return config
+    if use_tma:
+        block_n = tma_block_n
+    else:
+        block_n = min({64: 128, 128: 32}.get(head_size, 32), sparse_block)
+    return dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
+                TMA=bool(use_tma))
 
 
 def sparse_prefill_attention(

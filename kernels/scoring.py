@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .attention import TMA_BLOCK_N, tma_supported
 
 
 @triton.jit
@@ -35,7 +38,7 @@ def _pool_queries_kernel(
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _block_scores_kernel(
-    pooled_ptr, k_ptr, scores_ptr,
+    pooled_ptr, k_ptr, k_desc, scores_ptr,
     block_table_ptr, seq_lens_ptr, qblocks_ptr, groups_ptr,
     scale,
     stride_pi, stride_ph,
@@ -44,7 +47,7 @@ def _block_scores_kernel(
     stride_si, stride_sh,
     GQA: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, KV_BLOCKS_PER_PROGRAM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, KV_BLOCKS_PER_PROGRAM: tl.constexpr, TMA: tl.constexpr,
 ):
     group = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,12 +85,18 @@ def _block_scores_kernel(
         for n in range(0, SPARSE_BLOCK, BLOCK_N):
             kpos = kv_block * SPARSE_BLOCK + n + offs_n
             kv_ok = kpos < seq_len
-            page = tl.load(bt_row + kpos // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
-            k = tl.load(
-                k_base + page[None, :] * stride_kb + (kpos % PAGE_SIZE)[None, :] * stride_kt
-                + offs_d[:, None],
-                mask=kv_ok[None, :], other=0.0,
-            )
+            if TMA:  # the tile is one page's rows; keys past seq_len are masked out below
+                start = kv_block * SPARSE_BLOCK + n
+                page = tl.load(bt_row + start // PAGE_SIZE, mask=start < seq_len, other=0)
+                k = k_desc.load([page, start % PAGE_SIZE, kv_head, 0]).reshape(BLOCK_N, HEAD_SIZE)
+                k = tl.trans(k)
+            else:
+                page = tl.load(bt_row + kpos // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
+                k = tl.load(
+                    k_base + page[None, :] * stride_kb + (kpos % PAGE_SIZE)[None, :] * stride_kt
+                    + offs_d[:, None],
+                    mask=kv_ok[None, :], other=0.0,
+                )
             s = tl.where(kv_ok[None, :], tl.dot(pooled, k), float("-inf"))
             block_max = tl.maximum(block_max, tl.max(s, 1))
         tl.store(out_row + kv_block, block_max * scale, mask=row_ok & (kv_block <= row_qb))
@@ -135,15 +144,25 @@ def block_scores(
         return scores
     pool_queries(q, qblocks, pooled)
     block_m = max(16, triton.next_power_of_2(per_group * gqa))
-    # Tiles from benchmarks/selection.py --sweep on an H200 (131K tokens, d 64 and 128).
+    # Tiles from benchmarks/selection.py --sweep on an H200 (131K tokens, d 64 and 128, page 16).
     cfg = dict(
         KV_BLOCKS_PER_PROGRAM=32, BLOCK_N=min(sparse_block, 64 if head_size == 256 else 128),
-        num_warps=4, num_stages=3,
+        num_warps=4, num_stages=3, TMA=False,
     )
+    tma_block_n = min(TMA_BLOCK_N.get(head_size, 0), sparse_block)
+    if tma_block_n and page_size % tma_block_n == 0 and tma_supported(q.device):
+        cfg.update(BLOCK_N=tma_block_n, TMA=True)  # key tiles as TMA copies of one page each
     cfg.update(config or {})
+    if cfg["TMA"] and page_size % cfg["BLOCK_N"]:
+        raise ValueError(f"TMA tiles need pages of whole tiles: {cfg}, page {page_size}")
+    k_desc = None
+    if cfg["TMA"]:
+        k_desc = TensorDescriptor(
+            k_cache, list(k_cache.shape), list(k_cache.stride()), [1, cfg["BLOCK_N"], 1, head_size]
+        )
     kv_programs = triton.cdiv(scores.shape[2], cfg["KV_BLOCKS_PER_PROGRAM"])
     _block_scores_kernel[(groups.shape[0], num_kv_heads, kv_programs)](
-        pooled, k_cache, scores, block_table, seq_lens, qblocks, groups, scale,
+        pooled, k_cache, k_desc, scores, block_table, seq_lens, qblocks, groups, scale,
         pooled.stride(0), pooled.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),

@@ -121,8 +121,9 @@ def test_sparse_patterns_actually_skip_blocks():
     assert not torch.allclose(out[-64:], out_dense[-64:], atol=1e-3)
 
 
-def test_block_scores_match_reference_and_give_same_selection():
-    batch = make_paged_batch([300, 77], [40, 129], 8, 2, 64, 16, torch.float32)
+@pytest.mark.parametrize("page_size", [16, 64])  # 64: key tiles are TMA copies
+def test_block_scores_match_reference_and_give_same_selection(page_size):
+    batch = make_paged_batch([300, 77], [40, 129], 8, 2, 64, page_size, torch.float32)
     qblocks = plan(batch, 4)
     scale = 0.125
     cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.97, min_seq_len=0)
