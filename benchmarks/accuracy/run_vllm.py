@@ -7,6 +7,9 @@ Every configuration runs in its own child process (one ``LLM()`` each, so GPU me
 crash loses one configuration): ``dense`` is ``attention_backend="FLASH_ATTN"``, every other one
 ``attention_backend="FLASHPREFILL"`` with ``additional_config={"flashprefill": options}``. Greedy
 decoding, RULER's generation lengths, chunked prefill and prefix caching at vLLM's defaults.
+``--parallel N`` runs N engines at a time on the same GPU (each gets 1/N of
+``--gpu-memory-utilization``; starts are staggered so their memory profiles do not overlap) — for
+small models, whose engine start-up costs more than their generation.
 Writes ``benchmarks/results/accuracy-<card>-<date>.json`` (rewritten after every configuration)
 and a ``.png`` beside it.
 """
@@ -20,7 +23,9 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,6 +76,9 @@ def child(args) -> None:
     Path(spec["out"]).write_text("".join(json.dumps(r) + "\n" for r in [{"meta": meta}, *rows]))
 
 
+_START_LOCK = threading.Lock()
+
+
 def run_config(args, label: str, options: dict, samples: list[dict], workdir: Path) -> tuple[dict, list]:
     """Start one child; returns (status, [(sample, output row)])."""
     sample_file, out_file, log_file = (workdir / f"{label}.{x}" for x in ("in.jsonl", "out.jsonl", "log"))
@@ -80,11 +88,15 @@ def run_config(args, label: str, options: dict, samples: list[dict], workdir: Pa
     spec = {"label": label, "options": options, "samples": str(sample_file), "out": str(out_file),
             "max_model_len": args.max_model_len or max(s["length"] for s in samples)}
     cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--model", args.model,
-           "--engine-args", args.engine_args, "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+           "--engine-args", args.engine_args,
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization / args.parallel)]
     status: dict = {"label": label, "options": options}
     t0 = time.time()
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with _START_LOCK:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            if args.parallel > 1:
+                time.sleep(args.stagger)
         try:
             rc = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -117,6 +129,9 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--engine-args", default="{}", help="extra LLM() keywords (JSON)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    p.add_argument("--parallel", type=int, default=1, help="engines at a time on the GPU")
+    p.add_argument("--stagger", type=float, default=25.0,
+                   help="seconds between engine starts when --parallel > 1")
     p.add_argument("--out", help="results JSON or folder (default benchmarks/results/)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -141,20 +156,25 @@ def main() -> None:
             "configs": {label: {"backend": "FLASH_ATTN" if label == suite.DENSE else "FLASHPREFILL",
                                 "options": None if label == suite.DENSE else opts}
                         for label, opts in configs.items()}}
-    for label, options in configs.items():
-        status, rows = run_config(args, label, options, samples, workdir)
-        statuses.append(status)
-        print(f"{label}: rc={status['rc']} {status['wall_s']}s, {len(rows)} outputs", flush=True)
-        for s, r in rows:
-            records.append({"config": label, "task": s["task"], "length": s["length"], "index": s["index"],
-                            "prompt_tokens": r["prompt_tokens"], "new_tokens": r["new_tokens"],
-                            "output": r["output"], "refs": s["refs"],
-                            "score": suite.score(r["output"], s["refs"], s["metric"]), "density": None})
-        card = next((st["card"] for st in statuses if st.get("card")), "unknown-gpu")
-        path = suite.output_path(args.out, card)
-        summary = suite.summarize(records)
-        suite.write_results(path, {"card": card, "date": time.strftime("%Y-%m-%d"), **meta,
-                                   "runs": statuses, "summary": summary, "records": records})
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = [pool.submit(run_config, args, label, options, samples, workdir)
+                   for label, options in configs.items()]
+        for future in as_completed(futures):  # results rewritten as each configuration ends
+            status, rows = future.result()
+            label = status["label"]
+            statuses.append(status)
+            print(f"{label}: rc={status['rc']} {status['wall_s']}s, {len(rows)} outputs", flush=True)
+            for s, r in rows:
+                records.append({"config": label, "task": s["task"], "length": s["length"],
+                                "index": s["index"], "prompt_tokens": r["prompt_tokens"],
+                                "new_tokens": r["new_tokens"], "output": r["output"], "refs": s["refs"],
+                                "score": suite.score(r["output"], s["refs"], s["metric"]), "density": None})
+            card = next((st["card"] for st in statuses if st.get("card")), "unknown-gpu")
+            path = suite.output_path(args.out, card)
+            summary = suite.summarize(records)
+            suite.write_results(path, {"card": card, "date": time.strftime("%Y-%m-%d"), **meta,
+                                       "runs": statuses, "summary": summary, "records": records})
+    statuses.sort(key=lambda st: list(configs).index(st["label"]))
     labels = [s["label"] for s in statuses if s["rc"] == 0]
     print(suite.markdown(summary, labels))
     png = suite.plot(summary, labels, path, f"{Path(args.model).name} on {card}: FLASHPREFILL vs FLASH_ATTN (vLLM)")

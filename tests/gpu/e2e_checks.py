@@ -18,6 +18,10 @@ Checks:
   chunking    dynamic pattern, one prompt of length L, max_num_batched_tokens L/16, L/4, L: same output.
   prefix      dynamic pattern: a prompt of length L served cold == the same prompt after a prefix of
               5/8 L of it was cached by another request.
+  tp          tensor parallelism (needs 2 GPUs): FLASHPREFILL (--sparse) with tensor_parallel_size 2,
+              multiprocessing and Ray executors, == the same at size 1; FLASH_ATTN 1 vs 2 beside it
+              (how far sharding alone moves the numbers). Needs real or seeded weights
+              (tests/gpu/random_model.py): dummy weights differ per shard layout.
 L is --max-len (default 32768).
 """
 
@@ -149,7 +153,36 @@ def check_prefix(args) -> dict:
     return dict(shared_prefix=shared, **compare(cold, warm))
 
 
-CHECKS = dict(dense=check_dense, all_blocks=check_all_blocks, chunking=check_chunking, prefix=check_prefix)
+def check_tp(args) -> dict:
+    L = args.max_len - 64
+    lengths = [L, L // 2, L // 4, 700]
+    prompts = [prompt_tokens(n, 200 + i) for i, n in enumerate(lengths)]
+    kw = dict(max_model_len=args.max_len, max_num_batched_tokens=args.max_len // 4)
+    fa = dict(attention_backend="FLASH_ATTN")
+    runs = {
+        "fa_tp1": base_engine(args, **fa, **kw),
+        "fa_tp2": base_engine(args, **fa, tensor_parallel_size=2, **kw),
+        "fp_tp1": base_engine(args, **fp(**args.sparse), **kw),
+        "fp_tp2_mp": base_engine(args, **fp(**args.sparse), tensor_parallel_size=2,
+                                 distributed_executor_backend="mp", **kw),
+        "fp_tp2_ray": base_engine(args, **fp(**args.sparse), tensor_parallel_size=2,
+                                  distributed_executor_backend="ray", **kw),
+    }
+    outs, errors = {}, {}
+    for name, engine in runs.items():
+        try:
+            outs[name] = run_engine(engine, prompts, args.max_tokens)
+        except subprocess.CalledProcessError as exc:
+            errors[name] = repr(exc)
+    pairs = [("fa_tp1", "fa_tp2"), ("fp_tp1", "fp_tp2_mp"), ("fp_tp1", "fp_tp2_ray"), ("fa_tp1", "fp_tp1")]
+    result = {f"{a}_vs_{b}": compare(outs[a], outs[b]) for a, b in pairs if a in outs and b in outs}
+    return dict(lengths=lengths, **result, **({"errors": errors} if errors else {}))
+
+
+CHECKS = dict(
+    dense=check_dense, all_blocks=check_all_blocks, chunking=check_chunking, prefix=check_prefix,
+    tp=check_tp,
+)
 
 
 def main() -> None:
@@ -157,7 +190,7 @@ def main() -> None:
         return worker(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--checks", default=",".join(CHECKS))
+    ap.add_argument("--checks", default="dense,all_blocks,chunking,prefix")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--eager", action="store_true", help="enforce_eager (faster engine start)")
     ap.add_argument("--max-len", type=int, default=32768, help="max_model_len; prompts scale with it")
