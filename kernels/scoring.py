@@ -80,26 +80,32 @@ def _block_scores_kernel(
     bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
     out_row = scores_ptr + qblock.to(tl.int64) * stride_si + head * stride_sh
 
-    for kv_block in range(kv_first, tl.minimum(kv_first + KV_BLOCKS_PER_PROGRAM, last_qb + 1)):
-        block_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        for n in range(0, SPARSE_BLOCK, BLOCK_N):
-            kpos = kv_block * SPARSE_BLOCK + n + offs_n
-            kv_ok = kpos < seq_len
-            if TMA:  # the tile is one page's rows; keys past seq_len are masked out below
-                start = kv_block * SPARSE_BLOCK + n
-                page = tl.load(bt_row + start // PAGE_SIZE, mask=start < seq_len, other=0)
-                k = k_desc.load([page, start % PAGE_SIZE, kv_head, 0]).reshape(BLOCK_N, HEAD_SIZE)
-                k = tl.trans(k)
-            else:
-                page = tl.load(bt_row + kpos // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
-                k = tl.load(
-                    k_base + page[None, :] * stride_kb + (kpos % PAGE_SIZE)[None, :] * stride_kt
-                    + offs_d[:, None],
-                    mask=kv_ok[None, :], other=0.0,
-                )
-            s = tl.where(kv_ok[None, :], tl.dot(pooled, k), float("-inf"))
-            block_max = tl.maximum(block_max, tl.max(s, 1))
-        tl.store(out_row + kv_block, block_max * scale, mask=row_ok & (kv_block <= row_qb))
+    # One flat loop over key tiles (not blocks x tiles) so that loads pipeline across KV blocks;
+    # a block's maximum is stored at its last tile.
+    TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_N
+    kv_end = tl.minimum(kv_first + KV_BLOCKS_PER_PROGRAM, last_qb + 1)
+    block_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for t in range(kv_first * TILES, kv_end * TILES):
+        start = t * BLOCK_N
+        kpos = start + offs_n
+        kv_ok = kpos < seq_len
+        if TMA:  # the tile is one page's rows; keys past seq_len are masked out below
+            page = tl.load(bt_row + start // PAGE_SIZE, mask=start < seq_len, other=0)
+            k = k_desc.load([page, start % PAGE_SIZE, kv_head, 0]).reshape(BLOCK_N, HEAD_SIZE)
+            k = tl.trans(k)
+        else:
+            page = tl.load(bt_row + kpos // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
+            k = tl.load(
+                k_base + page[None, :] * stride_kb + (kpos % PAGE_SIZE)[None, :] * stride_kt
+                + offs_d[:, None],
+                mask=kv_ok[None, :], other=0.0,
+            )
+        s = tl.where(kv_ok[None, :], tl.dot(pooled, k), float("-inf"))
+        block_max = tl.maximum(block_max, tl.max(s, 1))
+        if t % TILES == TILES - 1:
+            kv_block = t // TILES
+            tl.store(out_row + kv_block, block_max * scale, mask=row_ok & (kv_block <= row_qb))
+            block_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
 
 def pool_queries(q: torch.Tensor, qblocks: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -151,7 +157,7 @@ def block_scores(
     )
     tma_block_n = min(TMA_BLOCK_N.get(head_size, 0), sparse_block)
     if tma_block_n and page_size % tma_block_n == 0 and tma_supported(q.device):
-        cfg.update(BLOCK_N=tma_block_n, TMA=True)  # key tiles as TMA copies of one page each
+        cfg.update(BLOCK_N=tma_block_n, num_stages=2, TMA=True)  # key tiles: TMA copies of a page
     cfg.update(config or {})
     if cfg["TMA"] and page_size % cfg["BLOCK_N"]:
         raise ValueError(f"TMA tiles need pages of whole tiles: {cfg}, page {page_size}")
