@@ -8,8 +8,11 @@ crash loses one configuration): ``dense`` is ``attention_backend="FLASH_ATTN"``,
 ``attention_backend="FLASHPREFILL"`` with ``additional_config={"flashprefill": options}``. Greedy
 decoding, RULER's generation lengths, chunked prefill and prefix caching at vLLM's defaults.
 ``--parallel N`` runs N engines at a time on the same GPU (each gets 1/N of
-``--gpu-memory-utilization``; starts are staggered so their memory profiles do not overlap) — for
-small models, whose engine start-up costs more than their generation.
+``--gpu-memory-utilization``) — for small models, whose engine start-up costs more than their
+generation. Engines start one after another: the next starts only when the previous one's ``LLM()``
+returned, because vLLM's start-up memory profile counts memory that another process allocates
+meanwhile as its own (with starts 8 s apart, one of six engines on an H200 failed with "No available
+memory for the cache blocks").
 Writes ``benchmarks/results/accuracy-<card>-<date>.json`` (rewritten after every configuration)
 and a ``.png`` beside it.
 """
@@ -63,6 +66,7 @@ def child(args) -> None:
     kwargs.update(json.loads(args.engine_args))
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
+    Path(spec["out"] + ".ready").touch()  # the parent may start the next engine
     start_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=0.0, max_tokens=s["max_new_tokens"]) for s in samples]
     t0 = time.perf_counter()
@@ -95,8 +99,9 @@ def run_config(args, label: str, options: dict, samples: list[dict], workdir: Pa
     with open(log_file, "w") as log:
         with _START_LOCK:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            if args.parallel > 1:
-                time.sleep(args.stagger)
+            ready = Path(str(out_file) + ".ready")
+            while args.parallel > 1 and not ready.exists() and proc.poll() is None:
+                time.sleep(1)
         try:
             rc = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -130,8 +135,6 @@ def main() -> None:
     p.add_argument("--engine-args", default="{}", help="extra LLM() keywords (JSON)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     p.add_argument("--parallel", type=int, default=1, help="engines at a time on the GPU")
-    p.add_argument("--stagger", type=float, default=25.0,
-                   help="seconds between engine starts when --parallel > 1")
     p.add_argument("--out", help="results JSON or folder (default benchmarks/results/)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
