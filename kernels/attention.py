@@ -176,6 +176,12 @@ def preferred_page_size(head_size: int) -> int | None:
     return TMA_BLOCK_N.get(head_size)
 
 
+def tma_block_n(head_size: int, sparse_block: int, page_size: int) -> int:
+    """Key-tile rows of the TMA path for this shape, or 0 when pages do not hold whole tiles."""
+    rows = min(TMA_BLOCK_N.get(head_size, 0), sparse_block)
+    return rows if rows and page_size % rows == 0 else 0
+
+
 def launch_config(
     head_size: int, gqa: int, sparse_block: int, page_size: int = 16, tma: bool = False
 ) -> dict[str, int]:
@@ -187,19 +193,19 @@ def launch_config(
     356 TFLOP/s. Pages of 16 (pointer gathers): d=128 128 x 32, 360 TFLOP/s; d=64 128 x 128,
     316 TFLOP/s.
     """
-    tma_block_n = min(TMA_BLOCK_N.get(head_size, 0), sparse_block)
-    use_tma = tma and tma_block_n and page_size % tma_block_n == 0
+    tile_rows = tma_block_n(head_size, sparse_block, page_size)
+    use_tma = tma and tile_rows > 0
     rows = 64 if head_size == 256 or (use_tma and head_size == 64) else 128
     block_q = 1
     while block_q * 2 * gqa <= rows and block_q * 2 <= sparse_block:
         block_q *= 2
     block_m = max(16, triton.next_power_of_2(block_q * gqa))
     if use_tma:
-        block_n = tma_block_n
+        block_n = tile_rows
     else:
         block_n = min({64: 128, 128: 32}.get(head_size, 32), sparse_block)
     return dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
-                TMA=bool(use_tma))
+                TMA=use_tma)
 
 
 def sparse_prefill_attention(

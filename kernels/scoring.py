@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .attention import TMA_BLOCK_N, tma_supported
+from .attention import tma_block_n, tma_supported
 
 
 @triton.jit
@@ -155,9 +155,9 @@ def block_scores(
         KV_BLOCKS_PER_PROGRAM=32, BLOCK_N=min(sparse_block, 64 if head_size == 256 else 128),
         num_warps=4, num_stages=3, TMA=False,
     )
-    tma_block_n = min(TMA_BLOCK_N.get(head_size, 0), sparse_block)
-    if tma_block_n and page_size % tma_block_n == 0 and tma_supported(q.device):
-        cfg.update(BLOCK_N=tma_block_n, num_stages=2, TMA=True)  # key tiles: TMA copies of a page
+    tile_rows = tma_block_n(head_size, sparse_block, page_size)
+    if tile_rows and tma_supported(q.device):
+        cfg.update(BLOCK_N=tile_rows, num_stages=2, TMA=True)  # key tiles: TMA copies of a page
     cfg.update(config or {})
     if cfg["TMA"] and page_size % cfg["BLOCK_N"]:
         raise ValueError(f"TMA tiles need pages of whole tiles: {cfg}, page {page_size}")
