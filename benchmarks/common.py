@@ -222,14 +222,10 @@ class Pipeline:
 
     def lists_from_scores(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dynamic selection after scoring, as the backend runs it (``kernels/selection.py``)."""
-        from vllm_flashprefill.kernels.selection import select_blocks
+        from vllm_flashprefill.patterns import select_dynamic_lists
 
-        c = self.cfg
-        return select_blocks(
-            scores, self.qb.table, self.num_kv_heads, self.qb.num_kv_blocks,
-            sparse_block=c.block_size, threshold=c.threshold, sink_blocks=c.sink_blocks,
-            local_blocks=c.local_blocks, min_seq_len=c.min_seq_len, min_budget=c.min_budget,
-            max_budget=c.max_budget,
+        return select_dynamic_lists(
+            scores, self.qb.table, self.num_kv_heads, self.qb.num_kv_blocks, self.cfg
         )
 
     def select(self) -> tuple[torch.Tensor, torch.Tensor]:

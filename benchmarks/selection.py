@@ -15,8 +15,7 @@ import triton
 
 from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
-from vllm_flashprefill.kernels.selection import select_blocks
-from vllm_flashprefill.patterns import mask_to_lists, select_dynamic
+from vllm_flashprefill.patterns import mask_to_lists, select_dynamic, select_dynamic_lists
 from vllm_flashprefill.plan import build_query_blocks
 
 
@@ -48,10 +47,7 @@ def main() -> None:
         return mask_to_lists(select_dynamic(scores, qb.block_index, hkv, cfg))
 
     def select():
-        return select_blocks(
-            scores, qb.table, hkv, qb.num_kv_blocks, sparse_block=B, threshold=cfg.threshold,
-            sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks, min_seq_len=cfg.min_seq_len,
-        )
+        return select_dynamic_lists(scores, qb.table, hkv, qb.num_kv_blocks, cfg)
 
     score()
     for name, fn in (("scores", score), ("select (torch)", select_torch), ("select (fused)", select),

@@ -11,12 +11,12 @@ from vllm_flashprefill.kernels.reference import (
     sparse_attention_reference,
 )
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
-from vllm_flashprefill.kernels.selection import select_blocks
 from vllm_flashprefill.patterns import (
     forced_block_mask,
     lists_to_mask,
     mask_to_lists,
     select_dynamic,
+    select_dynamic_lists,
 )
 from vllm_flashprefill.plan import build_query_blocks
 
@@ -215,11 +215,7 @@ def test_fused_selection_matches_torch_selection(case):
     for i, qb in enumerate(block_index.tolist()):
         scores[i, :, qb + 1:] = float("nan")  # stale workspace entries past the diagonal
     ref = select_dynamic(scores[..., :nkb], block_index, num_kv_heads, cfg)
-    indices, counts = select_blocks(
-        scores, table, num_kv_heads, nkb, sparse_block=BLOCK, threshold=cfg.threshold,
-        sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks, min_seq_len=cfg.min_seq_len,
-        min_budget=cfg.min_budget, max_budget=cfg.max_budget,
-    )
+    indices, counts = select_dynamic_lists(scores, table, num_kv_heads, nkb, cfg)
     assert torch.equal(counts, ref.sum(-1, dtype=torch.int32))
     assert torch.equal(lists_to_mask(indices, counts, nkb), ref)
     for i in range(len(block_index)):

@@ -33,8 +33,7 @@ from vllm_flashprefill.kernels.attention import (
     sparse_prefill_attention,
 )
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
-from vllm_flashprefill.kernels.selection import select_blocks
-from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists
+from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists, select_dynamic_lists
 from vllm_flashprefill.plan import QueryBlocks, build_query_blocks
 from vllm_flashprefill.registration import BACKEND_NAME
 
@@ -357,11 +356,8 @@ def run_sparse(query, key_cache, value_cache, output, block_table, seq_lens, ste
             query, key_cache, block_table, seq_lens, qblocks.table, qblocks.score_groups,
             scores, pooled, scale, qblocks.block_size,
         )
-        select_blocks(
-            scores, qblocks.table, key_cache.shape[2], qblocks.num_kv_blocks,
-            sparse_block=qblocks.block_size, threshold=cfg.threshold, sink_blocks=cfg.sink_blocks,
-            local_blocks=cfg.local_blocks, min_seq_len=cfg.min_seq_len, min_budget=cfg.min_budget,
-            max_budget=cfg.max_budget, indices=indices, counts=counts,
+        select_dynamic_lists(
+            scores, qblocks.table, key_cache.shape[2], qblocks.num_kv_blocks, cfg, indices, counts
         )
     sparse_prefill_attention(
         query, key_cache, value_cache, output, block_table, seq_lens, qblocks.table,

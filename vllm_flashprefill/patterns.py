@@ -67,6 +67,28 @@ def select_dynamic(
     return keep | forced
 
 
+def select_dynamic_lists(
+    scores: torch.Tensor,
+    qblocks: torch.Tensor,
+    num_kv_heads: int,
+    num_kv_blocks: int,
+    cfg: FlashPrefillConfig,
+    indices: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_dynamic` + :func:`mask_to_lists` as the backend runs them: one Triton kernel
+    (``kernels/selection.py``) over block scores [n, Hq, W >= num_kv_blocks] and the query-block
+    table; returns (indices [n, Hkv, W], counts [n, Hkv])."""
+    from vllm_flashprefill.kernels.selection import select_blocks
+
+    return select_blocks(
+        scores, qblocks, num_kv_heads, num_kv_blocks,
+        sparse_block=cfg.block_size, threshold=cfg.threshold, sink_blocks=cfg.sink_blocks,
+        local_blocks=cfg.local_blocks, min_seq_len=cfg.min_seq_len, min_budget=cfg.min_budget,
+        max_budget=cfg.max_budget, indices=indices, counts=counts,
+    )
+
+
 def mask_to_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Block mask [n, H, nkb] -> (indices [n, H, nkb] int32, ascending; counts [n, H] int32)."""
     n, heads, nkb = mask.shape
