@@ -217,15 +217,20 @@ class Pipeline:
         from vllm_flashprefill.patterns import forced_block_mask, select_dynamic
 
         if self.dynamic:
-            return select_dynamic(self.scores(), self.qb.block_index, self.num_kv_heads, self.cfg)
-        return forced_block_mask(self.qb.block_index, self.qb.num_kv_blocks, self.cfg)
+            return select_dynamic(
+                self.scores(), self.qb.block_index, self.qb.last_block, self.num_kv_heads, self.cfg
+            )
+        return forced_block_mask(
+            self.qb.block_index, self.qb.last_block, self.qb.num_kv_blocks, self.cfg
+        )
 
     def lists_from_scores(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dynamic selection after scoring, as the backend runs it (``kernels/selection.py``)."""
         from vllm_flashprefill.patterns import select_dynamic_lists
 
         return select_dynamic_lists(
-            scores, self.qb.table, self.num_kv_heads, self.qb.num_kv_blocks, self.cfg
+            scores, self.qb.table, self.b.seq_lens, self.num_kv_heads, self.qb.num_kv_blocks,
+            self.cfg,
         )
 
     def select(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,10 +44,10 @@ def main() -> None:
         block_scores(q, k, table, seq_lens, qb.table, qb.score_groups, scores, pooled, d**-0.5, B, config)
 
     def select_torch():
-        return mask_to_lists(select_dynamic(scores, qb.block_index, hkv, cfg))
+        return mask_to_lists(select_dynamic(scores, qb.block_index, qb.last_block, hkv, cfg))
 
     def select():
-        return select_dynamic_lists(scores, qb.table, hkv, qb.num_kv_blocks, cfg)
+        return select_dynamic_lists(scores, qb.table, seq_lens, hkv, qb.num_kv_blocks, cfg)
 
     score()
     for name, fn in (("scores", score), ("select (torch)", select_torch), ("select (fused)", select),

@@ -48,7 +48,7 @@ def main() -> None:
         seq_lens = torch.tensor([S], dtype=torch.int32, device=dev)
         qb = build_query_blocks(torch.tensor([0, S]), seq_lens.cpu(), [0], B, dev)
         cfg = FlashPrefillConfig(pattern="dense", block_size=B, min_seq_len=0)
-        idx, cnt = mask_to_lists(forced_block_mask(qb.block_index, qb.num_kv_blocks, cfg))
+        idx, cnt = mask_to_lists(forced_block_mask(qb.block_index, qb.last_block, qb.num_kv_blocks, cfg))
         flops = 4.0 * hq * d * S * (S + 1) / 2
         sweep = [launch_config(d, gqa, B, page, tma=True), launch_config(d, gqa, B)]
         sweep += [

@@ -4,7 +4,8 @@ Same rule as ``vllm_flashprefill.patterns.select_dynamic`` followed by ``mask_to
 definition the tests compare against), fused so that a layer pays one small launch instead of
 about twenty torch operations: per query block and KV head, each query head's causal scores
 relative to that head's maximum, the union over the heads of the group, the threshold, optional
-min/max budgets on the content-selected blocks, the forced sink/local/diagonal blocks, and the
+min/max budgets on the content-selected blocks, the forced sink/local/diagonal blocks (every causal
+block for query blocks below ``min_seq_len`` or in the chunk's dense tail), and the
 kept block indices written in ascending order with their count.
 """
 
@@ -25,20 +26,22 @@ def _kth_largest(values, offs, K: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_kv_blocks", "stride_si", "stride_ii", "stride_ci"])
 def _select_blocks_kernel(
-    scores_ptr, qblocks_ptr, indices_ptr, counts_ptr,
+    scores_ptr, qblocks_ptr, seq_lens_ptr, indices_ptr, counts_ptr,
     num_kv_blocks, log_threshold,
     stride_si, stride_sh, stride_ii, stride_ih, stride_ci, stride_ch,
     GQA: tl.constexpr, WIDTH: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
     SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, MIN_SEQ_LEN: tl.constexpr,
-    MIN_BUDGET: tl.constexpr, MAX_BUDGET: tl.constexpr,
+    DENSE_TAIL_BLOCKS: tl.constexpr, MIN_BUDGET: tl.constexpr, MAX_BUDGET: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
     qb = tl.load(qblocks_ptr + qblock * 4 + 2) // SPARSE_BLOCK
+    last_block = (tl.load(seq_lens_ptr + tl.load(qblocks_ptr + qblock * 4)) - 1) // SPARSE_BLOCK
     kb = tl.arange(0, WIDTH)
     causal = kb <= qb
     pinned = causal & ((kb == qb) | (kb < SINK_BLOCKS) | (kb >= qb - LOCAL_BLOCKS))
-    forced = tl.where(qb * SPARSE_BLOCK < MIN_SEQ_LEN, causal, pinned)  # dense below min_seq_len
+    dense = (qb * SPARSE_BLOCK < MIN_SEQ_LEN) | (qb > last_block - DENSE_TAIL_BLOCKS)
+    forced = tl.where(dense, causal, pinned)
 
     rel = tl.full([WIDTH], float("-inf"), dtype=tl.float32)
     row = scores_ptr + qblock.to(tl.int64) * stride_si + kv_head * GQA * stride_sh
@@ -64,6 +67,7 @@ def _select_blocks_kernel(
 def select_blocks(
     scores: torch.Tensor,
     qblocks: torch.Tensor,
+    seq_lens: torch.Tensor,
     num_kv_heads: int,
     num_kv_blocks: int,
     *,
@@ -72,6 +76,7 @@ def select_blocks(
     sink_blocks: int,
     local_blocks: int,
     min_seq_len: int,
+    dense_tail_blocks: int,
     min_budget: int = 0,
     max_budget: int = 0,
     indices: torch.Tensor | None = None,
@@ -80,7 +85,8 @@ def select_blocks(
     """Block lists from block scores.
 
     scores: [n, Hq, W] fp32 (W >= num_kv_blocks; entries after a query block's own block are
-    ignored, so a workspace may hold stale values there); qblocks: the [n, 4] query-block table.
+    ignored, so a workspace may hold stale values there); qblocks: the [n, 4] query-block table;
+    seq_lens: [num requests] int32, each request's length after its chunk.
     Returns indices [n, Hkv, W] int32 (the first ``counts`` of each row are valid, ascending) and
     counts [n, Hkv] int32, written into ``indices``/``counts`` when given. The kernel is compiled
     for the padded width W, so a workspace of fixed width never recompiles between prompts.
@@ -97,13 +103,13 @@ def select_blocks(
     if n == 0:
         return indices, counts
     _select_blocks_kernel[(n, num_kv_heads)](
-        scores, qblocks, indices, counts,
+        scores, qblocks, seq_lens, indices, counts,
         num_kv_blocks, math.log(threshold) if threshold > 0 else float("-inf"),
         scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1),
         counts.stride(0), counts.stride(1),
         GQA=num_q_heads // num_kv_heads, WIDTH=triton.next_power_of_2(width),
         SPARSE_BLOCK=sparse_block, SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks,
-        MIN_SEQ_LEN=min_seq_len, MIN_BUDGET=min_budget, MAX_BUDGET=max_budget,
+        MIN_SEQ_LEN=min_seq_len, DENSE_TAIL_BLOCKS=dense_tail_blocks, MIN_BUDGET=min_budget, MAX_BUDGET=max_budget,
         num_warps=4,
     )
     return indices, counts

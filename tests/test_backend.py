@@ -113,7 +113,9 @@ def test_builder_splits_decodes_short_and_long_prefills(model_dir):
     # 2 decodes, a short prompt, a long chunk with cached context, another short one, a long prompt.
     query_lens = [1, 1, 40, 200, 30, 300]
     context_lens = [90, 500, 0, 300, 10, 0]
-    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2)
+    config = vllm_config(
+        model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2, dense_tail_blocks=1
+    )
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
     builder, meta = build(config, batch)
     assert builder.reorder_batch_threshold == 1
@@ -132,11 +134,15 @@ def test_builder_splits_decodes_short_and_long_prefills(model_dir):
     table = step.query_blocks.table_cpu
     rows = sorted(r for _, start, _, n in table for r in range(start, start + n))
     assert rows == list(range(qsl[3], qsl[4])) + list(range(qsl[5], qsl[6]))
-    # Blocks starting below min_seq_len are dense, the others follow the pattern.
+    # Blocks starting below min_seq_len and each chunk's last block are dense, the others follow
+    # the pattern.
     mask = lists_to_mask(step.kv_indices, step.kv_counts, step.query_blocks.num_kv_blocks)
-    for i, (_, _, pos, _) in enumerate(table):
+    seq_lens = batch.seq_lens.tolist()
+    for i, (req, _, pos, _) in enumerate(table):
         qb = pos // BLOCK
-        assert mask[i, 0, : qb + 1].all() == (qb * BLOCK < 256)
+        last = (seq_lens[req] - 1) // BLOCK
+        assert mask[i, 0, : qb + 1].all() == (qb * BLOCK < 256 or qb == last)
+    assert step.query_blocks.last_block.tolist() == [(seq_lens[r] - 1) // BLOCK for r in table[:, 0]]
 
 
 def test_decode_only_and_dense_pattern_leave_flash_attention_alone(model_dir):
@@ -162,7 +168,8 @@ def test_same_decision_whatever_the_chunking(model_dir):
 def test_impl_forward_sparse_batch_matches_reference(model_dir, pattern):
     query_lens, context_lens = [200, 130], [0, 190]
     config = vllm_config(
-        model_dir, pattern=pattern, min_seq_len=0, sink_blocks=0, local_blocks=0, stride=2, threshold=1.0
+        model_dir, pattern=pattern, min_seq_len=0, sink_blocks=0, local_blocks=0, stride=2,
+        threshold=1.0, dense_tail_blocks=0,
     )
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=5)
     _, meta = build(config, batch)
@@ -176,7 +183,9 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, pattern):
 
         qblocks = step.query_blocks
         scores, _, _, _ = step.workspace.views(qblocks.num_blocks)  # the impl's own
-        mask = select_dynamic(scores[..., : qblocks.num_kv_blocks], qblocks.block_index, HKV, impl.cfg)
+        mask = select_dynamic(
+            scores[..., : qblocks.num_kv_blocks], qblocks.block_index, qblocks.last_block, HKV, impl.cfg
+        )
         causal_pairs = HKV * sum(pos // BLOCK + 1 for _, _, pos, _ in qblocks.table_cpu)
         assert 0 < mask.sum() < causal_pairs, "threshold 1.0 keeps only each head's top block"
     else:

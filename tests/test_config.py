@@ -59,6 +59,7 @@ def test_every_field_can_be_set():
         "min_budget": 2,
         "max_budget": 32,
         "min_seq_len": 0,
+        "dense_tail_blocks": 1,
         "dense_layers": [0, 3],
     }
     assert set(options) == {f.name for f in dataclasses.fields(FlashPrefillConfig)}
@@ -73,6 +74,7 @@ def test_every_field_can_be_set():
         min_budget=2,
         max_budget=32,
         min_seq_len=0,
+        dense_tail_blocks=1,
         dense_layers=(0, 3),
     )
     assert isinstance(cfg.threshold, float)
@@ -111,6 +113,7 @@ BAD_CONFIGS = [
     ({"min_budget": -1}, "min_budget", "-1"),
     ({"min_budget": 8, "max_budget": 4}, "max_budget", "4"),
     ({"min_seq_len": -1}, "min_seq_len", "-1"),
+    ({"dense_tail_blocks": -2}, "dense_tail_blocks", "-2"),
     ({"dense_layers": [-1]}, "dense_layers", "-1"),
     ({"dense_layers": -2}, "dense_layers", "-2"),
     ({"dense_layers": ["a"]}, "dense_layers", "'a'"),

@@ -48,7 +48,9 @@ def dynamic_mask(batch, qblocks, cfg, scale):
         batch.q, batch.k_cache, batch.block_table, batch.seq_lens, qblocks.table,
         qblocks.score_groups, scores, pooled, scale, BLOCK,
     )
-    return scores, select_dynamic(scores, qblocks.block_index, batch.k_cache.shape[2], cfg)
+    return scores, select_dynamic(
+        scores, qblocks.block_index, qblocks.last_block, batch.k_cache.shape[2], cfg
+    )
 
 
 # (query lengths, context lengths, Hq, Hkv, head size, page size, dtype, layout)
@@ -70,14 +72,14 @@ def test_sparse_attention_matches_reference(pattern, case):
     )
     cfg = FlashPrefillConfig(
         pattern=pattern, block_size=BLOCK, sink_blocks=1, local_blocks=1, stride=2,
-        threshold=0.5, min_seq_len=128,
+        threshold=0.5, min_seq_len=128, dense_tail_blocks=1,
     )
     scale = head_size**-0.5
     qblocks = plan(batch, hq // hkv)
     if pattern == "dynamic":
         _, mask = dynamic_mask(batch, qblocks, cfg, scale)
     else:
-        mask = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, cfg)
+        mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
     out = run_sparse(batch, qblocks, mask, scale)
     ref = sparse_attention_reference(
         batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
@@ -93,8 +95,12 @@ def test_tma_tiles_match_gathered_tiles(head_size):
     """Pages that hold whole key tiles switch off-diagonal tiles to TMA copies; same numbers."""
     batch = make_paged_batch([200, 90], [60, 128], 8, 2, head_size, 64, torch.float32, seed=2)
     qblocks = plan(batch, 4)
-    cfg = FlashPrefillConfig(pattern="hybrid", block_size=BLOCK, local_blocks=1, stride=2, min_seq_len=0)
-    indices, counts = mask_to_lists(forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, cfg))
+    cfg = FlashPrefillConfig(
+        pattern="hybrid", block_size=BLOCK, local_blocks=1, stride=2, min_seq_len=0, dense_tail_blocks=0
+    )
+    indices, counts = mask_to_lists(
+        forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+    )
     tma = launch_config(head_size, 4, BLOCK, page_size=64, tma=tma_supported(batch.q.device))
     assert tma["TMA"]
     outs = []
@@ -112,13 +118,19 @@ def test_tma_tiles_match_gathered_tiles(head_size):
 def test_sparse_patterns_actually_skip_blocks():
     batch = make_paged_batch([640], [0], 2, 2, 64, 16, torch.float32)
     qblocks = plan(batch, 1)
-    cfg = FlashPrefillConfig(pattern="local", block_size=BLOCK, sink_blocks=1, local_blocks=1, min_seq_len=0)
-    mask = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, cfg)
-    dense = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, FlashPrefillConfig(pattern="dense", block_size=BLOCK))
+    cfg = FlashPrefillConfig(
+        pattern="local", block_size=BLOCK, sink_blocks=1, local_blocks=1, min_seq_len=0,
+        dense_tail_blocks=1,
+    )
+    qb, last = qblocks.block_index, qblocks.last_block
+    mask = forced_block_mask(qb, last, qblocks.num_kv_blocks, cfg)
+    dense = forced_block_mask(qb, last, qblocks.num_kv_blocks, FlashPrefillConfig(pattern="dense", block_size=BLOCK))
     assert mask.sum() < dense.sum()
     out = run_sparse(batch, qblocks, mask, 0.125)
     out_dense = run_sparse(batch, qblocks, dense, 0.125)
-    assert not torch.allclose(out[-64:], out_dense[-64:], atol=1e-3)
+    tail = 640 - BLOCK  # the chunk's last block is its dense tail; the block before it is sparse
+    assert not torch.allclose(out[tail - BLOCK:tail], out_dense[tail - BLOCK:tail], atol=1e-3)
+    torch.testing.assert_close(out[tail:], out_dense[tail:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("page_size", [16, 64])  # 64: key tiles are TMA copies
@@ -126,7 +138,7 @@ def test_block_scores_match_reference_and_give_same_selection(page_size):
     batch = make_paged_batch([300, 77], [40, 129], 8, 2, 64, page_size, torch.float32)
     qblocks = plan(batch, 4)
     scale = 0.125
-    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.97, min_seq_len=0)
+    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.97, min_seq_len=0, dense_tail_blocks=0)
     scores, mask = dynamic_mask(batch, qblocks, cfg, scale)
     ref_scores = block_scores_reference(
         batch.q, batch.k_cache, batch.block_table, batch.seq_lens, qblocks.table, scale, BLOCK,
@@ -134,15 +146,19 @@ def test_block_scores_match_reference_and_give_same_selection(page_size):
     )
     causal = torch.isfinite(ref_scores)
     torch.testing.assert_close(scores[causal], ref_scores[causal], atol=1e-4, rtol=1e-4)
-    ref_mask = select_dynamic(ref_scores, qblocks.block_index, 2, cfg)
+    ref_mask = select_dynamic(ref_scores, qblocks.block_index, qblocks.last_block, 2, cfg)
     assert torch.equal(mask, ref_mask)
     assert mask.sum() < causal[:, ::4].sum(), "threshold 0.97 should drop some blocks"
 
 
 def test_selection_ignores_the_chunk_around_a_block():
-    """A block-aligned prompt gives the same selection in one chunk or in two."""
+    """A block-aligned prompt gives the same selection in one chunk or in two (without a dense
+    tail: with one, the tail of the first chunk is dense as well)."""
     whole = make_paged_batch([512], [0], 4, 2, 64, 16, torch.float32, seed=3)
-    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.4, min_seq_len=0)
+    cfg = FlashPrefillConfig(
+        pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.4,
+        min_seq_len=0, dense_tail_blocks=0,
+    )
     qb_whole = plan(whole, 2)
     _, mask_whole = dynamic_mask(whole, qb_whole, cfg, 0.125)
     # Second chunk: the last 192 query rows, the first 320 tokens already in the cache.
@@ -157,14 +173,19 @@ def test_selection_ignores_the_chunk_around_a_block():
 
 @pytest.mark.parametrize("pattern", ["local", "strided", "hybrid", "dynamic"])
 def test_forced_blocks(pattern):
-    cfg = FlashPrefillConfig(pattern=pattern, block_size=BLOCK, sink_blocks=2, local_blocks=3, stride=4, min_seq_len=5 * BLOCK)
+    cfg = FlashPrefillConfig(
+        pattern=pattern, block_size=BLOCK, sink_blocks=2, local_blocks=3, stride=4,
+        min_seq_len=5 * BLOCK, dense_tail_blocks=2,
+    )
     block_index = torch.arange(20)
-    mask = forced_block_mask(block_index, 20, cfg)[:, 0]
+    # Two chunks: blocks 0..11 (its tail: 10, 11) and 12..19 (tail: 18, 19).
+    last_block = torch.where(block_index < 12, 11, 19)
+    mask = forced_block_mask(block_index, last_block, 20, cfg)[:, 0]
     for qb in range(20):
         row = mask[qb]
         assert row[qb] and not row[qb + 1:].any(), "diagonal kept, nothing after it"
-        if qb < 5:
-            assert row[: qb + 1].all(), "rows below min_seq_len are dense"
+        if qb < 5 or qb in (10, 11, 18, 19):
+            assert row[: qb + 1].all(), "rows below min_seq_len and a chunk's tail are dense"
             continue
         assert row[:2].all()
         if pattern != "strided":
@@ -178,13 +199,13 @@ def test_forced_blocks(pattern):
 def test_budgets_bound_content_selection():
     scores = torch.randn(6, 2, 10)
     block_index = torch.arange(4, 10)
-    base = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=0, min_seq_len=0)
-    forced = forced_block_mask(block_index, 10, FlashPrefillConfig(**base))
-    free = select_dynamic(scores, block_index, 1, FlashPrefillConfig(**base, threshold=0.0))
-    capped = select_dynamic(scores, block_index, 1, FlashPrefillConfig(**base, threshold=0.0, max_budget=2))
+    base = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=0, min_seq_len=0, dense_tail_blocks=0)
+    forced = forced_block_mask(block_index, 9, 10, FlashPrefillConfig(**base))
+    free = select_dynamic(scores, block_index, 9, 1, FlashPrefillConfig(**base, threshold=0.0))
+    capped = select_dynamic(scores, block_index, 9, 1, FlashPrefillConfig(**base, threshold=0.0, max_budget=2))
     assert ((capped & ~forced).sum(-1) <= 2).all()
     assert (capped <= free).all()
-    atleast = select_dynamic(scores, block_index, 1, FlashPrefillConfig(**base, threshold=1.0, min_budget=3))
+    atleast = select_dynamic(scores, block_index, 9, 1, FlashPrefillConfig(**base, threshold=1.0, min_budget=3))
     candidates = (free & ~forced).sum(-1)
     assert torch.equal((atleast & ~forced).sum(-1), candidates.clamp(max=3))
 
@@ -197,25 +218,32 @@ SELECTION_CASES = [
     (4, dict(threshold=1.0, local_blocks=1, min_budget=4)),
     (1, dict(threshold=0.3, min_budget=2, max_budget=5, min_seq_len=6 * BLOCK)),
     (7, dict(threshold=0.2, max_budget=40)),  # budget above the row length: no cap
+    (4, dict(threshold=0.5, dense_tail_blocks=2)),
+    (1, dict(threshold=0.1, dense_tail_blocks=1, min_seq_len=4 * BLOCK, max_budget=2)),
 ]
 
 
 @pytest.mark.parametrize("case", range(len(SELECTION_CASES)))
 def test_fused_selection_matches_torch_selection(case):
     gqa, options = SELECTION_CASES[case]
-    defaults = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=2, min_seq_len=0)
+    defaults = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=2, min_seq_len=0, dense_tail_blocks=0)
     cfg = FlashPrefillConfig(**{**defaults, **options})
     num_kv_heads, nkb, width = 2, 23, 37  # a workspace wider than the step's rows
     gen = torch.Generator().manual_seed(case)
     block_index = torch.tensor([0, 1, 3, 7, 8, 12, 15, 22, 22, 5])
+    # Three requests whose chunks end in blocks 22, 22 and 5 (the last four sit in chunks' tails).
+    request = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 2])
+    seq_lens = torch.tensor([22 * BLOCK + 100, 22 * BLOCK + 1, 6 * BLOCK], dtype=torch.int32)
     table = torch.zeros(len(block_index), 4, dtype=torch.int32)
+    table[:, 0] = request.int()
     table[:, 2] = (block_index * BLOCK + torch.randint(0, BLOCK, (len(block_index),), generator=gen)).int()
     scores = torch.randn(len(block_index), gqa * num_kv_heads, width, generator=gen) * 3
     scores[..., :nkb][scores[..., :nkb] > 4] = 4.0  # ties at the top of a row
     for i, qb in enumerate(block_index.tolist()):
         scores[i, :, qb + 1:] = float("nan")  # stale workspace entries past the diagonal
-    ref = select_dynamic(scores[..., :nkb], block_index, num_kv_heads, cfg)
-    indices, counts = select_dynamic_lists(scores, table, num_kv_heads, nkb, cfg)
+    last_block = (seq_lens[request] - 1) // BLOCK
+    ref = select_dynamic(scores[..., :nkb], block_index, last_block, num_kv_heads, cfg)
+    indices, counts = select_dynamic_lists(scores, table, seq_lens, num_kv_heads, nkb, cfg)
     assert torch.equal(counts, ref.sum(-1, dtype=torch.int32))
     assert torch.equal(lists_to_mask(indices, counts, nkb), ref)
     for i in range(len(block_index)):

@@ -188,7 +188,9 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         )
         indices = counts = None
         if self.cfg.pattern != "dynamic":
-            forced = forced_block_mask(qblocks.block_index, qblocks.num_kv_blocks, self.cfg)
+            forced = forced_block_mask(
+                qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, self.cfg
+            )
             indices, counts = mask_to_lists(forced)
         return SparseStep(
             query_blocks=qblocks,
@@ -357,7 +359,8 @@ def run_sparse(query, key_cache, value_cache, output, block_table, seq_lens, ste
             scores, pooled, scale, qblocks.block_size,
         )
         select_dynamic_lists(
-            scores, qblocks.table, key_cache.shape[2], qblocks.num_kv_blocks, cfg, indices, counts
+            scores, qblocks.table, seq_lens, key_cache.shape[2], qblocks.num_kv_blocks, cfg,
+            indices, counts,
         )
     sparse_prefill_attention(
         query, key_cache, value_cache, output, block_table, seq_lens, qblocks.table,

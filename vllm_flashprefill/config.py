@@ -34,6 +34,10 @@ class FlashPrefillConfig:
     # dynamic: at least / at most this many KV blocks per query block (0 = no cap).
     min_budget: int = 0
     max_budget: int = 0
+    # The last N query blocks of every prefill chunk keep every causal block: a prompt's end (where
+    # the question usually is, and whose last row yields the first output token) attends densely.
+    # Chunks that end inside a prompt get such a tail too, since a chunk does not know it is last.
+    dense_tail_blocks: int = 2
     # Query rows at absolute positions below this run dense (so does the rest of the query block
     # that holds position min_seq_len: decisions are per block).
     min_seq_len: int = 8192
@@ -52,7 +56,7 @@ class FlashPrefillConfig:
         bs = self.block_size
         if bs < 64 or bs & (bs - 1):
             raise bad("block_size", "a power of two >= 64")
-        for key in ("sink_blocks", "local_blocks", "min_budget", "max_budget"):
+        for key in ("sink_blocks", "local_blocks", "dense_tail_blocks", "min_budget", "max_budget"):
             if getattr(self, key) < 0:
                 raise bad(key, "an integer >= 0")
         if self.stride < 1:

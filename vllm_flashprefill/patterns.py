@@ -3,7 +3,8 @@
 A pattern is a boolean mask over (query block, KV head, KV block), always causal and always
 holding the diagonal block. Static patterns depend on block indices only (one mask row shared by
 every head); ``dynamic`` adds the blocks whose score passes a threshold relative to the row maximum.
-Query blocks that start below ``min_seq_len`` keep every causal block (dense).
+Query blocks that start below ``min_seq_len``, and the last ``dense_tail_blocks`` query blocks of
+a chunk, keep every causal block (dense).
 """
 
 from __future__ import annotations
@@ -15,14 +16,29 @@ import torch
 from vllm_flashprefill.config import FlashPrefillConfig
 
 
-def forced_block_mask(
-    block_index: torch.Tensor, num_kv_blocks: int, cfg: FlashPrefillConfig
+def dense_query_blocks(
+    block_index: torch.Tensor, last_block: torch.Tensor | int, cfg: FlashPrefillConfig
 ) -> torch.Tensor:
-    """[n, 1, num_kv_blocks] mask of the blocks a pattern keeps regardless of content."""
+    """[n] bool: query blocks that attend densely (below ``min_seq_len`` or in the chunk's tail).
+
+    last_block: the absolute index of the last block of the chunk each query block belongs to."""
+    qb = block_index.long()
+    return (qb * cfg.block_size < cfg.min_seq_len) | (qb > last_block - cfg.dense_tail_blocks)
+
+
+def forced_block_mask(
+    block_index: torch.Tensor,
+    last_block: torch.Tensor | int,
+    num_kv_blocks: int,
+    cfg: FlashPrefillConfig,
+) -> torch.Tensor:
+    """[n, 1, num_kv_blocks] mask of the blocks a pattern keeps regardless of content
+    (``last_block``: see :func:`dense_query_blocks`)."""
     qb = block_index.long()[:, None]
     kb = torch.arange(num_kv_blocks, device=block_index.device)[None, :]
     causal = kb <= qb
-    keep = (kb == qb) | (kb < cfg.sink_blocks) | (qb * cfg.block_size < cfg.min_seq_len)
+    dense = dense_query_blocks(block_index, last_block, cfg)[:, None]
+    keep = (kb == qb) | (kb < cfg.sink_blocks) | dense
     if cfg.pattern in ("local", "hybrid", "dynamic"):
         keep = keep | (kb >= qb - cfg.local_blocks)
     if cfg.pattern in ("strided", "hybrid"):
@@ -35,6 +51,7 @@ def forced_block_mask(
 def select_dynamic(
     scores: torch.Tensor,
     block_index: torch.Tensor,
+    last_block: torch.Tensor | int,
     num_kv_heads: int,
     cfg: FlashPrefillConfig,
     forced: torch.Tensor | None = None,
@@ -45,11 +62,11 @@ def select_dynamic(
     fraction of the row's top score, ``exp(s - max) >= threshold``); the heads sharing a KV head
     keep the union of their blocks (query head h belongs to KV head h // (Hq / Hkv), as in vLLM). ``min_budget``/``max_budget`` bound how many blocks content
     selection adds on top of the forced sink/local/diagonal blocks (``forced``: that mask, if the
-    caller already has it).
+    caller already has it; ``last_block``: see :func:`dense_query_blocks`).
     """
     n, num_q_heads, nkb = scores.shape
     if forced is None:
-        forced = forced_block_mask(block_index, nkb, cfg)
+        forced = forced_block_mask(block_index, last_block, nkb, cfg)
     causal = torch.arange(nkb, device=scores.device)[None, None, :] <= block_index[:, None, None]
     s = scores.masked_fill(~causal, float("-inf"))
     rel = s - s.amax(-1, keepdim=True)
@@ -70,6 +87,7 @@ def select_dynamic(
 def select_dynamic_lists(
     scores: torch.Tensor,
     qblocks: torch.Tensor,
+    seq_lens: torch.Tensor,
     num_kv_heads: int,
     num_kv_blocks: int,
     cfg: FlashPrefillConfig,
@@ -77,14 +95,15 @@ def select_dynamic_lists(
     counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_dynamic` + :func:`mask_to_lists` as the backend runs them: one Triton kernel
-    (``kernels/selection.py``) over block scores [n, Hq, W >= num_kv_blocks] and the query-block
-    table; returns (indices [n, Hkv, W], counts [n, Hkv])."""
+    (``kernels/selection.py``) over block scores [n, Hq, W >= num_kv_blocks], the query-block
+    table and each request's sequence length after the chunk (vLLM's ``seq_lens``); returns (indices [n, Hkv, W], counts [n, Hkv])."""
     from vllm_flashprefill.kernels.selection import select_blocks
 
     return select_blocks(
-        scores, qblocks, num_kv_heads, num_kv_blocks,
+        scores, qblocks, seq_lens, num_kv_heads, num_kv_blocks,
         sparse_block=cfg.block_size, threshold=cfg.threshold, sink_blocks=cfg.sink_blocks,
-        local_blocks=cfg.local_blocks, min_seq_len=cfg.min_seq_len, min_budget=cfg.min_budget,
+        local_blocks=cfg.local_blocks, min_seq_len=cfg.min_seq_len,
+        dense_tail_blocks=cfg.dense_tail_blocks, min_budget=cfg.min_budget,
         max_budget=cfg.max_budget, indices=indices, counts=counts,
     )
 

@@ -22,6 +22,8 @@ class QueryBlocks:
     table_cpu: np.ndarray
     # [n] absolute block index of each query block (device).
     block_index: torch.Tensor
+    # [n] absolute block index of the last block of the chunk each query block belongs to (device).
+    last_block: torch.Tensor
     # [g, 2] int32 (first query block, count): runs of one request for the scoring kernel.
     score_groups: torch.Tensor
     # KV blocks the longest request spans (the width of block masks and lists).
@@ -65,10 +67,12 @@ def build_query_blocks(
     table_cpu = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
     groups_cpu = np.asarray(groups, dtype=np.int32).reshape(-1, 2)
     table = torch.from_numpy(table_cpu).to(device, non_blocking=True)
+    last_block_cpu = ((seq_lens[table_cpu[:, 0]] - 1) // block_size).astype(np.int32)
     return QueryBlocks(
         table=table,
         table_cpu=table_cpu,
         block_index=table[:, 2] // block_size,
+        last_block=torch.from_numpy(last_block_cpu).to(device, non_blocking=True),
         score_groups=torch.from_numpy(groups_cpu).to(device, non_blocking=True),
         num_kv_blocks=num_kv_blocks,
         block_size=block_size,

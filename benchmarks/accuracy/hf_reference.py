@@ -11,7 +11,8 @@ attention layer then does what the vLLM backend does for one request:
   ``scale * mean(query rows of the block) . key`` maxed over the keys of each KV block (the
   definition of ``kernels/reference.block_scores_reference``); GQA query heads sharing a KV head get
   the union of their blocks (inside ``select_dynamic``); query blocks starting below
-  ``min_seq_len`` keep every causal block, and so do ``cfg.dense_layers``;
+  ``min_seq_len`` keep every causal block, and so do the last ``dense_tail_blocks`` query blocks of
+  the forward pass (the chunk) and ``cfg.dense_layers``;
 * attention is plain fp32 softmax attention over the kept blocks, causal inside them.
 
 Decode steps (one query row) are dense (transformers' SDPA). Padding masks are ignored: run one
@@ -85,12 +86,12 @@ def block_mask_for(q, k, q_start: int, cfg: FlashPrefillConfig, scale: float, de
     first, last = q_start // bs, (kv_len - 1) // bs
     block_index = torch.arange(first, last + 1, device=q.device)
     if dense:
-        mask = forced_block_mask(block_index, last + 1, FlashPrefillConfig(pattern="dense"))
+        mask = forced_block_mask(block_index, last, last + 1, FlashPrefillConfig(pattern="dense"))
     elif cfg.pattern == "dynamic":
         scores, block_index = block_scores(q, k, q_start, bs, scale)
-        mask = select_dynamic(scores, block_index, k.shape[0], cfg)
+        mask = select_dynamic(scores, block_index, last, k.shape[0], cfg)
     else:
-        mask = forced_block_mask(block_index, last + 1, cfg)
+        mask = forced_block_mask(block_index, last, last + 1, cfg)
     return mask.expand(-1, k.shape[0], -1), block_index
 
 

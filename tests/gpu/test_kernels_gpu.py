@@ -254,14 +254,15 @@ def test_dynamic_selection_matches_reference(env, batches, note, case):
     assert score_err <= 1e-2 * score_max + 1e-3, f"block scores off by {score_err} (max {score_max})"
 
     num_kv_heads = b.k_cache.shape[2]
-    mask_got = select_dynamic(got, block_index, num_kv_heads, cfg)
-    mask_ref = select_dynamic(ref, block_index, num_kv_heads, cfg)
+    last_block = pipe.qb.last_block[sel]
+    mask_got = select_dynamic(got, block_index, last_block, num_kv_heads, cfg)
+    mask_ref = select_dynamic(ref, block_index, last_block, num_kv_heads, cfg)
     rel = _relative_scores(ref, block_index, num_kv_heads)
     band = 1e-2 + 2 * score_err  # a relative score moves by at most twice the score error
     near = (rel - (math.log(cfg.threshold) if cfg.threshold > 0 else float("-inf"))).abs() <= band
     disagree = mask_got != mask_ref
     unexplained = int((disagree & ~near).sum())
-    forced = forced_block_mask(block_index, pipe.qb.num_kv_blocks, cfg).expand_as(mask_ref)
+    forced = forced_block_mask(block_index, last_block, pipe.qb.num_kv_blocks, cfg).expand_as(mask_ref)
     candidates = int((~forced & (rel > float("-inf"))).sum())
     picked = int((mask_ref & ~forced).sum())
     note(
