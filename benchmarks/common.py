@@ -257,15 +257,10 @@ class Pipeline:
         return self.attend(self.select(), out)
 
 
-def causal_block_pairs(block_index: torch.Tensor) -> int:
-    """Causal (query block, KV block) pairs: query block i sees KV blocks 0..block_index[i]."""
-    return int((block_index.long() + 1).sum())
-
-
-def mask_density(mask: torch.Tensor, block_index: torch.Tensor) -> float:
+def mask_density(mask: torch.Tensor, qblocks) -> float:
     """Kept (query block, KV block) pairs averaged over the mask's heads / causal pairs."""
     kept = mask.sum().item() / mask.shape[1]
-    return kept / max(1, causal_block_pairs(block_index))
+    return kept / max(1, qblocks.causal_pairs)
 
 
 def causal_flops(num_q_heads: int, head_size: int, seq_len: int) -> float:

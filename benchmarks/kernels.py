@@ -384,7 +384,7 @@ def main(argv=None) -> int:
                         pipe = pipes[pattern]
                         if pipe.dynamic:
                             lists = pipe.select()
-                            density = common.mask_density(pipe.mask(), pipe.qb.block_index)
+                            density = common.mask_density(pipe.mask(), pipe.qb)
                             sel_ms = common.bench(pipe.select, **timing)
                             ms = common.bench(lambda: pipe.attend(lists, out), **timing)
                             total = common.bench(lambda: pipe(out), **timing)
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
                                 scores_ms=scores_ms, select_lists_ms=lists_ms)
                         else:
                             lists = pipe.select()
-                            density = common.mask_density(pipe.mask(), pipe.qb.block_index)
+                            density = common.mask_density(pipe.mask(), pipe.qb)
                             ms = common.bench(lambda: pipe.attend(lists, out), **timing)
                             row(kernel, pattern, density, ms)
                     else:

@@ -21,6 +21,7 @@ from vllm_flashprefill.backend import (
 from vllm_flashprefill.kernels.attention import preferred_page_size
 from vllm_flashprefill.kernels.reference import sparse_attention_reference
 from vllm_flashprefill.patterns import lists_to_mask
+from vllm_flashprefill.stats import read_selection_stats
 
 HQ, HKV, HEAD, PAGE, BLOCK = 8, 2, 64, 16, 64
 # On a GPU machine (vLLM 0.26 from the devkit) the same tests run on CUDA, and the mixed-batch test
@@ -176,7 +177,9 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, pattern):
     impl = make_impl(config)
     out = torch.full_like(batch.q, float("nan"))
     key = value = torch.empty(0)  # the cache write is vLLM's; the sparse path reads the cache only
+    read_selection_stats(reset=True)
     impl.forward(LAYER, batch.q, key, value, batch.kv_cache, meta, out)
+    stats = read_selection_stats(reset=True)
     step = meta.sparse
     if pattern == "dynamic":
         from vllm_flashprefill.patterns import select_dynamic
@@ -195,6 +198,9 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, pattern):
         step.query_blocks.table, mask, HEAD**-0.5, BLOCK,
     )
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+    causal = HKV * sum(pos // BLOCK + 1 for _, _, pos, _ in step.query_blocks.table_cpu)
+    assert stats == {"layer_calls": 1, "kept_blocks": int(mask.sum()), "causal_blocks": causal,
+                     "density": int(mask.sum()) / causal}
 
 
 def test_layers_that_must_stay_dense(model_dir):

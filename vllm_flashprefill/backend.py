@@ -36,6 +36,7 @@ from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
 from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists, select_dynamic_lists
 from vllm_flashprefill.plan import QueryBlocks, build_query_blocks
 from vllm_flashprefill.registration import BACKEND_NAME
+from vllm_flashprefill.stats import STATS
 
 logger = init_logger(__name__)
 
@@ -341,15 +342,17 @@ class FlashPrefillImpl(FlashAttentionImpl):
 
     def forward_sparse(self, query, kv_cache, attn_metadata, step: SparseStep, output) -> None:
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        run_sparse(
+        counts = run_sparse(
             query, key_cache, value_cache, output, attn_metadata.block_table,
             attn_metadata.seq_lens, step, self.cfg, self.scale,
         )
+        STATS.record(counts, step.query_blocks.causal_pairs * self.num_kv_heads)
 
 
 def run_sparse(query, key_cache, value_cache, output, block_table, seq_lens, step: SparseStep,
-               cfg: FlashPrefillConfig, scale: float) -> None:
-    """The sparse rows of a step: dynamic selection (per layer) if needed, then attention."""
+               cfg: FlashPrefillConfig, scale: float) -> torch.Tensor:
+    """The sparse rows of a step: dynamic selection (per layer) if needed, then attention.
+    Returns the number of KV blocks each (query block, KV head) visited."""
     qblocks = step.query_blocks
     indices, counts = step.kv_indices, step.kv_counts
     if indices is None:
@@ -366,6 +369,7 @@ def run_sparse(query, key_cache, value_cache, output, block_table, seq_lens, ste
         query, key_cache, value_cache, output, block_table, seq_lens, qblocks.table,
         indices, counts, scale, qblocks.block_size,
     )
+    return counts
 
 def _layer_index(layer_name: str | None) -> int | None:
     if not layer_name:

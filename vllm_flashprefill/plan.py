@@ -34,6 +34,11 @@ class QueryBlocks:
     def num_blocks(self) -> int:
         return self.table_cpu.shape[0]
 
+    @property
+    def causal_pairs(self) -> int:
+        """(query block, KV block) pairs a dense pass visits: block i sees blocks 0..i."""
+        return int((self.table_cpu[:, 2] // self.block_size + 1).sum())
+
 
 def build_query_blocks(
     query_start_loc_cpu: torch.Tensor | np.ndarray,

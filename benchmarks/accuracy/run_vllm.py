@@ -9,7 +9,9 @@ crash loses one configuration): ``dense`` is ``attention_backend="FLASH_ATTN"``,
 decoding, RULER's generation lengths, chunked prefill and prefix caching at vLLM's defaults.
 ``--parallel N`` runs N engines at a time on the same GPU (each gets 1/N of
 ``--gpu-memory-utilization``) — for small models, whose engine start-up costs more than their
-generation. Engines start one after another: the next starts only when the previous one's ``LLM()``
+generation. Each (task, length) group is one ``generate()`` call, after which the workers' block
+density (``vllm_flashprefill.stats``) is read and reset, so every record carries the density of its
+group's sparse prefills. Engines start one after another: the next starts only when the previous one's ``LLM()``
 returned, because vLLM's start-up memory profile counts memory that another process allocates
 meanwhile as its own (with starts 8 s apart, one of six engines on an H200 failed with "No available
 memory for the cache blocks").
@@ -54,6 +56,8 @@ def child(args) -> None:
     import vllm
     from vllm import LLM, SamplingParams
 
+    from vllm_flashprefill.stats import read_selection_stats
+
     spec = json.loads(args.child)
     samples = [json.loads(line) for line in Path(spec["samples"]).read_text().splitlines()]
     kwargs = {"model": args.model, "max_model_len": spec["max_model_len"], "seed": 0,
@@ -68,15 +72,26 @@ def child(args) -> None:
     llm = LLM(**kwargs)
     Path(spec["out"] + ".ready").touch()  # the parent may start the next engine
     start_s = time.perf_counter() - t0
-    params = [SamplingParams(temperature=0.0, max_tokens=s["max_new_tokens"]) for s in samples]
+    groups: dict[tuple, list[dict]] = {}
+    for s in samples:
+        groups.setdefault((s["task"], s["length"]), []).append(s)
+    outs, densities = [], []
     t0 = time.perf_counter()
-    outs = llm.generate([s["input"] for s in samples], params, use_tqdm=False)
+    for group in groups.values():
+        params = [SamplingParams(temperature=0.0, max_tokens=s["max_new_tokens"]) for s in group]
+        outs += llm.generate([s["input"] for s in group], params, use_tqdm=False)
+        density = None
+        if spec["label"] != suite.DENSE:
+            density = llm.collective_rpc(read_selection_stats, kwargs={"reset": True})[0]["density"]
+        densities += [density] * len(group)
+    samples = [s for group in groups.values() for s in group]
     gen_s = time.perf_counter() - t0
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu-vllm"
     meta = {"card": card, "vllm": vllm.__version__, "torch": torch.__version__, "engine_kwargs": kwargs,
             "engine_start_s": round(start_s, 1), "generate_s": round(gen_s, 1)}
     rows = [{"key": s["key"], "output": o.outputs[0].text, "prompt_tokens": len(o.prompt_token_ids or []),
-             "new_tokens": len(o.outputs[0].token_ids)} for s, o in zip(samples, outs)]
+             "new_tokens": len(o.outputs[0].token_ids), "density": d}
+            for s, o, d in zip(samples, outs, densities)]
     Path(spec["out"]).write_text("".join(json.dumps(r) + "\n" for r in [{"meta": meta}, *rows]))
 
 
@@ -87,7 +102,8 @@ def run_config(args, label: str, options: dict, samples: list[dict], workdir: Pa
     """Start one child; returns (status, [(sample, output row)])."""
     sample_file, out_file, log_file = (workdir / f"{label}.{x}" for x in ("in.jsonl", "out.jsonl", "log"))
     sample_file.write_text("".join(
-        json.dumps({"key": i, "input": s["input"], "max_new_tokens": s["max_new_tokens"]}) + "\n"
+        json.dumps({"key": i, "task": s["task"], "length": s["length"], "input": s["input"],
+                    "max_new_tokens": s["max_new_tokens"]}) + "\n"
         for i, s in enumerate(samples)))
     spec = {"label": label, "options": options, "samples": str(sample_file), "out": str(out_file),
             "max_model_len": args.max_model_len or max(s["length"] for s in samples)}
@@ -98,7 +114,10 @@ def run_config(args, label: str, options: dict, samples: list[dict], workdir: Pa
     t0 = time.time()
     with open(log_file, "w") as log:
         with _START_LOCK:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # collective_rpc sends read_selection_stats to the engine process pickled.
+            env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=env)
             ready = Path(str(out_file) + ".ready")
             while args.parallel > 1 and not ready.exists() and proc.poll() is None:
                 time.sleep(1)
@@ -171,7 +190,8 @@ def main() -> None:
                 records.append({"config": label, "task": s["task"], "length": s["length"],
                                 "index": s["index"], "prompt_tokens": r["prompt_tokens"],
                                 "new_tokens": r["new_tokens"], "output": r["output"], "refs": s["refs"],
-                                "score": suite.score(r["output"], s["refs"], s["metric"]), "density": None})
+                                "score": suite.score(r["output"], s["refs"], s["metric"]),
+                                "density": r["density"]})
             card = next((st["card"] for st in statuses if st.get("card")), "unknown-gpu")
             path = suite.output_path(args.out, card)
             summary = suite.summarize(records)

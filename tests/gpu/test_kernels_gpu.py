@@ -144,7 +144,7 @@ def test_matches_reference(env, batches, note, case, pattern):
     cfg = config(env, pattern)
     pipe, mask, out = run_pipeline(env, b, cfg)
     assert not torch.isnan(out).any(), "rows left unwritten"
-    density = env.common.mask_density(mask, pipe.qb.block_index)
+    density = env.common.mask_density(mask, pipe.qb)
     blocks = env.common.pick_blocks(pipe.qb.num_blocks, SAMPLE_BLOCKS, seed=len(pattern))
     rows, ref = reference_rows(env, b, pipe, mask, blocks)
     env.check_close(out[rows], ref, f"{case}/{pattern} density={density:.3f} vs reference", note)
