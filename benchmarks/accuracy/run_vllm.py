@@ -14,7 +14,8 @@ density (``vllm_flashprefill.stats``) is read and reset, so every record carries
 group's sparse prefills. Engines start one after another: the next starts only when the previous one's ``LLM()``
 returned, because vLLM's start-up memory profile counts memory that another process allocates
 meanwhile as its own (with starts 8 s apart, one of six engines on an H200 failed with "No available
-memory for the cache blocks").
+memory for the cache blocks"). An engine given ``kv_cache_memory_bytes`` in ``--engine-args`` sizes its
+cache from that instead, so then they all start at once.
 Writes ``benchmarks/results/accuracy-<card>-<date>.json`` (rewritten after every configuration)
 and a ``.png`` beside it.
 """
@@ -119,7 +120,8 @@ def run_config(args, label: str, options: dict, samples: list[dict], workdir: Pa
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     env=env)
             ready = Path(str(out_file) + ".ready")
-            while args.parallel > 1 and not ready.exists() and proc.poll() is None:
+            sized = "kv_cache_memory_bytes" in json.loads(args.engine_args)
+            while args.parallel > 1 and not sized and not ready.exists() and proc.poll() is None:
                 time.sleep(1)
         try:
             rc = proc.wait(timeout=args.timeout)
