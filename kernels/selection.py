@@ -4,7 +4,7 @@ Same rule as ``vllm_flashprefill.patterns.select_dynamic`` followed by ``mask_to
 definition the tests compare against), fused so that a layer pays one small launch instead of
 about twenty torch operations: per query block and KV head, each query head's causal scores
 relative to that head's maximum, the union over the heads of the group, the threshold, optional
-min/max budgets on the content-selected blocks, the forced sink/local/diagonal blocks (every causal
+min/max budgets on the content-selected blocks, the forced sink/local/strided/diagonal blocks (every causal
 block for query blocks below ``min_seq_len`` or in the chunk's dense tail), and the
 kept block indices written in ascending order with their count.
 """
@@ -30,7 +30,8 @@ def _select_blocks_kernel(
     num_kv_blocks, log_threshold,
     stride_si, stride_sh, stride_ii, stride_ih, stride_ci, stride_ch,
     GQA: tl.constexpr, WIDTH: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-    SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, MIN_SEQ_LEN: tl.constexpr,
+    SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, STRIDE: tl.constexpr,
+    MIN_SEQ_LEN: tl.constexpr,
     DENSE_TAIL_BLOCKS: tl.constexpr, MIN_BUDGET: tl.constexpr, MAX_BUDGET: tl.constexpr,
 ):
     qblock = tl.program_id(0)
@@ -40,6 +41,8 @@ def _select_blocks_kernel(
     kb = tl.arange(0, WIDTH)
     causal = kb <= qb
     pinned = causal & ((kb == qb) | (kb < SINK_BLOCKS) | (kb >= qb - LOCAL_BLOCKS))
+    if STRIDE > 0:
+        pinned = pinned | (causal & ((qb - kb) % STRIDE == 0))
     dense = (qb * SPARSE_BLOCK < MIN_SEQ_LEN) | (qb > last_block - DENSE_TAIL_BLOCKS)
     forced = tl.where(dense, causal, pinned)
 
@@ -75,6 +78,7 @@ def select_blocks(
     threshold: float,
     sink_blocks: int,
     local_blocks: int,
+    stride: int,
     min_seq_len: int,
     dense_tail_blocks: int,
     min_budget: int = 0,
@@ -108,7 +112,7 @@ def select_blocks(
         scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1),
         counts.stride(0), counts.stride(1),
         GQA=num_q_heads // num_kv_heads, WIDTH=triton.next_power_of_2(width),
-        SPARSE_BLOCK=sparse_block, SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks,
+        SPARSE_BLOCK=sparse_block, SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks, STRIDE=stride,
         MIN_SEQ_LEN=min_seq_len, DENSE_TAIL_BLOCKS=dense_tail_blocks, MIN_BUDGET=min_budget, MAX_BUDGET=max_budget,
         num_warps=4,
     )

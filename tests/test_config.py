@@ -104,7 +104,7 @@ BAD_CONFIGS = [
     ({"block_size": True}, "block_size", "True"),
     ({"sink_blocks": -1}, "sink_blocks", "-1"),
     ({"local_blocks": -3}, "local_blocks", "-3"),
-    ({"stride": 0}, "stride", "0"),
+    ({"pattern": "hybrid", "stride": 0}, "stride", "0"),
     ({"stride": [8]}, "stride", "[8]"),
     ({"threshold": 1.5}, "threshold", "1.5"),
     ({"threshold": -0.1}, "threshold", "-0.1"),
@@ -280,3 +280,10 @@ def test_dense_layers_list_given_directly_is_checked():
     assert FlashPrefillConfig(dense_layers=[1, 2]).dense_layers == (1, 2)
     with pytest.raises(ValueError, match="dense_layers"):
         FlashPrefillConfig(dense_layers=[-1])
+
+
+def test_stride_zero_turns_strided_blocks_off_where_they_are_optional():
+    assert load({"pattern": "dynamic", "stride": 0}).stride == 0
+    assert load({"pattern": "local", "stride": 0}).stride == 0
+    with pytest.raises(ValueError, match="stride"):
+        load({"pattern": "strided", "stride": 0})

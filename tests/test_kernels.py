@@ -190,7 +190,7 @@ def test_forced_blocks(pattern):
         assert row[:2].all()
         if pattern != "strided":
             assert row[qb - 3: qb + 1].all()
-        if pattern in ("strided", "hybrid"):
+        if pattern in ("strided", "hybrid", "dynamic"):
             assert all(row[kb] for kb in range(qb % 4, qb + 1, 4))
         if pattern == "local":
             assert row.sum() == 2 + 4
@@ -220,13 +220,15 @@ SELECTION_CASES = [
     (7, dict(threshold=0.2, max_budget=40)),  # budget above the row length: no cap
     (4, dict(threshold=0.5, dense_tail_blocks=2)),
     (1, dict(threshold=0.1, dense_tail_blocks=1, min_seq_len=4 * BLOCK, max_budget=2)),
+    (4, dict(threshold=0.3, stride=3, max_budget=4)),
 ]
 
 
 @pytest.mark.parametrize("case", range(len(SELECTION_CASES)))
 def test_fused_selection_matches_torch_selection(case):
     gqa, options = SELECTION_CASES[case]
-    defaults = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=2, min_seq_len=0, dense_tail_blocks=0)
+    defaults = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=2, stride=0,
+                    min_seq_len=0, dense_tail_blocks=0)
     cfg = FlashPrefillConfig(**{**defaults, **options})
     num_kv_heads, nkb, width = 2, 23, 37  # a workspace wider than the step's rows
     gen = torch.Generator().manual_seed(case)

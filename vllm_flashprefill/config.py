@@ -27,7 +27,8 @@ class FlashPrefillConfig:
     sink_blocks: int = 1
     # KV blocks kept right before the diagonal block (the diagonal is always kept).
     local_blocks: int = 16
-    # strided/hybrid: keep KV block kb when (query_block - kb) % stride == 0.
+    # strided/hybrid/dynamic: keep KV block kb when (query_block - kb) % stride == 0 (dynamic
+    # selects by content on top of these; 0 turns them off there).
     stride: int = 16
     # dynamic: keep a block whose score is >= threshold * the row's max score.
     threshold: float = 0.1
@@ -59,8 +60,9 @@ class FlashPrefillConfig:
         for key in ("sink_blocks", "local_blocks", "dense_tail_blocks", "min_budget", "max_budget"):
             if getattr(self, key) < 0:
                 raise bad(key, "an integer >= 0")
-        if self.stride < 1:
-            raise bad("stride", "an integer >= 1")
+        if self.stride < (1 if self.pattern in ("strided", "hybrid") else 0):
+            raise bad("stride", f"an integer >= 1 for pattern {self.pattern!r} (0 = no strided blocks "
+                      "for the other patterns)")
         if not 0.0 <= self.threshold <= 1.0:
             raise bad("threshold", "a number in [0, 1]")
         if self.max_budget and self.max_budget < self.min_budget:

@@ -2,7 +2,8 @@
 
 A pattern is a boolean mask over (query block, KV head, KV block), always causal and always
 holding the diagonal block. Static patterns depend on block indices only (one mask row shared by
-every head); ``dynamic`` adds the blocks whose score passes a threshold relative to the row maximum.
+every head); ``dynamic`` keeps sink, local and strided blocks and adds the blocks whose score passes
+a threshold relative to the row maximum.
 Query blocks that start below ``min_seq_len``, and the last ``dense_tail_blocks`` query blocks of
 a chunk, keep every causal block (dense).
 """
@@ -41,7 +42,7 @@ def forced_block_mask(
     keep = (kb == qb) | (kb < cfg.sink_blocks) | dense
     if cfg.pattern in ("local", "hybrid", "dynamic"):
         keep = keep | (kb >= qb - cfg.local_blocks)
-    if cfg.pattern in ("strided", "hybrid"):
+    if cfg.pattern in ("strided", "hybrid", "dynamic") and cfg.stride:
         keep = keep | ((qb - kb) % cfg.stride == 0)
     if cfg.pattern == "dense":
         keep = causal
@@ -102,7 +103,7 @@ def select_dynamic_lists(
     return select_blocks(
         scores, qblocks, seq_lens, num_kv_heads, num_kv_blocks,
         sparse_block=cfg.block_size, threshold=cfg.threshold, sink_blocks=cfg.sink_blocks,
-        local_blocks=cfg.local_blocks, min_seq_len=cfg.min_seq_len,
+        local_blocks=cfg.local_blocks, stride=cfg.stride, min_seq_len=cfg.min_seq_len,
         dense_tail_blocks=cfg.dense_tail_blocks, min_budget=cfg.min_budget,
         max_budget=cfg.max_budget, indices=indices, counts=counts,
     )
