@@ -29,7 +29,7 @@ HQ, HKV, HEAD, PAGE, BLOCK = 8, 2, 64, 16, 64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _ONE = torch.ones((), device=DEVICE)
 LAYER = types.SimpleNamespace(
-    layer_name="model.layers.3.self_attn.attn", _q_scale=_ONE, _k_scale=_ONE, _v_scale=_ONE
+    layer_name="model.layers.7.self_attn.attn", _q_scale=_ONE, _k_scale=_ONE, _v_scale=_ONE
 )
 
 
@@ -204,10 +204,14 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, pattern):
 
 
 def test_layers_that_must_stay_dense(model_dir):
-    config = vllm_config(model_dir, pattern="hybrid", dense_layers=[3])
+    config = vllm_config(model_dir, pattern="hybrid", dense_layers=[7])
     assert make_impl(config).dense_reason is None
-    assert not make_impl(config)._runs_sparse(LAYER)  # layer 3 is listed
+    assert not make_impl(config)._runs_sparse(LAYER)  # layer 7 is listed
     assert make_impl(config)._runs_sparse(types.SimpleNamespace(layer_name="model.layers.4.self_attn.attn"))
+    default = vllm_config(model_dir, pattern="hybrid")  # the first 4 layers by default
+    for index, sparse in ((0, False), (3, False), (4, True)):
+        layer = types.SimpleNamespace(layer_name=f"model.layers.{index}.self_attn.attn")
+        assert make_impl(default)._runs_sparse(layer) == sparse
     assert "sliding window" in make_impl(config, sliding_window=128).dense_reason
     assert "soft-capping" in make_impl(config, logits_soft_cap=30.0).dense_reason
     assert "head size" in make_impl(config, head_size=80).dense_reason
