@@ -250,3 +250,21 @@ def test_mixed_batch_dense_rows_on_flash_attention_sparse_rows_on_ours(model_dir
         every.table, mask, HEAD**-0.5, BLOCK,
     )
     torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=3e-3)
+
+
+def test_settings_line_reaches_vllms_log(model_dir):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    vllm_log = logging.getLogger("vllm")  # what vLLM's logging config sets up in an engine
+    level = vllm_log.level
+    vllm_log.addHandler(handler)
+    vllm_log.setLevel(logging.INFO)
+    try:  # a config not seen yet (each is logged once per process)
+        make_impl(vllm_config(model_dir, pattern="local", local_blocks=13))
+    finally:
+        vllm_log.removeHandler(handler)
+        vllm_log.setLevel(level)
+    assert any("local_blocks=13" in r.getMessage() for r in records)

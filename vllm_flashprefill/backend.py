@@ -38,7 +38,9 @@ from vllm_flashprefill.plan import QueryBlocks, build_query_blocks
 from vllm_flashprefill.registration import BACKEND_NAME
 from vllm_flashprefill.stats import STATS
 
-logger = init_logger(__name__)
+# Under "vllm." so that vLLM's handler and VLLM_LOGGING_LEVEL apply: a logger outside that tree
+# has no handler, and its INFO lines would be dropped.
+logger = init_logger("vllm.flashprefill")
 
 
 @functools.cache
