@@ -104,6 +104,8 @@ def main() -> None:
             "num_samples": args.num_samples, "tasks": args.tasks, "lengths": args.lengths}],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "configs": configs,
+        "resolved": {label: suite.resolved(opts) for label, opts in configs.items() if label != suite.DENSE},
+        "commit": suite.git_commit(),
     }
     t_start = time.time()
 

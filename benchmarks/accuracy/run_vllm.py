@@ -177,9 +177,11 @@ def main() -> None:
             "settings": {"greedy": True, "chunked_prefill": "vLLM default", "prefix_caching": "vLLM default",
                          "base": json.loads(args.base), "engine_args": json.loads(args.engine_args),
                          "num_samples": args.num_samples},
+            "commit": suite.git_commit(),
             "configs": {label: {"backend": "FLASH_ATTN" if label == suite.DENSE else "FLASHPREFILL",
                                 "options": None if label == suite.DENSE else opts}
-                        for label, opts in configs.items()}}
+                        for label, opts in configs.items()},
+            "resolved": {label: suite.resolved(opts) for label, opts in configs.items() if label != suite.DENSE}}
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         futures = [pool.submit(run_config, args, label, options, samples, workdir)
                    for label, options in configs.items()]

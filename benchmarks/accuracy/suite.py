@@ -48,6 +48,27 @@ def parse_configs(specs: list[str], base: dict[str, Any]) -> dict[str, dict[str,
     return configs
 
 
+def resolved(options: dict[str, Any]) -> dict[str, Any]:
+    """Every FLASHPREFILL setting a configuration ran with (its options over the package
+    defaults), so that results stay readable after the defaults change."""
+    import dataclasses
+
+    from vllm_flashprefill.config import FlashPrefillConfig
+
+    return dataclasses.asdict(FlashPrefillConfig.from_dict(options))
+
+
+def git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def load_tasks(data_dir: str | os.PathLike, tasks: list[str] | None, lengths: list[int] | None,
                num_samples: int | None) -> list[dict[str, Any]]:
     """Samples of ``<data_dir>/<length>/<task>/validation.jsonl`` (written by prepare.py)."""

@@ -7,8 +7,11 @@ compared with the dense of its own file (mean over the tasks, per length), so ru
 by side without comparing numbers across runs. Density is the measured kept / causal block share
 of the sparse layer calls (``vllm_flashprefill.stats``); rows that run dense (below ``min_seq_len``)
 are not in it, and lengths where nothing ran sparse have no density and are left out of the plot.
+With ``--num-layers`` the attention density counts ``dense_layers`` as fully dense too (what the
+prefill's attention costs). A configuration's settings come from the file's ``resolved`` entry, or
+for older files from the ``package_defaults`` noted in them.
 Writes a JSON (one point per file x configuration x length) and a PNG beside it: one panel per
-length, score change vs density, one marker per configuration.
+length, score change vs density, one marker per configuration (larger for more samples).
 """
 
 from __future__ import annotations
@@ -21,7 +24,28 @@ from pathlib import Path
 import suite
 
 
-def points(path: Path) -> list[dict]:
+def settings(data: dict, config: str) -> dict:
+    """Every setting a configuration ran with: the file's ``resolved`` entry (the runners write it)
+    or, for files from before it, the options over the ``package_defaults`` noted in the file."""
+    if config in data.get("resolved", {}):
+        return data["resolved"][config]
+    if "package_defaults" not in data:
+        raise SystemExit(f"{config}: the file records neither 'resolved' nor 'package_defaults'")
+    entry = data["configs"][config]
+    options = entry.get("options", entry) if isinstance(entry, dict) else {}
+    return {**data["package_defaults"], **(options or {})}
+
+
+def attention_density(density: float | None, cfg: dict, num_layers: int | None) -> float | None:
+    """Share of the causal attention work done, dense layers included (``num_layers`` given)."""
+    if density is None or not num_layers:
+        return None
+    dense = cfg["dense_layers"]
+    n_dense = min(dense, num_layers) if isinstance(dense, int) else len([i for i in dense if i < num_layers])
+    return round((n_dense + (num_layers - n_dense) * density) / num_layers, 4)
+
+
+def points(path: Path, num_layers: int | None) -> list[dict]:
     data = json.loads(path.read_text())
     by_config: dict[tuple, list] = defaultdict(list)
     for r in data["summary"]:
@@ -35,12 +59,14 @@ def points(path: Path) -> list[dict]:
         score = sum(r["score"] for r in rows if r["task"] in tasks) / len(tasks)
         base = sum(r["score"] for r in dense if r["task"] in tasks) / len(tasks)
         dens = [r["density"] for r in rows if r["density"] is not None]
+        density = round(sum(dens) / len(dens), 4) if dens else None
+        cfg = settings(data, config)
         out.append({
             "file": path.name, "card": data.get("card"), "date": data.get("date"),
-            "config": config, "options": data["configs"][config]["options"], "length": length,
+            "config": config, "settings": cfg, "length": length,
             "tasks": len(tasks), "samples": sum(r["n"] for r in rows if r["task"] in tasks),
             "score": round(score, 2), "dense_score": round(base, 2), "delta": round(score - base, 2),
-            "density": round(sum(dens) / len(dens), 4) if dens else None,
+            "density": density, "attention_density": attention_density(density, cfg, num_layers),
         })
     return out
 
@@ -51,17 +77,22 @@ def plot(rows: list[dict], png: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def x(r):  # dense layers counted where the model's layer count was given
+        return r["attention_density"] if r["attention_density"] is not None else r["density"]
+
     lengths = sorted({r["length"] for r in rows if r["density"] is not None})
+    counted = all(r["attention_density"] is not None for r in rows if r["density"] is not None)
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.8), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         for r in (r for r in rows if r["length"] == length and r["density"] is not None):
-            ax.scatter(r["density"], r["delta"], s=22)
-            ax.annotate(r["config"], (r["density"], r["delta"]), fontsize=6.5,
+            ax.scatter(x(r), r["delta"], s=6 + r["samples"] / 4)  # bigger: more samples
+            ax.annotate(r["config"], (x(r), r["delta"]), fontsize=6.5,
                         xytext=(3, 2), textcoords="offset points")
         ax.axhline(0, color="gray", lw=0.8)
         ax.axhspan(-1, 1, color="green", alpha=0.08, label="within 1 point of dense")
         ax.set_xlim(0, 1.02)
-        ax.set_xlabel("block density of the sparse layers (kept / causal)")
+        ax.set_xlabel("attention density, dense layers counted (kept / causal blocks)" if counted
+                      else "block density of the sparse layers (kept / causal)")
         ax.set_ylabel("RULER mean - dense mean (points, same run)")
         ax.set_title(f"{length // 1024}K", fontsize=10)
         ax.grid(alpha=0.3)
@@ -77,14 +108,18 @@ def main() -> None:
     p.add_argument("results", nargs="+", type=Path, help="accuracy-*.json files (run_vllm.py or run_cpu.py)")
     p.add_argument("--out", type=Path, required=True, help="JSON to write (the PNG goes beside it)")
     p.add_argument("--title", default="FLASHPREFILL: accuracy vs density")
+    p.add_argument("--num-layers", type=int, help="the model's layers: also report the attention "
+                   "density with the dense layers counted")
     args = p.parse_args()
-    rows = sorted((r for f in args.results for r in points(f)), key=lambda r: (r["length"], r["config"]))
+    rows = sorted((r for f in args.results for r in points(f, args.num_layers)),
+                  key=lambda r: (r["length"], r["config"]))
     args.out.write_text(json.dumps({"inputs": [str(f) for f in args.results], "points": rows}, indent=1))
     plot(rows, args.out.with_suffix(".png"), args.title)
     for r in rows:
         d = "-" if r["density"] is None else f"{r['density']:.2f}"
-        print(f"{r['length']:>6} {r['config']:<16} {r['file']:<28} score {r['score']:5.1f} "
-              f"delta {r['delta']:+5.1f} density {d} (n={r['samples']})")
+        a = "-" if r["attention_density"] is None else f"{r['attention_density']:.2f}"
+        print(f"{r['length']:>6} {r['config']:<16} {r['file']:<44} score {r['score']:5.1f} "
+              f"delta {r['delta']:+5.1f} density {d} with dense layers {a} (n={r['samples']})")
 
 
 if __name__ == "__main__":
