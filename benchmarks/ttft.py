@@ -115,6 +115,15 @@ def parse_lengths(text: str) -> list[int]:
     return sorted(set(out))
 
 
+def resolved_settings(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Every FLASHPREFILL setting the engine runs with (options, package defaults, FLASHPREFILL_* env)."""
+    if options is None:
+        return None
+    from vllm_flashprefill.config import FlashPrefillConfig
+
+    return FlashPrefillConfig.from_additional_config({"flashprefill": options}).as_dict()
+
+
 def parse_engine_args(items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs; VALUE is JSON if it parses (``true``, ``8``, ``{...}``), else a string."""
     out: dict[str, Any] = {}
@@ -376,6 +385,7 @@ def run_config(args, cfg, log_path, events_path, state, pbar) -> dict[str, Any]:
         open(events_path, "w").close()
         status: dict[str, Any] = {"config": cfg["label"], "backend": cfg["backend"],
                                   "pattern": cfg["pattern"], "options": cfg["options"],
+                                  "resolved": resolved_settings(cfg["options"]),
                                   "status": "running", "max_model_len": max_model_len,
                                   "lengths": args.lengths, "runs": args.runs,
                                   "warmup": args.warmup, "engine_args": parse_engine_args(

@@ -86,6 +86,9 @@ def test_summary_names_every_field():
     for field in dataclasses.fields(FlashPrefillConfig):
         assert f"{field.name}=" in summary
     assert "pattern=local" in summary
+    assert load({"pattern": "local"}).as_dict() == {
+        **{f.name: f.default for f in dataclasses.fields(FlashPrefillConfig)}, "pattern": "local"
+    }
 
 
 # --- invalid configs ------------------------------------------------------------------------------

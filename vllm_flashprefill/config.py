@@ -91,6 +91,10 @@ class FlashPrefillConfig:
             return layer_index < self.dense_layers
         return layer_index in self.dense_layers
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting, for results files (so they stay readable after the defaults change)."""
+        return dataclasses.asdict(self)
+
     def summary(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
         return f"FlashPrefill: {fields}"

@@ -51,11 +51,9 @@ def parse_configs(specs: list[str], base: dict[str, Any]) -> dict[str, dict[str,
 def resolved(options: dict[str, Any]) -> dict[str, Any]:
     """Every FLASHPREFILL setting a configuration ran with (its options over the package
     defaults), so that results stay readable after the defaults change."""
-    import dataclasses
-
     from vllm_flashprefill.config import FlashPrefillConfig
 
-    return dataclasses.asdict(FlashPrefillConfig.from_dict(options))
+    return FlashPrefillConfig.from_dict(options).as_dict()
 
 
 def git_commit() -> str | None:
