@@ -348,7 +348,7 @@ class FlashPrefillImpl(FlashAttentionImpl):
             query, key_cache, value_cache, output, attn_metadata.block_table,
             attn_metadata.seq_lens, step, self.cfg, self.scale,
         )
-        STATS.record(counts, step.query_blocks.causal_pairs * self.num_kv_heads)
+        STATS.record(counts, step.query_blocks.causal_pairs, self.num_kv_heads)
 
 
 def run_sparse(query, key_cache, value_cache, output, block_table, seq_lens, step: SparseStep,

@@ -19,12 +19,14 @@ class SelectionStats:
         self.causal = 0
         self.layer_calls = 0
 
-    def record(self, counts: torch.Tensor, causal: int) -> None:
-        """counts: [n, Hkv] blocks kept by one layer call; causal: its causal triples."""
+    def record(self, counts: torch.Tensor, causal_pairs: int, num_kv_heads: int) -> None:
+        """One layer call. counts: [n, Hkv] blocks kept per (query block, KV head), or [n, 1] when
+        every KV head shares the list (static patterns); causal_pairs: its causal (query block,
+        KV block) pairs."""
         if self._kept is None or self._kept.device != counts.device:
             self._kept = torch.zeros((), dtype=torch.int64, device=counts.device)
-        self._kept += counts.sum(dtype=torch.int64)
-        self.causal += causal
+        self._kept += counts.sum(dtype=torch.int64) * (num_kv_heads // counts.shape[1])
+        self.causal += causal_pairs * num_kv_heads
         self.layer_calls += 1
 
     def snapshot(self) -> dict:
