@@ -4,8 +4,8 @@ Same rule as ``vllm_flashprefill.patterns.select_dynamic`` followed by ``mask_to
 definition the tests compare against), fused so that a layer pays one small launch instead of
 about twenty torch operations: per query block and KV head, each query head's causal scores
 relative to that head's maximum, the union over the heads of the group, the threshold, optional
-min/max budgets on the content-selected blocks, the forced sink/local/strided/diagonal blocks (every causal
-block for query blocks below ``min_seq_len`` or in the chunk's dense tail), and the
+min/max budgets on the content-selected blocks, the forced sink/local/strided/diagonal blocks
+(every causal block for query blocks below ``min_seq_len`` or in the chunk's dense tail), and the
 kept block indices written in ascending order with their count.
 """
 
@@ -31,8 +31,8 @@ def _select_blocks_kernel(
     stride_si, stride_sh, stride_ii, stride_ih, stride_ci, stride_ch,
     GQA: tl.constexpr, WIDTH: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
     SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, STRIDE: tl.constexpr,
-    MIN_SEQ_LEN: tl.constexpr,
-    DENSE_TAIL_BLOCKS: tl.constexpr, MIN_BUDGET: tl.constexpr, MAX_BUDGET: tl.constexpr,
+    MIN_SEQ_LEN: tl.constexpr, DENSE_TAIL_BLOCKS: tl.constexpr,
+    MIN_BUDGET: tl.constexpr, MAX_BUDGET: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -112,8 +112,9 @@ def select_blocks(
         scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1),
         counts.stride(0), counts.stride(1),
         GQA=num_q_heads // num_kv_heads, WIDTH=triton.next_power_of_2(width),
-        SPARSE_BLOCK=sparse_block, SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks, STRIDE=stride,
-        MIN_SEQ_LEN=min_seq_len, DENSE_TAIL_BLOCKS=dense_tail_blocks, MIN_BUDGET=min_budget, MAX_BUDGET=max_budget,
+        SPARSE_BLOCK=sparse_block, SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks,
+        STRIDE=stride, MIN_SEQ_LEN=min_seq_len, DENSE_TAIL_BLOCKS=dense_tail_blocks,
+        MIN_BUDGET=min_budget, MAX_BUDGET=max_budget,
         num_warps=4,
     )
     return indices, counts

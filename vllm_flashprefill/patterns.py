@@ -61,9 +61,10 @@ def select_dynamic(
 
     Per query head the scores are taken relative to that head's maximum (so ``threshold`` is a
     fraction of the row's top score, ``exp(s - max) >= threshold``); the heads sharing a KV head
-    keep the union of their blocks (query head h belongs to KV head h // (Hq / Hkv), as in vLLM). ``min_budget``/``max_budget`` bound how many blocks content
-    selection adds on top of the forced sink/local/diagonal blocks (``forced``: that mask, if the
-    caller already has it; ``last_block``: see :func:`dense_query_blocks`).
+    keep the union of their blocks (query head h belongs to KV head h // (Hq / Hkv), as in vLLM).
+    ``min_budget``/``max_budget`` bound how many blocks content selection adds on top of the
+    forced blocks of :func:`forced_block_mask` (``forced``: that mask, if the caller already has
+    it; ``last_block``: see :func:`dense_query_blocks`).
     """
     n, num_q_heads, nkb = scores.shape
     if forced is None:

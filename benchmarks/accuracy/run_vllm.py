@@ -181,7 +181,8 @@ def main() -> None:
             "configs": {label: {"backend": "FLASH_ATTN" if label == suite.DENSE else "FLASHPREFILL",
                                 "options": None if label == suite.DENSE else opts}
                         for label, opts in configs.items()},
-            "resolved": {label: suite.resolved(opts) for label, opts in configs.items() if label != suite.DENSE}}
+            "resolved": {label: suite.resolved(opts, dict(os.environ))  # the engines read FLASHPREFILL_*
+                         for label, opts in configs.items() if label != suite.DENSE}}
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         futures = [pool.submit(run_config, args, label, options, samples, workdir)
                    for label, options in configs.items()]

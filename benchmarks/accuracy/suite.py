@@ -48,12 +48,13 @@ def parse_configs(specs: list[str], base: dict[str, Any]) -> dict[str, dict[str,
     return configs
 
 
-def resolved(options: dict[str, Any]) -> dict[str, Any]:
+def resolved(options: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Every FLASHPREFILL setting a configuration ran with (its options over the package
-    defaults), so that results stay readable after the defaults change."""
+    defaults, then ``FLASHPREFILL_*`` from ``environ`` where the engine reads them), so that
+    results stay readable after the defaults change."""
     from vllm_flashprefill.config import FlashPrefillConfig
 
-    return FlashPrefillConfig.from_dict(options).as_dict()
+    return FlashPrefillConfig.from_additional_config({"flashprefill": options}, environ or {}).as_dict()
 
 
 def git_commit() -> str | None:
