@@ -8,6 +8,7 @@ or ends inside a block contributes the part of the block it holds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,9 +35,10 @@ class QueryBlocks:
     def num_blocks(self) -> int:
         return self.table_cpu.shape[0]
 
-    @property
+    @functools.cached_property
     def causal_pairs(self) -> int:
-        """(query block, KV block) pairs a dense pass visits: block i sees blocks 0..i."""
+        """(query block, KV block) pairs a dense pass visits: block i sees blocks 0..i (computed
+        once per step; every sparse layer records it)."""
         return int((self.table_cpu[:, 2] // self.block_size + 1).sum())
 
 

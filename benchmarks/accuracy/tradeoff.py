@@ -23,6 +23,8 @@ from pathlib import Path
 
 import suite
 
+from vllm_flashprefill.config import FlashPrefillConfig
+
 
 def settings(data: dict, config: str) -> dict:
     """Every setting a configuration ran with: the file's ``resolved`` entry (the runners write it)
@@ -40,8 +42,8 @@ def attention_density(density: float | None, cfg: dict, num_layers: int | None) 
     """Share of the causal attention work done, dense layers included (``num_layers`` given)."""
     if density is None or not num_layers:
         return None
-    dense = cfg["dense_layers"]
-    n_dense = min(dense, num_layers) if isinstance(dense, int) else len([i for i in dense if i < num_layers])
+    config = FlashPrefillConfig.from_dict(cfg)
+    n_dense = sum(config.layer_is_dense(i) for i in range(num_layers))
     return round((n_dense + (num_layers - n_dense) * density) / num_layers, 4)
 
 
