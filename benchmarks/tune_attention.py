@@ -1,10 +1,14 @@
-"""Sweep the sparse attention kernel's tile shapes on one GPU; prints TFLOP/s per configuration.
+"""Sweep the sparse attention kernel's launch configurations on one GPU; prints TFLOP/s of each.
 
-    python3 benchmarks/tune_attention.py --seq-len 32768 --page-sizes 16,64,128 [--out results.json]
+    python3 benchmarks/tune_attention.py --seq-len 131072 --pattern hybrid --page-sizes 64 \
+        --rows 128,256 --block-n 64,128 --warps 4,8 --stages 2,3 --rounds 3 [--out results.json]
 
-Times one prompt (context 0) over a shuffled paged cache (bf16) for the dense pattern (every
-causal block). Per page size: the default launch configuration, the pointer-gather tiles of the
-page-16 default, and (pages >= 64) TMA tiles over BLOCK_N x warps x stages x rows.
+Times one prompt (context 0) over a shuffled paged cache (bf16) for one pattern (``dense``: every
+causal block; ``hybrid``: the package's default sink/local/stride). Per page size: the default
+launch configuration, the pointer-gather tiles of the page-16 default, and (pages >= 64) TMA tiles
+over the product of the axes given. TFLOP/s counts the kept blocks only (effective throughput).
+With ``--rounds`` N the whole sweep is timed N times, interleaved, and each configuration reports
+the median of its rounds: clocks drift by a few percent over a sweep, more than some effects.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 
 import torch
 import triton
@@ -35,6 +40,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=32768)
     ap.add_argument("--page-sizes", default="16,64,128")
     ap.add_argument("--heads", default="32,8,128;14,2,64")
+    ap.add_argument("--pattern", default="dense", choices=["dense", "hybrid", "local", "strided"])
+    for axis, default in (("rows", "64,128"), ("block-n", "64,128"), ("warps", "4,8"), ("stages", "2,3")):
+        ap.add_argument(f"--{axis}", default=default, help="comma-separated values to sweep")
+    ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev, dtype, B = "cuda", torch.bfloat16, 128
@@ -47,26 +57,39 @@ def main() -> None:
         out = torch.empty_like(q)
         seq_lens = torch.tensor([S], dtype=torch.int32, device=dev)
         qb = build_query_blocks(torch.tensor([0, S]), seq_lens.cpu(), [0], B, dev)
-        cfg = FlashPrefillConfig(pattern="dense", block_size=B, min_seq_len=0)
-        idx, cnt = mask_to_lists(forced_block_mask(qb.block_index, qb.last_block, qb.num_kv_blocks, cfg))
-        flops = 4.0 * hq * d * S * (S + 1) / 2
+        cfg = FlashPrefillConfig(pattern=args.pattern, block_size=B, min_seq_len=0)
+        mask = forced_block_mask(qb.block_index, qb.last_block, qb.num_kv_blocks, cfg)
+        idx, cnt = mask_to_lists(mask)
+        causal_blocks = qb.num_kv_blocks * (qb.num_kv_blocks + 1) / 2
+        density = mask.sum().item() / mask.shape[1] / causal_blocks
+        flops = density * 4.0 * hq * d * S * (S + 1) / 2
+        axes = [[int(x) for x in getattr(args, a).split(",")] for a in
+                ("rows", "block_n", "warps", "stages")]
         sweep = [launch_config(d, gqa, B, page, tma=True), launch_config(d, gqa, B)]
         sweep += [
             dict(BLOCK_Q=bm // triton.next_power_of_2(gqa), BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                  num_stages=st, TMA=True)
-            for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))
+            for bm, bn, w, st in itertools.product(*axes)
             if bn <= page
         ]
         sweep = [dict(t) for t in dict.fromkeys(tuple(sorted(c.items())) for c in sweep)]
-        for c in sweep:
+        times = {i: [] for i in range(len(sweep))}
+        for _, (i, c) in itertools.product(range(args.rounds), enumerate(sweep)):
+            if times[i] is None:
+                continue
             try:
                 fn = lambda: sparse_prefill_attention(q, k, v, out, table, seq_lens, qb.table, idx, cnt, d**-0.5, B, c)
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                times[i].append(triton.testing.do_bench(fn, warmup=25, rep=args.rep_ms, return_mode="median"))
             except Exception as exc:  # an infeasible tile shape (shared memory) is a data point too
                 print(spec, page, c, "FAILED", type(exc).__name__, str(exc)[:120], flush=True)
+                times[i] = None
+        for i, c in enumerate(sweep):
+            if not times[i]:
                 continue
+            ms = statistics.median(times[i])
             tf = flops / ms / 1e9
-            rows.append(dict(heads=spec, page_size=page, seq_len=S, ms=ms, tflops=tf, **c))
+            rows.append(dict(heads=spec, page_size=page, seq_len=S, pattern=args.pattern,
+                             density=density, ms=ms, rounds_ms=times[i], tflops=tf, **c))
             print(f"{spec:>10} page={page:<4} {c} {ms:8.3f} ms {tf:6.1f} TF/s", flush=True)
         del k, v, q, out
     best = {}
@@ -77,7 +100,7 @@ def main() -> None:
     print("BEST:")
     for key, r in best.items():
         print(key, f"{r['tflops']:.1f} TF/s {r['ms']:.3f} ms",
-              {k: r[k] for k in ("BLOCK_Q", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA")})
+              {k: r.get(k) for k in ("BLOCK_Q", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA")})
     if args.out:
         json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__, rows=rows), open(args.out, "w"), indent=1)
 
