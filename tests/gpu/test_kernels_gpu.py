@@ -304,14 +304,16 @@ def test_extreme_inputs(env, note, pattern):
 
 @pytest.mark.parametrize("pattern", ["local", "dynamic"])
 def test_reads_only_listed_blocks_and_writes_only_its_rows(env, note, pattern):
-    """NaN in every KV block that the last query blocks' lists skip; rows of other query blocks
-    must keep their previous contents."""
+    """NaN in every KV block that the last sparse query blocks' lists skip; rows of other query
+    blocks must keep their previous contents."""
     b = make(env, "long64k" if not ON_GPU else "gqa7", seed=11)
     cfg = config(env, pattern)
     pipe = env.common.Pipeline(b, cfg)
     mask = pipe.mask()
     n = pipe.qb.num_blocks
-    last = [i for i in range(n) if int(pipe.qb.table_cpu[i][0]) == 0][-3:]  # request 0's tail
+    # Request 0's last query blocks before its dense tail (which lists every causal block).
+    own = [i for i in range(n) if int(pipe.qb.table_cpu[i][0]) == 0]
+    last = own[: len(own) - cfg.dense_tail_blocks][-3:]
     keep = mask[last].any(0).any(0)  # KV blocks any of them lists
     rows, ref = reference_rows(env, b, pipe, mask, last)  # before poisoning
     skipped = (~keep).nonzero().squeeze(1).tolist()
