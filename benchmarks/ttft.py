@@ -93,6 +93,10 @@ def parse_config(spec: str) -> dict[str, Any]:
             f"config {spec!r}: only FLASHPREFILL takes options (got {rest!r})")
     pattern = None
     if options is not None:
+        try:  # a typo must stop the run here, not after the baseline's engines have run
+            resolved_settings(options)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"config {spec!r}: {e}") from None
         pattern = str(options.get("pattern") or plotting.default_pattern())
     if label is None:
         label = backend if options is None else (
@@ -600,7 +604,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker_main(args)
 
-    cfgs = [parse_config(s) for s in args.configs]
+    try:
+        cfgs = [parse_config(s) for s in args.configs]
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
     labels = [c["label"] for c in cfgs]
     if len(set(labels)) != len(labels):
         p.error(f"duplicate configuration labels: {labels}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -290,3 +292,21 @@ def test_stride_zero_turns_strided_blocks_off_where_they_are_optional():
     assert load({"pattern": "local", "stride": 0}).stride == 0
     with pytest.raises(ValueError, match="stride"):
         load({"pattern": "strided", "stride": 0})
+
+
+def test_ttft_benchmark_rejects_bad_options_before_starting_engines(tmp_path, capsys):
+    """A typo in a --configs entry stops benchmarks/ttft.py at argument parsing, with the config
+    error, instead of after the baseline's engines have run."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ttft
+
+    (tmp_path / "config.json").write_text("{}")
+    for spec in ('FLASHPREFILL:hybrid:{"dense_layers":0}', 'FLASHPREFILL:{"stride": -1}'):
+        with pytest.raises(SystemExit) as exit_info:
+            ttft.main(["--model-dir", str(tmp_path), "--configs", "FLASH_ATTN", spec])
+        assert exit_info.value.code == 2
+        assert "flashprefill: invalid value" in capsys.readouterr().err
+    assert ttft.parse_config('FLASHPREFILL:{"pattern":"hybrid","dense_layers":0}')["pattern"] == "hybrid"
