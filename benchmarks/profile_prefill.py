@@ -1,0 +1,77 @@
+"""Where the time of one long prefill goes: CUDA kernel totals from torch.profiler, one process.
+
+    python3 benchmarks/profile_prefill.py --model-dir /tmp/llama8b --prompt-len 131072 \
+        --backend FLASHPREFILL --options '{"pattern": "hybrid", "dense_layers": 0}' --out prof.json
+
+Runs the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, eager) so that the profiler
+sees the model's kernels; one warm-up prompt, then one profiled prompt (``max_tokens=1``). Writes the
+top kernels by total CUDA time, grouped as attention / GEMM / other, with the wall time of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--prompt-len", type=int, default=131072)
+    ap.add_argument("--backend", default="FLASHPREFILL")
+    ap.add_argument("--options", default="{}", help="FlashPrefill options (JSON)")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"  # prompt + room for the output token
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    extra = {"additional_config": {"flashprefill": json.loads(args.options)}} if args.backend == "FLASHPREFILL" else {}
+    llm = LLM(model=args.model_dir, load_format="dummy", attention_backend=args.backend,
+              max_model_len=args.prompt_len + 128, max_num_batched_tokens=args.prompt_len + 128,
+              enforce_eager=True, enable_prefix_caching=False, gpu_memory_utilization=0.85, **extra)
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+
+    def prompt(seed):
+        g = torch.Generator().manual_seed(seed)
+        return TokensPrompt(prompt_token_ids=torch.randint(100, 20000, (args.prompt_len,), generator=g).tolist())
+
+    llm.generate([prompt(0)], params, use_tqdm=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        llm.generate([prompt(1)], params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+
+    def group(name):
+        low = name.lower()
+        if "sparse_prefill" in low or "flash" in low or "attn" in low or "block_scores" in low or "select" in low:
+            return "attention"
+        if "gemm" in low or "sm90" in low or "cutlass" in low or "nvjet" in low or "matmul" in low:
+            return "gemm"
+        return "other"
+
+    groups: dict[str, float] = {}
+    for e in events:
+        groups[group(e.key)] = groups.get(group(e.key), 0.0) + e.device_time_total / 1e6
+    result = {
+        "card": torch.cuda.get_device_name(), "backend": args.backend, "options": json.loads(args.options),
+        "prompt_len": args.prompt_len, "wall_s": wall, "device_s_by_group": groups,
+        "kernels": [{"name": e.key[:160], "calls": e.count, "device_s": e.device_time_total / 1e6}
+                    for e in events[: args.top]],
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: result[k] for k in ("card", "backend", "wall_s", "device_s_by_group")}, indent=1))
+    for k in result["kernels"]:
+        print(f"{k['device_s']:8.3f} s {k['calls']:6d}  {k['name'][:110]}")
+
+
+if __name__ == "__main__":
+    main()
