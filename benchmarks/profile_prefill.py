@@ -57,9 +57,11 @@ def main() -> None:
     events = [e for e in prof.key_averages() if device_us(e) > 0]
     events.sort(key=lambda e: -device_us(e))
 
+    ours = ("_sparse_prefill_kernel", "_block_scores_kernel", "_pool_queries_kernel", "_select_blocks_kernel")
+
     def group(name):
         low = name.lower()
-        if "sparse_prefill" in low or "flash" in low or "attn" in low or "block_scores" in low or "select" in low:
+        if name.startswith(ours) or "flash" in low or "attn" in low:  # ours, FlashAttention, CPU_ATTN
             return "attention"
         if "gemm" in low or "sm90" in low or "cutlass" in low or "nvjet" in low or "matmul" in low:
             return "gemm"
