@@ -1,38 +1,60 @@
-"""Where the time of one long prefill goes: CUDA kernel totals from torch.profiler, one process.
+"""Where the time of one long prefill goes: kernel totals from torch.profiler, engine in-process.
 
     python3 benchmarks/profile_prefill.py --model-dir /tmp/llama8b --prompt-len 131072 \
         --backend FLASHPREFILL --options '{"pattern": "hybrid", "dense_layers": 0}' --out prof.json
 
 Runs the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, eager) so that the profiler
 sees the model's kernels; one warm-up prompt, then one profiled prompt (``max_tokens=1``). Writes the
-top kernels by total CUDA time, grouped as attention / GEMM / other, the time of every attention
-kernel call (one per layer), and the wall time of the step.
+top kernels by total device time, their sum per group (attention / KV-cache write / GEMM / other),
+the time of every attention kernel call (one per layer), the wall time of the step, and the card,
+versions and commit. Without a GPU (smoke runs) CPU times stand in for device times.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "accuracy"))
+from suite import git_commit  # noqa: E402
+
+OUR_KERNELS = ("_sparse_prefill_kernel", "_block_scores_kernel", "_pool_queries_kernel", "_select_blocks_kernel")
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    if "reshape_and_cache" in low:  # vLLM's KV-cache write, the same for every backend
+        return "kv_cache_write"
+    if name.startswith(OUR_KERNELS) or any(w in low for w in ("flash", "attn", "attention")):
+        return "attention"
+    if "gemm" in low or "sm90" in low or "cutlass" in low or "nvjet" in low or "matmul" in low:
+        return "gemm"
+    return "other"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--prompt-len", type=int, default=131072)
     ap.add_argument("--backend", default="FLASHPREFILL")
-    ap.add_argument("--options", default="{}", help="FlashPrefill options (JSON)")
+    ap.add_argument("--options", type=json.loads, default={}, help="FlashPrefill options (JSON)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"  # prompt + room for the output token
     import torch
+    import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    extra = {"additional_config": {"flashprefill": json.loads(args.options)}} if args.backend == "FLASHPREFILL" else {}
+    flashprefill = args.backend == "FLASHPREFILL"
+    extra = {"additional_config": {"flashprefill": args.options}} if flashprefill else {}
     llm = LLM(model=args.model_dir, load_format="dummy", attention_backend=args.backend,
               max_model_len=args.prompt_len + 128, max_num_batched_tokens=args.prompt_len + 128,
               enforce_eager=True, enable_prefix_caching=False, gpu_memory_utilization=0.85, **extra)
@@ -41,8 +63,8 @@ def main() -> None:
         vocab_size = json.load(f)["vocab_size"]
 
     def prompt(seed):
-        g = torch.Generator().manual_seed(seed)
-        return TokensPrompt(prompt_token_ids=torch.randint(0, vocab_size, (args.prompt_len,), generator=g).tolist())
+        ids = torch.randint(0, vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(seed))
+        return TokensPrompt(prompt_token_ids=ids.tolist())
 
     llm.generate([prompt(0)], params, use_tqdm=False)
     on_gpu = torch.cuda.is_available()
@@ -51,43 +73,38 @@ def main() -> None:
         t0 = time.perf_counter()
         llm.generate([prompt(1)], params, use_tqdm=False)
         wall = time.perf_counter() - t0
-    def device_us(e):  # CPU-only smoke runs have no device time: rank by CPU time there
+
+    def busy_us(e):
         return e.device_time_total if on_gpu else e.self_cpu_time_total
 
-    events = [e for e in prof.key_averages() if device_us(e) > 0]
-    events.sort(key=lambda e: -device_us(e))
-
-    ours = ("_sparse_prefill_kernel", "_block_scores_kernel", "_pool_queries_kernel", "_select_blocks_kernel")
-
-    def group(name):
-        low = name.lower()
-        if name.startswith(ours) or "flash" in low or "attn" in low:  # ours, FlashAttention, CPU_ATTN
-            return "attention"
-        if "gemm" in low or "sm90" in low or "cutlass" in low or "nvjet" in low or "matmul" in low:
-            return "gemm"
-        return "other"
-
+    events = sorted((e for e in prof.key_averages() if busy_us(e) > 0), key=lambda e: -busy_us(e))
     groups: dict[str, float] = {}
     for e in events:
-        groups[group(e.key)] = groups.get(group(e.key), 0.0) + device_us(e) / 1e6
+        g = kernel_group(e.key)
+        groups[g] = groups.get(g, 0.0) + busy_us(e) / 1e6
     # Per-call times of the attention kernels: a trend or spread across layers points at clocks,
     # a uniform excess at the kernel itself.
     per_call: dict[str, list[float]] = {}
     for e in prof.events():
-        if (e.device_type == torch.autograd.DeviceType.CUDA or not on_gpu) and group(e.name) == "attention":
+        on_device = e.device_type == torch.autograd.DeviceType.CUDA or not on_gpu
+        if on_device and kernel_group(e.name) == "attention":
             per_call.setdefault(e.name[:160], []).append(round(e.time_range.elapsed_us() / 1e3, 3))
     result = {
-        "card": torch.cuda.get_device_name() if on_gpu else "cpu", "backend": args.backend, "options": json.loads(args.options),
-        "prompt_len": args.prompt_len, "wall_s": wall, "device_s_by_group": groups,
-        "kernels": [{"name": e.key[:160], "calls": e.count, "device_s": device_us(e) / 1e6}
+        "card": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "date": datetime.date.today().isoformat(),
+        "vllm": vllm.__version__, "torch": torch.__version__, "commit": git_commit(),
+        "model_dir": args.model_dir, "load_format": "dummy", "enforce_eager": True,
+        "backend": args.backend, "options": args.options if flashprefill else None,
+        "prompt_len": args.prompt_len, "wall_s": wall, "busy_s_by_group": groups,
+        "kernels": [{"name": e.key[:160], "calls": e.count, "busy_s": busy_us(e) / 1e6}
                     for e in events[: args.top]],
         "attention_call_ms": per_call,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps({k: result[k] for k in ("card", "backend", "wall_s", "device_s_by_group")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("card", "backend", "wall_s", "busy_s_by_group")}, indent=1))
     for k in result["kernels"]:
-        print(f"{k['device_s']:8.3f} s {k['calls']:6d}  {k['name'][:110]}")
+        print(f"{k['busy_s']:8.3f} s {k['calls']:6d}  {k['name'][:110]}")
 
 
 if __name__ == "__main__":

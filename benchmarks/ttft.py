@@ -94,10 +94,9 @@ def parse_config(spec: str) -> dict[str, Any]:
     pattern = None
     if options is not None:
         try:  # a typo must stop the run here, not after the baseline's engines have run
-            resolved_settings(options)
+            pattern = resolved_settings(options)["pattern"]
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"config {spec!r}: {e}") from None
-        pattern = str(options.get("pattern") or plotting.default_pattern())
     if label is None:
         label = backend if options is None else (
             f"FLASHPREFILL:{pattern}" if set(options) <= {"pattern"} else

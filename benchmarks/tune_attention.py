@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev, dtype, B = "cuda", torch.bfloat16, 128
-    rows = []
+    results = []
     for spec, page in itertools.product(args.heads.split(";"), map(int, args.page_sizes.split(","))):
         hq, hkv, d = map(int, spec.split(","))
         gqa, S = hq // hkv, args.seq_len
@@ -73,27 +73,29 @@ def main() -> None:
             if bn <= page
         ]
         sweep = [dict(t) for t in dict.fromkeys(tuple(sorted(c.items())) for c in sweep)]
-        times = {i: [] for i in range(len(sweep))}
-        for _, (i, c) in itertools.product(range(args.rounds), enumerate(sweep)):
-            if times[i] is None:
+        times: list[list[float] | None] = [[] for _ in sweep]
+        for _ in range(args.rounds):
+            for i, c in enumerate(sweep):
+                if times[i] is None:
+                    continue
+                try:
+                    times[i].append(triton.testing.do_bench(
+                        lambda c=c: sparse_prefill_attention(
+                            q, k, v, out, table, seq_lens, qb.table, idx, cnt, d**-0.5, B, c),
+                        warmup=25, rep=args.rep_ms, return_mode="median"))
+                except Exception as exc:  # an infeasible tile shape (shared memory) is a data point too
+                    print(spec, page, c, "FAILED", type(exc).__name__, str(exc)[:120], flush=True)
+                    times[i] = None
+        for c, samples in zip(sweep, times, strict=True):
+            if not samples:
                 continue
-            try:
-                fn = lambda: sparse_prefill_attention(q, k, v, out, table, seq_lens, qb.table, idx, cnt, d**-0.5, B, c)
-                times[i].append(triton.testing.do_bench(fn, warmup=25, rep=args.rep_ms, return_mode="median"))
-            except Exception as exc:  # an infeasible tile shape (shared memory) is a data point too
-                print(spec, page, c, "FAILED", type(exc).__name__, str(exc)[:120], flush=True)
-                times[i] = None
-        for i, c in enumerate(sweep):
-            if not times[i]:
-                continue
-            ms = statistics.median(times[i])
+            ms = statistics.median(samples)
             tf = flops / ms / 1e9
-            rows.append(dict(heads=spec, page_size=page, seq_len=S, pattern=args.pattern,
-                             density=density, ms=ms, rounds_ms=times[i], tflops=tf, **c))
+            results.append(dict(heads=spec, page_size=page, seq_len=S, pattern=args.pattern,
+                                density=density, ms=ms, rounds_ms=samples, tflops=tf, **c))
             print(f"{spec:>10} page={page:<4} {c} {ms:8.3f} ms {tf:6.1f} TF/s", flush=True)
-        del k, v, q, out
     best = {}
-    for r in rows:
+    for r in results:
         key = (r["heads"], r["page_size"])
         if key not in best or r["tflops"] > best[key]["tflops"]:
             best[key] = r
@@ -102,7 +104,9 @@ def main() -> None:
         print(key, f"{r['tflops']:.1f} TF/s {r['ms']:.3f} ms",
               {k: r.get(k) for k in ("BLOCK_Q", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA")})
     if args.out:
-        json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__, rows=rows), open(args.out, "w"), indent=1)
+        with open(args.out, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__,
+                           settings=vars(args), rows=results), f, indent=1)
 
 
 if __name__ == "__main__":

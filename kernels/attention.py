@@ -99,8 +99,8 @@ def _sparse_prefill_kernel(
 ):
     SUB_TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_Q
     # Later query blocks of a request visit more KV blocks (causal; a chunk's dense tail most of
-    # all): starting them first leaves short programs, not long ones, for the last wave. 131K
-    # hybrid, d 128: +11% on an H200, +9-16% on an H100 (tune-attention-*-2026-11-28-*.json).
+    # all): starting them first leaves short programs, not long ones, for the last wave
+    # (benchmarks/results/tune-attention-*-2026-11-28-*.json).
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     qblock = pid // SUB_TILES

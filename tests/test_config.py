@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import types
 from pathlib import Path
 
@@ -294,13 +293,10 @@ def test_stride_zero_turns_strided_blocks_off_where_they_are_optional():
         load({"pattern": "strided", "stride": 0})
 
 
-def test_ttft_benchmark_rejects_bad_options_before_starting_engines(tmp_path, capsys):
+def test_ttft_benchmark_rejects_bad_options_before_starting_engines(tmp_path, capsys, monkeypatch):
     """A typo in a --configs entry stops benchmarks/ttft.py at argument parsing, with the config
     error, instead of after the baseline's engines have run."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import ttft
 
     (tmp_path / "config.json").write_text("{}")

@@ -313,7 +313,8 @@ def test_reads_only_listed_blocks_and_writes_only_its_rows(env, note, pattern):
     n = pipe.qb.num_blocks
     # Request 0's last query blocks before its dense tail (which lists every causal block).
     own = [i for i in range(n) if int(pipe.qb.table_cpu[i][0]) == 0]
-    last = own[: len(own) - cfg.dense_tail_blocks][-3:]
+    last = own[: max(0, len(own) - cfg.dense_tail_blocks)][-3:]
+    assert last, "request 0 has no sparse query block"
     keep = mask[last].any(0).any(0)  # KV blocks any of them lists
     rows, ref = reference_rows(env, b, pipe, mask, last)  # before poisoning
     skipped = (~keep).nonzero().squeeze(1).tolist()
