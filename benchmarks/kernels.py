@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sink-blocks", type=int, default=1)
     p.add_argument("--local-blocks", type=int, default=16)
     p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--min-seq-len", type=int, default=0,
+                   help="query blocks starting below this position run dense (the engine's default "
+                        "is 8192; 0 times the pattern alone)")
     p.add_argument("--data", default="structured", choices=["structured", "random"],
                    help="structured plants hot KV blocks so dynamic selection is selective; "
                         "on random data every block scores alike and dynamic keeps them all")
@@ -274,7 +277,7 @@ def main(argv=None) -> int:
     cfgs = {
         p: common.make_config(
             p, args.block_size, sink_blocks=args.sink_blocks, local_blocks=args.local_blocks,
-            stride=args.stride, threshold=args.threshold,
+            stride=args.stride, threshold=args.threshold, min_seq_len=args.min_seq_len,
         )
         for p in (patterns if "flashprefill" in kernels else [])
     }
