@@ -101,12 +101,14 @@ def versions() -> dict[str, str | None]:
 
 
 def make_batch(query_lens, context_lens, num_q_heads, num_kv_heads, head_size, page_size, dtype,
-               device="cuda", seed=0):
-    """A ``tests.paged.PagedBatch``: shuffled NHD pages viewed as vLLM's logical cache, spare pages
-    and every slot past a request's end poisoned with NaN, built on ``device``."""
+               device="cuda", seed=0, shuffle_pages=True):
+    """A ``tests.paged.PagedBatch``: NHD pages (shuffled, or in order as a fresh vLLM engine hands
+    them out) viewed as vLLM's logical cache, spare pages and every slot past a request's end
+    poisoned with NaN, built on ``device``."""
     return load_paged_module().make_paged_batch(
         list(map(int, query_lens)), list(map(int, context_lens)), num_q_heads, num_kv_heads,
         head_size, page_size, dtype, device=torch.device(device), seed=seed,
+        shuffle_pages=shuffle_pages,
     )
 
 

@@ -2,7 +2,8 @@
 """Time one FlashPrefill layer call against vLLM's FA3 and Triton unified attention.
 
 Each configuration is one prompt of ``seq_len`` tokens (no context) in a paged KV cache with
-shuffled pages, shared by every kernel of that configuration. Rows:
+shuffled pages (``--page-order ascending``: in order), shared by every kernel of that
+configuration. Rows:
 
 * ``flashprefill`` / dense, hybrid, local, ...: static patterns, attention only (their block
   lists depend on block indices alone, so the backend builds them once per batch, not per layer);
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sink-blocks", type=int, default=1)
     p.add_argument("--local-blocks", type=int, default=16)
     p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--page-order", default="shuffled", choices=["shuffled", "ascending"],
+                   help="KV pages of the prompt: shuffled, or in order as a fresh engine allocates them")
     p.add_argument("--min-seq-len", type=int, default=0,
                    help="query blocks starting below this position run dense (the engine's default "
                         "is 8192; 0 times the pattern alone)")
@@ -335,7 +338,7 @@ def main(argv=None) -> int:
             cfg_desc = dict(seq_len=seq_len, num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
             bar.set_description(f"{hq}/{hkv}/{d} S={seq_len} data")
             b = common.make_batch([seq_len], [0], hq, hkv, d, args.page_size, dtype, device,
-                                  seed=args.seed)
+                                  seed=args.seed, shuffle_pages=args.page_order == "shuffled")
             if args.data == "structured":
                 common.plant_structure(b, args.block_size, args.hot_frac, seed=args.seed)
             scale = d ** -0.5

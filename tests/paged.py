@@ -32,12 +32,13 @@ def make_paged_batch(
     device: str = "cpu",
     seed: int = 0,
     layout: str = "NHD",
+    shuffle_pages: bool = True,
 ) -> PagedBatch:
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
     pages_per_req = [-(-s // page_size) for s in seq_lens]
     num_pages = sum(pages_per_req) + 3  # spare pages stay garbage: nothing may read them
-    perm = torch.randperm(num_pages, generator=gen)
+    perm = torch.randperm(num_pages, generator=gen) if shuffle_pages else torch.arange(num_pages)
     max_pages = max(pages_per_req)
     block_table = torch.zeros(len(seq_lens), max_pages, dtype=torch.int32)
     used = 0
