@@ -26,6 +26,8 @@ from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_at
 from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists
 from vllm_flashprefill.plan import build_query_blocks
 
+from common import causal_flops, mask_density  # benchmarks/common.py (the script's folder)
+
 
 def paged_cache(seq_len, num_kv_heads, head_size, page_size, dtype, device):
     pages = -(-seq_len // page_size)
@@ -60,9 +62,8 @@ def main() -> None:
         cfg = FlashPrefillConfig(pattern=args.pattern, block_size=B, min_seq_len=0)
         mask = forced_block_mask(qb.block_index, qb.last_block, qb.num_kv_blocks, cfg)
         idx, cnt = mask_to_lists(mask)
-        causal_blocks = qb.num_kv_blocks * (qb.num_kv_blocks + 1) / 2
-        density = mask.sum().item() / mask.shape[1] / causal_blocks
-        flops = density * 4.0 * hq * d * S * (S + 1) / 2
+        density = mask_density(mask, qb)
+        flops = density * causal_flops(hq, d, S)
         axes = [[int(x) for x in getattr(args, a).split(",")] for a in
                 ("rows", "block_n", "warps", "stages")]
         sweep = [launch_config(d, gqa, B, page, tma=True), launch_config(d, gqa, B)]
