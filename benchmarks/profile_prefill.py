@@ -95,14 +95,19 @@ def main() -> None:
         "vllm": vllm.__version__, "torch": torch.__version__, "commit": git_commit(),
         "model_dir": args.model_dir, "load_format": "dummy", "enforce_eager": True,
         "backend": args.backend, "options": args.options if flashprefill else None,
-        "prompt_len": args.prompt_len, "wall_s": wall, "busy_s_by_group": groups,
+        "prompt_len": args.prompt_len, "kv_page_size": llm.llm_engine.vllm_config.cache_config.block_size,
+        "wall_s": wall, "busy_s_by_group": groups,
         "kernels": [{"name": e.key[:160], "calls": e.count, "busy_s": busy_us(e) / 1e6}
                     for e in events[: args.top]],
         "attention_call_ms": per_call,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps({k: result[k] for k in ("card", "backend", "wall_s", "busy_s_by_group")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("card", "backend", "kv_page_size", "wall_s", "busy_s_by_group")}, indent=1))
+    for name, ms in per_call.items():
+        ordered = sorted(ms)
+        print(f"{name[:60]}: {len(ms)} calls, median {ordered[len(ms) // 2]:.2f} ms, "
+              f"min {ordered[0]:.2f}, max {ordered[-1]:.2f}")
     for k in result["kernels"]:
         print(f"{k['busy_s']:8.3f} s {k['calls']:6d}  {k['name'][:110]}")
 

@@ -9,6 +9,8 @@ launch configuration, the pointer-gather tiles of the page-16 default, and (page
 over the product of the axes given. TFLOP/s counts the kept blocks only (effective throughput).
 With ``--rounds`` N the whole sweep is timed N times, interleaved, and each configuration reports
 the median of its rounds: clocks drift by a few percent over a sweep, more than some effects.
+A 131K prefill keeps the card at its power limit, where clocks sit ~25% below the boost clock that
+short timings see (``profile-h100-2026-11-28-*``): ``--warmup-ms 1500 --rep-ms 1000`` times that.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def main() -> None:
     for axis, default in (("rows", "64,128"), ("block-n", "64,128"), ("warps", "4,8"), ("stages", "2,3")):
         ap.add_argument(f"--{axis}", default=default, help="comma-separated values to sweep")
     ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--warmup-ms", type=int, default=25,
+                    help="~1500 holds the card at its power limit before timing, as a long prefill "
+                         "does inside the engine (short bursts run at higher clocks)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -83,7 +88,7 @@ def main() -> None:
                     times[i].append(triton.testing.do_bench(
                         lambda c=c: sparse_prefill_attention(
                             q, k, v, out, table, seq_lens, qb.table, idx, cnt, d**-0.5, B, c),
-                        warmup=25, rep=args.rep_ms, return_mode="median"))
+                        warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
                 except Exception as exc:  # an infeasible tile shape (shared memory) is a data point too
                     print(spec, page, c, "FAILED", type(exc).__name__, str(exc)[:120], flush=True)
                     times[i] = None
