@@ -280,11 +280,12 @@ def plot_ttft(rows: list[dict[str, Any]], baseline: str, path: str, title: str =
     return path
 
 
-def default_pattern() -> str:
-    """The pattern a FLASHPREFILL engine runs when none is given (env override first)."""
-    env = os.environ.get("FLASHPREFILL_PATTERN")
-    if env:
-        return env.lower()
+def resolved_settings(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Every FLASHPREFILL setting an engine given these options runs with (the options, package
+    defaults and ``FLASHPREFILL_*`` env vars, which win); None for other backends (no options).
+    Raises ValueError for a bad option, before any engine starts."""
+    if options is None:
+        return None
     from vllm_flashprefill.config import FlashPrefillConfig
 
-    return FlashPrefillConfig().pattern
+    return FlashPrefillConfig.from_additional_config({"flashprefill": options}).as_dict()

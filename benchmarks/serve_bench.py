@@ -148,13 +148,13 @@ def summarize(raw: dict[str, Any], num_prompts: int) -> dict[str, Any]:
 
 
 def run_backend(args, backend: str, state: dict[str, Any], raw_dir: str) -> None:
-    pattern = None
-    if backend == "FLASHPREFILL":
-        pattern = args.fp_options.get("pattern") or plotting.default_pattern()
+    resolved = plotting.resolved_settings(args.fp_options) if backend == "FLASHPREFILL" else None
+    pattern = resolved["pattern"] if resolved else None
     port = args.port or free_port()
     cmd = server_cmd(args, backend, port)
     entry: dict[str, Any] = {"backend": backend, "pattern": pattern,
                              "options": args.fp_options if backend == "FLASHPREFILL" else None,
+                             "resolved": resolved,
                              "server_cmd": shlex.join(cmd), "status": "starting", "runs": []}
     state["servers"].append(entry)
     append_log(args.log_path, f"\n===== {plotting.utc_timestamp()} server {backend} "
@@ -318,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--fp-options must be a JSON object, got {args.fp_options!r}")
     if args.pattern:
         args.fp_options["pattern"] = args.pattern
+    try:  # a typo must stop the run here, not after the baseline server has run
+        plotting.resolved_settings(args.fp_options)
+    except ValueError as e:
+        p.error(f"--fp-options: {e}")
     backends = [b.upper() for b in args.backends]
     if args.baseline and "FLASH_ATTN" not in backends:
         backends.append("FLASH_ATTN")

@@ -94,7 +94,7 @@ def parse_config(spec: str) -> dict[str, Any]:
     pattern = None
     if options is not None:
         try:  # a typo must stop the run here, not after the baseline's engines have run
-            pattern = resolved_settings(options)["pattern"]
+            pattern = plotting.resolved_settings(options)["pattern"]
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"config {spec!r}: {e}") from None
     if label is None:
@@ -116,15 +116,6 @@ def parse_lengths(text: str) -> list[int]:
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError(f"bad --lengths {text!r}")
     return sorted(set(out))
-
-
-def resolved_settings(options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Every FLASHPREFILL setting the engine runs with (options, package defaults, FLASHPREFILL_* env)."""
-    if options is None:
-        return None
-    from vllm_flashprefill.config import FlashPrefillConfig
-
-    return FlashPrefillConfig.from_additional_config({"flashprefill": options}).as_dict()
 
 
 def parse_engine_args(items: list[str]) -> dict[str, Any]:
@@ -388,7 +379,7 @@ def run_config(args, cfg, log_path, events_path, state, pbar) -> dict[str, Any]:
         open(events_path, "w").close()
         status: dict[str, Any] = {"config": cfg["label"], "backend": cfg["backend"],
                                   "pattern": cfg["pattern"], "options": cfg["options"],
-                                  "resolved": resolved_settings(cfg["options"]),
+                                  "resolved": plotting.resolved_settings(cfg["options"]),
                                   "status": "running", "max_model_len": max_model_len,
                                   "lengths": args.lengths, "runs": args.runs,
                                   "warmup": args.warmup, "engine_args": parse_engine_args(

@@ -306,3 +306,24 @@ def test_ttft_benchmark_rejects_bad_options_before_starting_engines(tmp_path, ca
         assert exit_info.value.code == 2
         assert "flashprefill: invalid value" in capsys.readouterr().err
     assert ttft.parse_config('FLASHPREFILL:{"pattern":"hybrid","dense_layers":0}')["pattern"] == "hybrid"
+
+
+def test_serve_benchmark_rejects_bad_options_and_labels_the_pattern_the_engine_runs(
+    tmp_path, capsys, monkeypatch
+):
+    """benchmarks/serve_bench.py stops at argument parsing on a bad option, and names a run by
+    the pattern the server resolves (an env override wins over --pattern, as in the engine)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import plotting
+    import serve_bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        serve_bench.main(["--model-dir", str(tmp_path), "--fp-options", '{"stride": -1}', "--dry-run"])
+    assert exit_info.value.code == 2
+    assert "flashprefill: invalid value" in capsys.readouterr().err
+
+    assert plotting.resolved_settings(None) is None
+    assert plotting.resolved_settings({"pattern": "hybrid"})["pattern"] == "hybrid"
+    monkeypatch.setenv("FLASHPREFILL_PATTERN", "local")
+    resolved = plotting.resolved_settings({"pattern": "hybrid"})
+    assert resolved["pattern"] == "local" and resolved["block_size"] == 128
