@@ -196,7 +196,9 @@ def launch_config(
     356 TFLOP/s. Pages of 16 (pointer gathers): d=128 128 x 32, 360 TFLOP/s; d=64 128 x 128,
     316 TFLOP/s. Re-swept on 2026-11-28 (``tune-attention-h200-2026-11-28-sweep.json``,
     ``-h100-...-options.json``, 131K hybrid and 32K dense): 256 rows x 8 warps, 3-4 stages and
-    Triton's Hopper warp specialization were all slower or equal; these shapes stay.
+    Triton's Hopper warp specialization were all slower or equal; these shapes stay, also when
+    timed with the card held at its power limit as in a long prefill
+    (``tune-attention-h100-2026-11-28-sustained.json``).
     """
     tile_rows = tma_block_n(head_size, sparse_block, page_size)
     use_tma = tma and tile_rows > 0
