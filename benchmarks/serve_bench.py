@@ -148,7 +148,7 @@ def summarize(raw: dict[str, Any], num_prompts: int) -> dict[str, Any]:
 
 
 def run_backend(args, backend: str, state: dict[str, Any], raw_dir: str) -> None:
-    resolved = plotting.resolved_settings(args.fp_options) if backend == "FLASHPREFILL" else None
+    resolved = args.fp_settings if backend == "FLASHPREFILL" else None
     pattern = resolved["pattern"] if resolved else None
     port = args.port or free_port()
     cmd = server_cmd(args, backend, port)
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pattern:
         args.fp_options["pattern"] = args.pattern
     try:  # a typo must stop the run here, not after the baseline server has run
-        plotting.resolved_settings(args.fp_options)
+        args.fp_settings = plotting.resolved_settings(args.fp_options)
     except ValueError as e:
         p.error(f"--fp-options: {e}")
     backends = [b.upper() for b in args.backends]
