@@ -205,6 +205,60 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, pattern):
                      "density": kept / causal}
 
 
+def test_dense_runs_hand_flash_attention_slices_or_no_key_value(model_dir, monkeypatch):
+    """Decodes and short prompts go to FlashAttention as token slices of the batch; a KV-sharing
+    layer (e.g. Gemma3n's) passes key=value=None, and FlashAttention gets None, not a crash."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+    calls = []
+    monkeypatch.setattr(FlashAttentionImpl, "forward",
+                        lambda self, layer, q, k, v, *rest: calls.append((q.shape[0], k, v)))
+    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2)
+    batch = make_paged_batch([1, 40, 300], [90, 0, 0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    _, meta = build(config, batch)
+    runs = [(run.token_start, run.token_end) for run in meta.sparse.dense_runs]
+    assert runs == [(0, 41)]
+    impl = make_impl(config)
+    impl.forward(LAYER, batch.q, None, None, batch.kv_cache, meta, torch.zeros_like(batch.q))
+    assert [(n, k, v) for n, k, v in calls] == [(41, None, None)]
+    calls.clear()
+    key = torch.randn(batch.q.shape[0], HKV, HEAD)
+    impl.forward(LAYER, batch.q, key, key, batch.kv_cache, meta, torch.zeros_like(batch.q))
+    (n, k, v), = calls
+    assert n == 41 and torch.equal(k, key[:41]) and torch.equal(v, key[:41])
+
+
+def test_metadata_is_built_for_every_kv_cache_group(model_dir):
+    """vLLM would reuse one KV-cache group's metadata for another group of the same spec by swapping
+    its block table (update_block_table); the dense runs hold slices of that table, so the builder
+    asks for its own build per group instead."""
+    config = vllm_config(model_dir, pattern="hybrid")
+    batch = make_paged_batch([1, 300], [90, 0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    builder, _ = build(config, batch)
+    assert builder.supports_update_block_table is False
+
+
+def test_dynamic_workspace_comes_with_the_model(model_dir):
+    """The dynamic workspace is allocated when the first attention layer is built (inside vLLM's
+    model load, whose memory vLLM counts before sizing the KV cache), and the builder, created
+    after that, takes the same buffers; they go when the last holder goes."""
+    import gc
+
+    from vllm_flashprefill import backend
+
+    config = vllm_config(model_dir, pattern="dynamic", min_seq_len=0)
+    impl = make_impl(config)
+    assert impl._workspace is not None
+    assert make_impl(config, sliding_window=128)._workspace is None  # a dense layer needs none
+    batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    builder, meta = build(config, batch)
+    assert builder.workspace is impl._workspace and meta.sparse.workspace is impl._workspace
+    before = len(backend._WORKSPACES)
+    del impl, builder, meta
+    gc.collect()
+    assert len(backend._WORKSPACES) == before - 1
+
+
 def test_layers_that_must_stay_dense(model_dir):
     config = vllm_config(model_dir, pattern="hybrid", dense_layers=[7])
     assert make_impl(config).dense_reason is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import weakref
 from typing import ClassVar
 
 import numpy as np
@@ -112,6 +113,9 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     # Batches with prefills pick their kernels from the data, so they must not replay inside
     # full CUDA graphs; uniform decode batches (FlashAttention only) still do.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+    # vLLM reuses one group's metadata for other KV-cache groups of the same spec by swapping the
+    # block table (update_block_table); the dense runs hold slices of the table, so build per group.
+    supports_update_block_table: bool = False
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
@@ -122,7 +126,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.cfg = flashprefill_config(vllm_config)
         self.workspace = (
-            DynamicWorkspace.for_engine(
+            DynamicWorkspace.shared(
                 vllm_config, self.cfg, self.num_heads_q, self.num_heads_kv, self.headdim, device
             )
             if self.cfg.pattern == "dynamic"
@@ -235,11 +239,12 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         return runs
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class DynamicWorkspace:
-    """Buffers for dynamic selection, allocated once at start-up (so vLLM's memory profile counts
-    them) and shared by all layers. Rows keep the full width: the selection kernel is compiled
-    for it once, whatever the prompt length."""
+    """Buffers for dynamic selection, shared by all layers. The first attention layer allocates
+    them while vLLM loads the model, so the memory counts with the weights: builders come only
+    after vLLM has measured memory and sized the KV cache, and they take the same buffers. Rows
+    keep the full width: the selection kernel is compiled for it once, whatever the prompt length."""
 
     scores: torch.Tensor  # [max query blocks, Hq, max KV blocks] fp32
     pooled: torch.Tensor  # [max query blocks, Hq, D] fp32
@@ -258,9 +263,26 @@ class DynamicWorkspace:
             counts=torch.empty(max_qblocks, num_kv_heads, dtype=torch.int32, device=device),
         )
 
+    @classmethod
+    def shared(cls, vllm_config, cfg: FlashPrefillConfig, num_q_heads, num_kv_heads, head_size, device):
+        """The engine's workspace for this shape and device, allocated on first use and freed with
+        the last layer or builder holding it."""
+        device = torch.empty(0, device=device).device  # "cuda" and "cuda:0" name one device
+        sched = vllm_config.scheduler_config
+        key = (device, cfg.block_size, sched.max_num_batched_tokens, sched.max_num_seqs,
+               vllm_config.model_config.max_model_len, num_q_heads, num_kv_heads, head_size)
+        workspace = _WORKSPACES.get(key)
+        if workspace is None:
+            workspace = cls.for_engine(vllm_config, cfg, num_q_heads, num_kv_heads, head_size, device)
+            _WORKSPACES[key] = workspace
+        return workspace
+
     def views(self, num_qblocks: int):
         n = slice(0, num_qblocks)
         return self.scores[n], self.pooled[n], self.indices[n], self.counts[n]
+
+
+_WORKSPACES: "weakref.WeakValueDictionary[tuple, DynamicWorkspace]" = weakref.WeakValueDictionary()
 
 
 class FlashPrefillImpl(FlashAttentionImpl):
@@ -285,13 +307,21 @@ class FlashPrefillImpl(FlashAttentionImpl):
         )
         from vllm.config import get_current_vllm_config
 
-        self.cfg = flashprefill_config(get_current_vllm_config())
+        vllm_config = get_current_vllm_config()
+        self.cfg = flashprefill_config(vllm_config)
         self.dense_reason = self._dense_reason(
             alibi_slopes, sliding_window, kv_cache_dtype, logits_soft_cap, attn_type, sinks
         )
         if self.dense_reason and not self.cfg.is_dense:
             logger.info_once("FlashPrefill: layers with %s run dense (FlashAttention)", self.dense_reason)
         self._layer_sparse: bool | None = None
+        # Held so that the buffers outlive model loading until the builders take them.
+        self._workspace = None
+        if self.cfg.pattern == "dynamic" and not self.dense_reason:
+            self._workspace = DynamicWorkspace.shared(
+                vllm_config, self.cfg, num_heads, num_kv_heads, head_size,
+                vllm_config.device_config.device,
+            )
 
     def _dense_reason(self, alibi, window, kv_dtype, soft_cap, attn_type, sinks) -> str | None:
         if attn_type != AttentionType.DECODER:
@@ -336,8 +366,9 @@ class FlashPrefillImpl(FlashAttentionImpl):
             )
         for run in step.dense_runs:
             lo, hi = run.token_start, run.token_end
-            super().forward(
-                layer, query[lo:hi], key[lo:hi], value[lo:hi], kv_cache, run.metadata, output[lo:hi]
+            super().forward(  # KV-sharing layers pass no key/value: they read another layer's cache
+                layer, query[lo:hi], None if key is None else key[lo:hi],
+                None if value is None else value[lo:hi], kv_cache, run.metadata, output[lo:hi],
             )
         self.forward_sparse(query, kv_cache, attn_metadata, step, output)
         return output
