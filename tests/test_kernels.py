@@ -63,31 +63,54 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("pattern", ["dense", "local", "strided", "hybrid", "dynamic"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"q{c[0]}-c{c[1]}-h{c[2]}/{c[3]}-d{c[4]}-p{c[5]}")
-def test_sparse_attention_matches_reference(pattern, case):
+def case_mask(pattern, case):
+    """The batch of a case and the block mask the pattern gives it. Lengths and options are chosen
+    so that the sparse patterns skip blocks and, for dynamic, KV heads keep different lists (only
+    the diagonal and each head's best block), which the kernel must follow head by head."""
     query_lens, context_lens, hq, hkv, head_size, page_size, dtype, layout = case
     batch = make_paged_batch(
         query_lens, context_lens, hq, hkv, head_size, page_size, dtype, layout=layout, seed=len(pattern)
     )
-    cfg = FlashPrefillConfig(
-        pattern=pattern, block_size=BLOCK, sink_blocks=1, local_blocks=1, stride=2,
-        threshold=0.5, min_seq_len=128, dense_tail_blocks=1,
-    )
+    options = dict(sink_blocks=1, local_blocks=1, stride=3, threshold=1.0)
+    if pattern == "dynamic":
+        options.update(sink_blocks=0, local_blocks=0, stride=0)
+    cfg = FlashPrefillConfig(pattern=pattern, block_size=BLOCK, min_seq_len=0, dense_tail_blocks=0, **options)
     scale = head_size**-0.5
     qblocks = plan(batch, hq // hkv)
     if pattern == "dynamic":
         _, mask = dynamic_mask(batch, qblocks, cfg, scale)
     else:
         mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+    return batch, qblocks, mask, scale
+
+
+@pytest.mark.parametrize("pattern", ["dense", "local", "strided", "hybrid", "dynamic"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"q{c[0]}-c{c[1]}-h{c[2]}/{c[3]}-d{c[4]}-p{c[5]}")
+def test_sparse_attention_matches_reference(pattern, case):
+    batch, qblocks, mask, scale = case_mask(pattern, case)
     out = run_sparse(batch, qblocks, mask, scale)
     ref = sparse_attention_reference(
         batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
         qblocks.table, mask, scale, BLOCK,
     )
     assert not out.isnan().any(), "a row was left unwritten or read garbage"
-    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    tol = 2e-3 if batch.q.dtype == torch.float16 else 1e-5
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_reference_cases_skip_blocks_and_differ_across_heads():
+    """Guards the test above: with everything selected, a kernel that reads the wrong block list
+    (another head's, or none) would still match the reference."""
+    for pattern in ("local", "strided", "hybrid", "dynamic"):
+        skipping = per_head = 0
+        for case in CASES:
+            _, qblocks, mask, _ = case_mask(pattern, case)
+            causal = torch.arange(qblocks.num_kv_blocks)[None, :] <= qblocks.block_index[:, None]
+            skipping += int(mask.sum() < causal.sum() * mask.shape[1])
+            per_head += int(any(not torch.equal(mask[:, 0], mask[:, h]) for h in range(mask.shape[1])))
+        assert skipping >= 3, pattern
+        if pattern == "dynamic":
+            assert per_head >= 3
 
 
 @pytest.mark.parametrize("head_size", [64, 128])
@@ -156,7 +179,7 @@ def test_selection_ignores_the_chunk_around_a_block():
     tail: with one, the tail of the first chunk is dense as well)."""
     whole = make_paged_batch([512], [0], 4, 2, 64, 16, torch.float32, seed=3)
     cfg = FlashPrefillConfig(
-        pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.4,
+        pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.95,
         min_seq_len=0, dense_tail_blocks=0,
     )
     qb_whole = plan(whole, 2)
@@ -169,12 +192,13 @@ def test_selection_ignores_the_chunk_around_a_block():
     qb_tail = plan(tail, 2)
     _, mask_tail = dynamic_mask(tail, qb_tail, cfg, 0.125)
     assert torch.equal(mask_tail, mask_whole[-3:])
+    assert 0 < mask_tail.sum() < 2 * (6 + 7 + 8), "a selection that keeps every block shows nothing"
 
 
 @pytest.mark.parametrize("pattern", ["local", "strided", "hybrid", "dynamic"])
 def test_forced_blocks(pattern):
     cfg = FlashPrefillConfig(
-        pattern=pattern, block_size=BLOCK, sink_blocks=2, local_blocks=3, stride=4,
+        pattern=pattern, block_size=BLOCK, sink_blocks=2, local_blocks=2, stride=4,
         min_seq_len=5 * BLOCK, dense_tail_blocks=2,
     )
     block_index = torch.arange(20)
@@ -182,18 +206,15 @@ def test_forced_blocks(pattern):
     last_block = torch.where(block_index < 12, 11, 19)
     mask = forced_block_mask(block_index, last_block, 20, cfg)[:, 0]
     for qb in range(20):
-        row = mask[qb]
-        assert row[qb] and not row[qb + 1:].any(), "diagonal kept, nothing after it"
-        if qb < 5 or qb in (10, 11, 18, 19):
-            assert row[: qb + 1].all(), "rows below min_seq_len and a chunk's tail are dense"
-            continue
-        assert row[:2].all()
-        if pattern != "strided":
-            assert row[qb - 3: qb + 1].all()
-        if pattern in ("strided", "hybrid", "dynamic"):
-            assert all(row[kb] for kb in range(qb % 4, qb + 1, 4))
-        if pattern == "local":
-            assert row.sum() == 2 + 4
+        if qb < 5 or qb in (10, 11, 18, 19):  # below min_seq_len, or a chunk's tail: dense
+            expected = set(range(qb + 1))
+        else:
+            expected = {0, 1, qb}  # sinks and the diagonal
+            if pattern != "strided":
+                expected |= set(range(qb - 2, qb))  # the local window
+            if pattern != "local":
+                expected |= set(range(qb % 4, qb + 1, 4))  # every 4th block back from the diagonal
+        assert set(torch.nonzero(mask[qb]).flatten().tolist()) == expected, (pattern, qb)
 
 
 def test_budgets_bound_content_selection():
