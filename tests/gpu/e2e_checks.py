@@ -17,7 +17,7 @@ Checks:
               (long prompts chunked over several steps while short ones already decode) == FLASH_ATTN.
   chunking    dynamic pattern, one prompt of length L, max_num_batched_tokens L/16, L/4, L: same output.
   prefix      dynamic pattern: a prompt of length L served cold == the same prompt after a prefix of
-              5/8 L of it was cached by another request.
+              5/8 L of it was cached by another request (cached_tokens_warm: the hit vLLM reports).
   tp          tensor parallelism (needs 2 GPUs): FLASHPREFILL (--sparse) with tensor_parallel_size 2,
               multiprocessing and Ray executors, == the same at size 1; FLASH_ATTN 1 vs 2 beside it
               (how far sharding alone moves the numbers). Needs real or seeded weights
@@ -68,6 +68,7 @@ def worker(job_path: str) -> None:
         dict(
             tokens=list(o.outputs[0].token_ids),
             logprobs=[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
+            cached_tokens=o.num_cached_tokens,
         )
         for o in outs
     ]
@@ -150,7 +151,9 @@ def check_prefix(args) -> dict:
     kw = dict(max_model_len=args.max_len, max_num_batched_tokens=args.max_len // 4, enable_prefix_caching=True)
     cold = run_engine(base_engine(args, **fp(**args.sparse), **kw), [prompt], args.max_tokens)
     warm = run_engine(base_engine(args, **fp(**args.sparse), **kw), [prompt], args.max_tokens, warm=[other])
-    return dict(shared_prefix=shared, **compare(cold, warm))
+    # A hit must have happened, or "identical" would only repeat the cold run.
+    return dict(shared_prefix=shared, cached_tokens_cold=cold[0]["cached_tokens"],
+                cached_tokens_warm=warm[0]["cached_tokens"], **compare(cold, warm))
 
 
 def check_tp(args) -> dict:
