@@ -155,6 +155,30 @@ def test_decode_only_and_dense_pattern_leave_flash_attention_alone(model_dir):
     assert meta.sparse is None
 
 
+def test_batches_with_features_the_sparse_path_does_not_model_stay_on_flash_attention(model_dir):
+    """Non-causal batches, bidirectional multimodal ranges, R-SWA and 0.26's cascade attention go
+    to FlashAttention whole: the sparse kernels assume plain causal attention."""
+    import dataclasses
+
+    from vllm_flashprefill import compat
+
+    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=0)
+    batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    with set_current_vllm_config(config):
+        spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=HEAD, dtype=torch.float16)
+        builder = FlashPrefillMetadataBuilder(spec, [LAYER.layer_name], config, torch.device(DEVICE))
+        causal = builder.build(0, common_metadata(batch))
+        bidirectional = builder.build(0, dataclasses.replace(common_metadata(batch), causal=False))
+    assert causal.sparse is not None and bidirectional.sparse is None
+    plain = types.SimpleNamespace(causal=True)
+    assert compat.flash_attention_only(plain) is None
+    for extra, reason in ((dict(use_cascade=True), "cascade"), (dict(causal=False), "non-causal"),
+                          (dict(mm_prefix_range_tensor=torch.zeros(1)), "multimodal"),
+                          (dict(mm_prefix_query_range_tensor=torch.zeros(1)), "multimodal"),
+                          (dict(rswa_prefix_lens=torch.zeros(1)), "reference sliding-window")):
+        assert reason in compat.flash_attention_only(types.SimpleNamespace(**{"causal": True, **extra}))
+
+
 def test_same_decision_whatever_the_chunking(model_dir):
     """Rows go sparse by absolute position: a chunk of a long prompt does, whatever its size."""
     config = vllm_config(model_dir, pattern="local", min_seq_len=512, local_blocks=1)

@@ -162,8 +162,9 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         fa = super().build(common_prefix_len, common_attn_metadata, fast_build)
         fields = {f.name: getattr(fa, f.name) for f in dataclasses.fields(FlashAttentionMetadata)}
         metadata = FlashPrefillMetadata(**fields)
-        # Cascade attention (0.26) and decode context parallelism keep FlashAttention's own paths.
-        if self.cfg.is_dense or getattr(fa, "use_cascade", False) or self.dcp_world_size > 1:
+        # Decode context parallelism, and batch features the sparse path does not model, keep
+        # FlashAttention's own paths for the whole batch.
+        if self.cfg.is_dense or self.dcp_world_size > 1 or compat.flash_attention_only(fa):
             return metadata
         metadata.sparse = self._plan_sparse_step(common_attn_metadata, metadata)
         return metadata

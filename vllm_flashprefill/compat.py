@@ -25,3 +25,18 @@ def seq_lens_cpu(common_attn_metadata) -> torch.Tensor:
     if legacy is not None:
         return legacy
     return common_attn_metadata.seq_lens.cpu()
+
+
+def flash_attention_only(fa_metadata) -> str | None:
+    """A batch feature that FlashAttention's metadata carries and the sparse path does not model
+    (the builder then leaves the whole batch to FlashAttention), or None."""
+    if getattr(fa_metadata, "use_cascade", False):  # 0.26: cascade attention over a shared prefix
+        return "cascade attention"
+    if fa_metadata.causal is not True:
+        return "non-causal attention"
+    for name in ("mm_prefix_range_tensor", "mm_prefix_query_range_tensor"):  # 0.26, 0.32 spelling
+        if getattr(fa_metadata, name, None) is not None:
+            return "bidirectional multimodal prefix ranges"
+    if getattr(fa_metadata, "rswa_prefix_lens", None) is not None:
+        return "reference sliding-window attention"
+    return None
