@@ -9,6 +9,9 @@ launch configuration, the pointer-gather tiles of the page-16 default, and (page
 over the product of the axes given. TFLOP/s counts the kept blocks only (effective throughput).
 With ``--rounds`` N the whole sweep is timed N times, interleaved, and each configuration reports
 the median of its rounds: clocks drift by a few percent over a sweep, more than some effects.
+``--alt-kernel FILE`` times a second version of ``kernels/attention.py`` (e.g. ``git show
+BRANCH:kernels/attention.py > alt.py``) on the same inputs, interleaved with the package's in every
+round, so that clock drift falls on both alike.
 A 131K prefill keeps the card at its power limit, where clocks sit ~25% below the boost clock that
 short timings see (``profile-h100-2026-11-28-*``): ``--warmup-ms 1500 --rep-ms 1000`` times that.
 """
@@ -16,6 +19,7 @@ short timings see (``profile-h100-2026-11-28-*``): ``--warmup-ms 1500 --rep-ms 1
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import statistics
@@ -52,8 +56,16 @@ def main() -> None:
                     help="~1500 holds the card at its power limit before timing, as a long prefill "
                          "does inside the engine (short bursts run at higher clocks)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--alt-kernel", default=None, metavar="FILE",
+                    help="another kernels/attention.py to time beside the package's")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    kernels = {"package": sparse_prefill_attention}
+    if args.alt_kernel:
+        alt_spec = importlib.util.spec_from_file_location("alt_attention", args.alt_kernel)
+        alt = importlib.util.module_from_spec(alt_spec)
+        alt_spec.loader.exec_module(alt)
+        kernels[args.alt_kernel] = alt.sparse_prefill_attention
     dev, dtype, B = "cuda", torch.bfloat16, 128
     results = []
     for spec, page in itertools.product(args.heads.split(";"), map(int, args.page_sizes.split(","))):
@@ -78,31 +90,32 @@ def main() -> None:
             for bm, bn, w, st in itertools.product(*axes)
             if bn <= page
         ]
-        sweep = [dict(t) for t in dict.fromkeys(tuple(sorted(c.items())) for c in sweep)]
-        times: list[list[float] | None] = [[] for _ in sweep]
+        configs = [dict(t) for t in dict.fromkeys(tuple(sorted(c.items())) for c in sweep)]
+        runs = [(name, c) for c in configs for name in kernels]
+        times: list[list[float] | None] = [[] for _ in runs]
         for _ in range(args.rounds):
-            for i, c in enumerate(sweep):
+            for i, (name, c) in enumerate(runs):
                 if times[i] is None:
                     continue
                 try:
                     times[i].append(triton.testing.do_bench(
-                        lambda c=c: sparse_prefill_attention(
+                        lambda fn=kernels[name], c=c: fn(
                             q, k, v, out, table, seq_lens, qb.table, idx, cnt, d**-0.5, B, c),
                         warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
                 except Exception as exc:  # an infeasible tile shape (shared memory) is a data point too
-                    print(spec, page, c, "FAILED", type(exc).__name__, str(exc)[:120], flush=True)
+                    print(spec, page, name, c, "FAILED", type(exc).__name__, str(exc)[:120], flush=True)
                     times[i] = None
-        for c, samples in zip(sweep, times, strict=True):
+        for (name, c), samples in zip(runs, times, strict=True):
             if not samples:
                 continue
             ms = statistics.median(samples)
             tf = flops / ms / 1e9
-            results.append(dict(heads=spec, page_size=page, seq_len=S, pattern=args.pattern,
+            results.append(dict(kernel=name, heads=spec, page_size=page, seq_len=S, pattern=args.pattern,
                                 density=density, ms=ms, rounds_ms=samples, tflops=tf, **c))
-            print(f"{spec:>10} page={page:<4} {c} {ms:8.3f} ms {tf:6.1f} TF/s", flush=True)
+            print(f"{spec:>10} page={page:<4} {name} {c} {ms:8.3f} ms {tf:6.1f} TF/s", flush=True)
     best = {}
     for r in results:
-        key = (r["heads"], r["page_size"])
+        key = (r["heads"], r["page_size"], r["kernel"])
         if key not in best or r["tflops"] > best[key]["tflops"]:
             best[key] = r
     print("BEST:")
