@@ -6,7 +6,9 @@
 Runs the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, eager) so that the profiler
 sees the model's kernels; one warm-up prompt, then one profiled prompt (``max_tokens=1``). Writes the
 top kernels by total device time, their sum per group (attention / KV-cache write / GEMM / other),
-the time of every attention kernel call (one per layer), the wall time of the step, and the card,
+the time of every attention kernel call (one per layer), the wall time of the step, the SM clock
+and power draw that ``nvidia-smi`` reports every 100 ms during the profiled prompt (a long prefill
+runs at the card's power limit, and its clocks explain the per-call times), and the card,
 versions and commit. Without a GPU (smoke runs) CPU times stand in for device times.
 """
 
@@ -16,6 +18,9 @@ import argparse
 import datetime
 import json
 import os
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +40,34 @@ def kernel_group(name: str) -> str:
     if "gemm" in low or "sm90" in low or "cutlass" in low or "nvjet" in low or "matmul" in low:
         return "gemm"
     return "other"
+
+
+def start_clock_log():
+    """``nvidia-smi`` printing "SM MHz, W" every 100 ms for the first visible GPU, or None."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    return subprocess.Popen(
+        ["nvidia-smi", "-i", gpu, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+         "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def stop_clock_log(proc) -> dict | None:
+    if proc is None:
+        return None
+    proc.terminate()
+    samples = []
+    for line in proc.communicate()[0].splitlines():
+        try:
+            mhz, watts = (float(x) for x in line.split(","))
+        except ValueError:
+            continue
+        samples.append((mhz, watts))
+    if not samples:
+        return None
+    return {"interval_ms": 100, "sm_mhz": [m for m, _ in samples], "power_w": [w for _, w in samples],
+            "sm_mhz_median": statistics.median(m for m, _ in samples),
+            "power_w_median": statistics.median(w for _, w in samples)}
 
 
 def main() -> None:
@@ -69,10 +102,12 @@ def main() -> None:
     llm.generate([prompt(0)], params, use_tqdm=False)
     on_gpu = torch.cuda.is_available()
     activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
+    clock_log = start_clock_log()
     with torch.profiler.profile(activities=[activity]) as prof:
         t0 = time.perf_counter()
         llm.generate([prompt(1)], params, use_tqdm=False)
         wall = time.perf_counter() - t0
+    clocks = stop_clock_log(clock_log)
 
     def busy_us(e):
         return e.device_time_total if on_gpu else e.self_cpu_time_total
@@ -100,10 +135,14 @@ def main() -> None:
         "kernels": [{"name": e.key[:160], "calls": e.count, "busy_s": busy_us(e) / 1e6}
                     for e in events[: args.top]],
         "attention_call_ms": per_call,
+        "clocks": clocks,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: result[k] for k in ("card", "backend", "kv_page_size", "wall_s", "busy_s_by_group")}, indent=1))
+    if clocks:
+        print(f"SM clock median {clocks['sm_mhz_median']:.0f} MHz, power median {clocks['power_w_median']:.0f} W "
+              f"over {len(clocks['sm_mhz'])} samples")
     for name, ms in per_call.items():
         ordered = sorted(ms)
         print(f"{name[:60]}: {len(ms)} calls, median {ordered[len(ms) // 2]:.2f} ms, "
