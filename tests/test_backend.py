@@ -252,6 +252,22 @@ def test_dense_runs_hand_flash_attention_slices_or_no_key_value(model_dir, monke
     assert n == 41 and torch.equal(k, key[:41]) and torch.equal(v, key[:41])
 
 
+def test_a_layer_with_other_head_counts_than_the_builder_runs_dense(model_dir, monkeypatch):
+    """Models whose layers differ in head count get one builder sized from the model config on
+    vLLM 0.26; a dynamic layer that does not fit its workspace goes to FlashAttention whole."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+    calls = []
+    monkeypatch.setattr(FlashAttentionImpl, "forward",
+                        lambda self, layer, q, k, v, kv_cache, metadata, out, *rest: calls.append(q.shape[0]))
+    config = vllm_config(model_dir, pattern="dynamic", min_seq_len=0)
+    batch = make_paged_batch([1, 300], [90, 0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    _, meta = build(config, batch)
+    narrow = make_impl(config, num_heads=HQ // 2, num_kv_heads=HKV // 2)
+    narrow.forward(LAYER, batch.q[:, : HQ // 2], None, None, batch.kv_cache, meta, torch.zeros_like(batch.q))
+    assert calls == [301]
+
+
 def test_metadata_is_built_for_every_kv_cache_group(model_dir):
     """vLLM would reuse one KV-cache group's metadata for another group of the same spec by swapping
     its block table (update_block_table); the dense runs hold slices of that table, so the builder
@@ -277,8 +293,13 @@ def test_dynamic_workspace_comes_with_the_model(model_dir):
     batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
     builder, meta = build(config, batch)
     assert builder.workspace is impl._workspace and meta.sparse.workspace is impl._workspace
+    # vLLM may lower max_model_len after loading the model (to fit the KV cache): same buffers.
+    lowered = types.SimpleNamespace(scheduler_config=config.scheduler_config,
+                                    model_config=types.SimpleNamespace(max_model_len=1024))
+    again = backend.DynamicWorkspace.shared(lowered, impl.cfg, HQ, HKV, HEAD, DEVICE)
+    assert again is impl._workspace
     before = len(backend._WORKSPACES)
-    del impl, builder, meta
+    del impl, builder, meta, again
     gc.collect()
     assert len(backend._WORKSPACES) == before - 1
 

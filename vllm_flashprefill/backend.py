@@ -253,30 +253,29 @@ class DynamicWorkspace:
     counts: torch.Tensor  # [max query blocks, Hkv] int32
 
     @classmethod
-    def for_engine(cls, vllm_config, cfg: FlashPrefillConfig, num_q_heads, num_kv_heads, head_size, device):
-        sched = vllm_config.scheduler_config
-        max_qblocks = sched.max_num_batched_tokens // cfg.block_size + 2 * sched.max_num_seqs
-        max_kv_blocks = -(-vllm_config.model_config.max_model_len // cfg.block_size)
-        return cls(
-            scores=torch.empty(max_qblocks, num_q_heads, max_kv_blocks, dtype=torch.float32, device=device),
-            pooled=torch.empty(max_qblocks, num_q_heads, head_size, dtype=torch.float32, device=device),
-            indices=torch.empty(max_qblocks, num_kv_heads, max_kv_blocks, dtype=torch.int32, device=device),
-            counts=torch.empty(max_qblocks, num_kv_heads, dtype=torch.int32, device=device),
-        )
-
-    @classmethod
     def shared(cls, vllm_config, cfg: FlashPrefillConfig, num_q_heads, num_kv_heads, head_size, device):
-        """The engine's workspace for this shape and device, allocated on first use and freed with
-        the last layer or builder holding it."""
+        """The engine's workspace for these heads on this device: allocated on first use, reused
+        while large enough (vLLM may lower ``max_model_len`` between model load and the
+        builders), freed with the last layer or builder holding it."""
         device = torch.empty(0, device=device).device  # "cuda" and "cuda:0" name one device
         sched = vllm_config.scheduler_config
-        key = (device, cfg.block_size, sched.max_num_batched_tokens, sched.max_num_seqs,
-               vllm_config.model_config.max_model_len, num_q_heads, num_kv_heads, head_size)
+        rows = sched.max_num_batched_tokens // cfg.block_size + 2 * sched.max_num_seqs
+        width = -(-vllm_config.model_config.max_model_len // cfg.block_size)
+        key = (device, num_q_heads, num_kv_heads, head_size)
         workspace = _WORKSPACES.get(key)
-        if workspace is None:
-            workspace = cls.for_engine(vllm_config, cfg, num_q_heads, num_kv_heads, head_size, device)
+        if workspace is None or workspace.scores.shape[0] < rows or workspace.scores.shape[2] < width:
+            workspace = cls(
+                scores=torch.empty(rows, num_q_heads, width, dtype=torch.float32, device=device),
+                pooled=torch.empty(rows, num_q_heads, head_size, dtype=torch.float32, device=device),
+                indices=torch.empty(rows, num_kv_heads, width, dtype=torch.int32, device=device),
+                counts=torch.empty(rows, num_kv_heads, dtype=torch.int32, device=device),
+            )
             _WORKSPACES[key] = workspace
         return workspace
+
+    def fits(self, num_q_heads: int, num_kv_heads: int, head_size: int) -> bool:
+        return (self.scores.shape[1], self.indices.shape[1], self.pooled.shape[2]) == (
+            num_q_heads, num_kv_heads, head_size)
 
     def views(self, num_qblocks: int):
         n = slice(0, num_qblocks)
@@ -360,7 +359,11 @@ class FlashPrefillImpl(FlashAttentionImpl):
         output_block_scale=None,
     ):
         step = getattr(attn_metadata, "sparse", None)
-        if step is None or output_scale is not None or not self._runs_sparse(layer):
+        # A builder sized for other head counts (vLLM 0.26 takes them from the model config, so
+        # models whose layers differ get one workspace for all) cannot score this layer.
+        misfit = step is not None and step.workspace is not None and not step.workspace.fits(
+            self.num_heads, self.num_kv_heads, self.head_size)
+        if step is None or output_scale is not None or not self._runs_sparse(layer) or misfit:
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale, output_block_scale,
