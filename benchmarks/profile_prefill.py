@@ -144,9 +144,8 @@ def main() -> None:
         print(f"SM clock median {clocks['sm_mhz_median']:.0f} MHz, power median {clocks['power_w_median']:.0f} W "
               f"over {len(clocks['sm_mhz'])} samples")
     for name, ms in per_call.items():
-        ordered = sorted(ms)
-        print(f"{name[:60]}: {len(ms)} calls, median {ordered[len(ms) // 2]:.2f} ms, "
-              f"min {ordered[0]:.2f}, max {ordered[-1]:.2f}")
+        print(f"{name[:60]}: {len(ms)} calls, median {statistics.median(ms):.2f} ms, "
+              f"min {min(ms):.2f}, max {max(ms):.2f}")
     for k in result["kernels"]:
         print(f"{k['busy_s']:8.3f} s {k['calls']:6d}  {k['name'][:110]}")
 
