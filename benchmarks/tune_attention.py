@@ -9,9 +9,9 @@ launch configuration, the pointer-gather tiles of the page-16 default, and (page
 over the product of the axes given. TFLOP/s counts the kept blocks only (effective throughput).
 With ``--rounds`` N the whole sweep is timed N times, interleaved, and each configuration reports
 the median of its rounds: clocks drift by a few percent over a sweep, more than some effects.
-``--alt-kernel FILE`` times a second version of ``kernels/attention.py`` (e.g. ``git show
-BRANCH:kernels/attention.py > alt.py``) on the same inputs, interleaved with the package's in every
-round, so that clock drift falls on both alike.
+``--alt-kernel FILE`` (repeatable) times other versions of ``kernels/attention.py`` (e.g. ``git
+show BRANCH:kernels/attention.py > alt.py``) on the same inputs, interleaved with the package's in
+every round, so that clock drift falls on all alike.
 A 131K prefill keeps the card at its power limit, where clocks sit ~25% below the boost clock that
 short timings see (``profile-h100-2026-11-28-*``): ``--warmup-ms 1500 --rep-ms 1000`` times that.
 """
@@ -56,16 +56,16 @@ def main() -> None:
                     help="~1500 holds the card at its power limit before timing, as a long prefill "
                          "does inside the engine (short bursts run at higher clocks)")
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--alt-kernel", default=None, metavar="FILE",
-                    help="another kernels/attention.py to time beside the package's")
+    ap.add_argument("--alt-kernel", action="append", default=[], metavar="FILE",
+                    help="another kernels/attention.py to time beside the package's (repeatable)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     kernels = {"package": sparse_prefill_attention}
-    if args.alt_kernel:
-        alt_spec = importlib.util.spec_from_file_location("alt_attention", args.alt_kernel)
+    for i, path in enumerate(args.alt_kernel):
+        alt_spec = importlib.util.spec_from_file_location(f"alt_attention_{i}", path)
         alt = importlib.util.module_from_spec(alt_spec)
         alt_spec.loader.exec_module(alt)
-        kernels[args.alt_kernel] = alt.sparse_prefill_attention
+        kernels[path] = alt.sparse_prefill_attention
     dev, dtype, B = "cuda", torch.bfloat16, 128
     results = []
     for spec, page in itertools.product(args.heads.split(";"), map(int, args.page_sizes.split(","))):
