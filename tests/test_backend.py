@@ -189,15 +189,29 @@ def test_same_decision_whatever_the_chunking(model_dir):
         assert (meta.sparse is not None) == reaches
 
 
-@pytest.mark.parametrize("pattern", ["hybrid", "dynamic"])
-def test_impl_forward_sparse_batch_matches_reference(model_dir, pattern):
+@pytest.mark.parametrize(
+    "pattern,sparse_kernel", [("hybrid", "triton"), ("dynamic", "triton"), ("hybrid", "flash_attn")]
+)
+def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, pattern, sparse_kernel):
     query_lens, context_lens = [200, 130], [0, 190]
     config = vllm_config(
         model_dir, pattern=pattern, min_seq_len=0, sink_blocks=0, local_blocks=0, stride=2,
-        threshold=1.0, dense_tail_blocks=0,
+        threshold=1.0, dense_tail_blocks=0, sparse_kernel=sparse_kernel,
     )
+    if sparse_kernel == "flash_attn" and DEVICE == "cpu":
+        # No FA3 on CPU: run its documented semantics in PyTorch (the GPU runs the real call).
+        from tests.test_flash_sparse import flash_attn_semantics
+        from vllm_flashprefill import backend
+
+        def fa3_on_cpu(query, key_cache, value_cache, output, runs, scale, fa_version):
+            output.copy_(torch.where(
+                output.isnan(), flash_attn_semantics(query, key_cache, value_cache, runs, scale), output))
+
+        monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
+        monkeypatch.setattr(backend, "flash_sparse_attention", fa3_on_cpu)
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=5)
     _, meta = build(config, batch)
+    assert (meta.sparse.flash_runs is not None) == (sparse_kernel == "flash_attn")
     impl = make_impl(config)
     out = torch.full_like(batch.q, float("nan"))
     key = value = torch.empty(0)  # the cache write is vLLM's; the sparse path reads the cache only
@@ -227,6 +241,22 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, pattern):
     causal = HKV * sum(pos // BLOCK + 1 for _, _, pos, _ in step.query_blocks.table_cpu)
     assert stats == {"layer_calls": 1, "kept_blocks": kept, "causal_blocks": causal,
                      "density": kept / causal}
+
+
+def test_flash_attn_sparse_kernel_needs_fa3_and_pages_within_a_block(model_dir, monkeypatch):
+    from vllm_flashprefill import backend
+
+    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, sparse_kernel="flash_attn")
+    batch = make_paged_batch([1, 300, 20, 260], [90, 0, 0, 300], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    qsl = batch.query_start_loc.tolist()
+    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
+    builder, meta = build(config, batch)
+    assert builder.flash_sparse
+    # One FA3 call per stretch of consecutive sparse rows; the short prompt between stays dense.
+    assert [(r.token_start, r.token_end) for r in meta.sparse.flash_runs] == [(qsl[1], qsl[2]), (qsl[3], qsl[4])]
+    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 2)
+    builder, meta = build(config, batch)
+    assert not builder.flash_sparse and meta.sparse.flash_runs is None  # the Triton kernel runs them
 
 
 def test_dense_runs_hand_flash_attention_slices_or_no_key_value(model_dir, monkeypatch):
@@ -324,15 +354,19 @@ def test_layers_that_must_stay_dense(model_dir):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="FlashAttention (FA3) needs a CUDA GPU and vLLM's CUDA build")
-def test_mixed_batch_dense_rows_on_flash_attention_sparse_rows_on_ours(model_dir):
-    """Decodes and a short prompt through FlashAttention, two long chunks through our kernel: every
-    row matches the reference for the blocks it was meant to see."""
+@pytest.mark.parametrize("sparse_kernel", ["triton", "flash_attn"])
+def test_mixed_batch_dense_rows_on_flash_attention_sparse_rows_on_ours(model_dir, sparse_kernel):
+    """Decodes and a short prompt through FlashAttention, two long chunks through the sparse
+    kernel (ours, or FA3 over per-block tables): every row matches the reference for the blocks it
+    was meant to see."""
     from vllm_flashprefill.plan import build_query_blocks
 
     query_lens, context_lens = [1, 1, 40, 200, 1, 300], [90, 700, 0, 300, 64, 0]
-    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2)
+    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2,
+                         sparse_kernel=sparse_kernel)
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=9)
     _, meta = build(config, batch)
+    assert (meta.sparse.flash_runs is not None) == (sparse_kernel == "flash_attn")
     out = torch.full_like(batch.q, float("nan"))
     make_impl(config).forward(LAYER, batch.q, batch.q, batch.q, batch.kv_cache, meta, out)
     every = build_query_blocks(batch.query_start_loc.cpu(), batch.seq_lens.cpu(), range(6), BLOCK, DEVICE)

@@ -62,6 +62,7 @@ def test_every_field_can_be_set():
         "min_seq_len": 0,
         "dense_tail_blocks": 1,
         "dense_layers": [0, 3],
+        "sparse_kernel": "FLASH_ATTN",
     }
     assert set(options) == {f.name for f in dataclasses.fields(FlashPrefillConfig)}
     cfg = load(options)
@@ -77,6 +78,7 @@ def test_every_field_can_be_set():
         min_seq_len=0,
         dense_tail_blocks=1,
         dense_layers=(0, 3),
+        sparse_kernel="flash_attn",
     )
     assert isinstance(cfg.threshold, float)
     hash(cfg)  # frozen and hashable: a list was turned into a tuple
@@ -123,6 +125,10 @@ BAD_CONFIGS = [
     ({"dense_layers": ["a"]}, "dense_layers", "'a'"),
     ({"dense_layers": [1.5]}, "dense_layers", "1.5"),
     ({"dense_layers": "first"}, "dense_layers", "'first'"),
+    ({"sparse_kernel": "fa3"}, "sparse_kernel", "'fa3'"),
+    ({"sparse_kernel": 3}, "sparse_kernel", "3"),
+    # dynamic selection is per head; FA3's block tables are per sequence
+    ({"pattern": "dynamic", "sparse_kernel": "flash_attn"}, "sparse_kernel", "'flash_attn'"),
 ]
 
 
@@ -180,6 +186,7 @@ def test_env_overrides_additional_config():
         ("FLASHPREFILL_DENSE_LAYERS", "2", "dense_layers", 2),
         ("FLASHPREFILL_THRESHOLD", "0.2", "threshold", 0.2),
         ("FLASHPREFILL_STRIDE", "32", "stride", 32),
+        ("FLASHPREFILL_SPARSE_KERNEL", "flash_attn", "sparse_kernel", "flash_attn"),
     ],
 )
 def test_each_env_override_alone(name, value, key, expected):

@@ -24,10 +24,12 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadata,
     FlashAttentionMetadataBuilder,
 )
+from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_flashprefill import compat
 from vllm_flashprefill.config import FlashPrefillConfig
+from vllm_flashprefill.flash_sparse import FlashSparseRun, flash_sparse_attention, plan_runs
 from vllm_flashprefill.kernels.attention import (
     SUPPORTED_HEAD_SIZES,
     preferred_page_size,
@@ -102,6 +104,8 @@ class SparseStep:
     kv_counts: torch.Tensor | None
     dense_runs: list[DenseRun]
     workspace: "DynamicWorkspace | None"
+    # sparse_kernel "flash_attn": the FA3 calls that replace the Triton kernel.
+    flash_runs: list[FlashSparseRun] | None = None
 
 
 @dataclasses.dataclass
@@ -132,8 +136,22 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             if self.cfg.pattern == "dynamic"
             else None
         )
-        if not self.cfg.is_dense and self.headdim in SUPPORTED_HEAD_SIZES:
+        self.flash_sparse = self._flash_sparse_usable()
+        if not self.cfg.is_dense and not self.flash_sparse and self.headdim in SUPPORTED_HEAD_SIZES:
             self._compile_kernels()
+
+    def _flash_sparse_usable(self) -> bool:
+        if self.cfg.sparse_kernel != "flash_attn" or self.cfg.is_dense:
+            return False
+        fa_version = get_flash_attn_version()
+        if fa_version == 3 and self.cfg.block_size % self.block_size == 0:
+            return True
+        logger.warning_once(
+            "FlashPrefill: sparse_kernel 'flash_attn' needs FlashAttention 3 (found %s) and KV pages "
+            "that divide block_size %d (found %d); the Triton kernel runs the sparse rows",
+            fa_version, self.cfg.block_size, self.block_size,
+        )
+        return False
 
     def _compile_kernels(self) -> None:
         """Run the sparse path once on a tiny batch, so that Triton compiles its kernels at start-up
@@ -185,9 +203,15 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         ]
         if not sparse:
             return None
-        return self._sparse_step(
+        step = self._sparse_step(
             qsl, seq_lens, sparse, self._dense_runs(cm, fa, set(sparse), qsl, seq_lens)
         )
+        if self.flash_sparse:
+            step.flash_runs = plan_runs(
+                step.query_blocks.table_cpu, fa.block_table, step.kv_indices, step.kv_counts,
+                self.cfg.block_size, self.block_size,
+            )
+        return step
 
     def _sparse_step(self, qsl, seq_lens, requests, dense_runs) -> SparseStep:
         qblocks = build_query_blocks(
@@ -379,10 +403,17 @@ class FlashPrefillImpl(FlashAttentionImpl):
 
     def forward_sparse(self, query, kv_cache, attn_metadata, step: SparseStep, output) -> None:
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        counts = run_sparse(
-            query, key_cache, value_cache, output, attn_metadata.block_table,
-            attn_metadata.seq_lens, step, self.cfg, self.scale,
-        )
+        if step.flash_runs is not None:
+            flash_sparse_attention(
+                query, key_cache, value_cache, output, step.flash_runs, self.scale,
+                self.vllm_flash_attn_version,
+            )
+            counts = step.kv_counts
+        else:
+            counts = run_sparse(
+                query, key_cache, value_cache, output, attn_metadata.block_table,
+                attn_metadata.seq_lens, step, self.cfg, self.scale,
+            )
         STATS.record(counts, step.query_blocks.causal_pairs, self.num_kv_heads)
 
 

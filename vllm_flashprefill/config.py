@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 PATTERNS = ("dense", "local", "strided", "hybrid", "dynamic")
+SPARSE_KERNELS = ("triton", "flash_attn")
+STRING_KEYS = ("pattern", "sparse_kernel")
 ENV_PREFIX = "FLASHPREFILL_"
 CONFIG_KEY = "flashprefill"
 
@@ -45,6 +47,9 @@ class FlashPrefillConfig:
     # Layers that stay dense: an int N means the first N layers, a list names layer indices. The
     # first layers are the most sensitive to sparsity (RULER on Qwen2.5-Coder-0.5B, README).
     dense_layers: int | tuple[int, ...] = 4
+    # What computes the sparse rows: our Triton kernel, or (static patterns, FlashAttention 3 only)
+    # vLLM's FA3 over per-query-block block tables (vllm_flashprefill/flash_sparse.py).
+    sparse_kernel: str = "triton"
 
     def __post_init__(self) -> None:
         def bad(key: str, allowed: str) -> ValueError:
@@ -55,6 +60,11 @@ class FlashPrefillConfig:
 
         if self.pattern not in PATTERNS:
             raise bad("pattern", " | ".join(PATTERNS))
+        if self.sparse_kernel not in SPARSE_KERNELS:
+            raise bad("sparse_kernel", " | ".join(SPARSE_KERNELS))
+        if self.sparse_kernel == "flash_attn" and self.pattern == "dynamic":
+            raise bad("sparse_kernel", "'triton' for pattern 'dynamic' (it selects blocks per head; "
+                      "'flash_attn' runs the static patterns local | strided | hybrid)")
         bs = self.block_size
         if bs < 64 or bs & (bs - 1):
             raise bad("block_size", "a power of two >= 64")
@@ -149,6 +159,7 @@ def _coerce(key: str, value: Any) -> Any:
     """Accept the JSON/CLI spellings of each field's type; reject anything else by name."""
     expected = {
         "pattern": "a string",
+        "sparse_kernel": "a string",
         "threshold": "a number",
         "dense_layers": "an integer or a list of integers",
     }.get(key, "an integer")
@@ -158,12 +169,12 @@ def _coerce(key: str, value: Any) -> Any:
             f"flashprefill: invalid value for '{key}': {value!r}; expected {expected}"
         )
 
-    if isinstance(value, str) and key != "pattern":
+    if isinstance(value, str) and key not in STRING_KEYS:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             raise fail() from None
-    if key == "pattern":
+    if key in STRING_KEYS:
         if not isinstance(value, str):
             raise fail()
         return value.lower()
