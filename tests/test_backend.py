@@ -198,12 +198,14 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, pat
         model_dir, pattern=pattern, min_seq_len=0, sink_blocks=0, local_blocks=0, stride=2,
         threshold=1.0, dense_tail_blocks=0, sparse_kernel=sparse_kernel,
     )
+    fa3_calls = []
     if sparse_kernel == "flash_attn" and DEVICE == "cpu":
         # No FA3 on CPU: run its documented semantics in PyTorch (the GPU runs the real call).
         from tests.test_flash_sparse import flash_attn_semantics
         from vllm_flashprefill import backend
 
         def fa3_on_cpu(query, key_cache, value_cache, output, runs, scale, fa_version):
+            fa3_calls.append(fa_version)
             output.copy_(torch.where(
                 output.isnan(), flash_attn_semantics(query, key_cache, value_cache, runs, scale), output))
 
@@ -213,11 +215,15 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, pat
     _, meta = build(config, batch)
     assert (meta.sparse.flash_runs is not None) == (sparse_kernel == "flash_attn")
     impl = make_impl(config)
+    if sparse_kernel == "flash_attn" and DEVICE == "cpu":
+        impl.vllm_flash_attn_version = 3  # what vLLM picks on Hopper
     out = torch.full_like(batch.q, float("nan"))
     key = value = torch.empty(0)  # the cache write is vLLM's; the sparse path reads the cache only
     read_selection_stats(reset=True)
     impl.forward(LAYER, batch.q, key, value, batch.kv_cache, meta, out)
     stats = read_selection_stats(reset=True)
+    if sparse_kernel == "flash_attn" and DEVICE == "cpu":
+        assert fa3_calls == [3]
     step = meta.sparse
     if pattern == "dynamic":
         from vllm_flashprefill.patterns import select_dynamic
@@ -257,6 +263,31 @@ def test_flash_attn_sparse_kernel_needs_fa3_and_pages_within_a_block(model_dir, 
     monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 2)
     builder, meta = build(config, batch)
     assert not builder.flash_sparse and meta.sparse.flash_runs is None  # the Triton kernel runs them
+
+
+def test_a_layer_on_another_flash_attention_version_runs_the_triton_kernel(model_dir, monkeypatch):
+    from vllm_flashprefill import backend
+
+    def no_fa3(*args):
+        raise AssertionError("only FA3 takes per-block tables")
+
+    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
+    monkeypatch.setattr(backend, "flash_sparse_attention", no_fa3)
+    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=0, local_blocks=1, stride=2,
+                         sparse_kernel="flash_attn")
+    batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=2)
+    _, meta = build(config, batch)
+    assert meta.sparse.flash_runs is not None
+    impl = make_impl(config)
+    impl.vllm_flash_attn_version = 2  # e.g. a head size the platform runs on another version
+    out = torch.full_like(batch.q, float("nan"))
+    impl.forward(LAYER, batch.q, None, None, batch.kv_cache, meta, out)
+    mask = lists_to_mask(meta.sparse.kv_indices, meta.sparse.kv_counts, meta.sparse.query_blocks.num_kv_blocks)
+    ref = sparse_attention_reference(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
+        meta.sparse.query_blocks.table, mask, HEAD**-0.5, BLOCK,
+    )
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
 
 
 def test_dense_runs_hand_flash_attention_slices_or_no_key_value(model_dir, monkeypatch):

@@ -403,7 +403,9 @@ class FlashPrefillImpl(FlashAttentionImpl):
 
     def forward_sparse(self, query, kv_cache, attn_metadata, step: SparseStep, output) -> None:
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        if step.flash_runs is not None:
+        # The builder checked the platform's FlashAttention version; a layer may still run another
+        # (vLLM picks it per head size), and only FA3 takes these block tables.
+        if step.flash_runs is not None and self.vllm_flash_attn_version == 3:
             flash_sparse_attention(
                 query, key_cache, value_cache, output, step.flash_runs, self.scale,
                 self.vllm_flash_attn_version,
