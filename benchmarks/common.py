@@ -259,6 +259,51 @@ class Pipeline:
         return self.attend(self.select(), out)
 
 
+@dataclasses.dataclass
+class StaticPatternPrompt:
+    """One prompt (context 0) over a shuffled paged cache, with a static pattern's block lists."""
+
+    q: torch.Tensor  # [S, Hq, D]
+    k_cache: torch.Tensor  # [pages, page_size, Hkv, D] views of one K|V buffer
+    v_cache: torch.Tensor
+    block_table: torch.Tensor  # [1, pages] int32, a random permutation
+    seq_lens: torch.Tensor  # [1] int32
+    qblocks: object  # vllm_flashprefill.plan.QueryBlocks
+    mask: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_counts: torch.Tensor
+    density: float
+
+
+def static_pattern_prompt(seq_len, num_q_heads, num_kv_heads, head_size, page_size, pattern,
+                          block_size=128, dtype=torch.bfloat16, device="cuda") -> StaticPatternPrompt:
+    """What the kernel timings run: the package's default ``pattern`` with ``min_seq_len`` 0."""
+    from vllm_flashprefill.config import FlashPrefillConfig
+    from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists
+    from vllm_flashprefill.plan import build_query_blocks
+
+    pages = -(-seq_len // page_size)
+    kv = torch.randn(pages, page_size, num_kv_heads, 2 * head_size, dtype=dtype, device=device)
+    k_cache, v_cache = kv.split(head_size, dim=-1)
+    seq_lens = torch.tensor([seq_len], dtype=torch.int32, device=device)
+    qblocks = build_query_blocks(torch.tensor([0, seq_len]), seq_lens.cpu(), [0], block_size, device)
+    cfg = FlashPrefillConfig(pattern=pattern, block_size=block_size, min_seq_len=0)
+    mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+    kv_indices, kv_counts = mask_to_lists(mask)
+    return StaticPatternPrompt(
+        q=torch.randn(seq_len, num_q_heads, head_size, dtype=dtype, device=device),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_table=torch.randperm(pages, device=device, dtype=torch.int32)[None, :],
+        seq_lens=seq_lens,
+        qblocks=qblocks,
+        mask=mask,
+        kv_indices=kv_indices,
+        kv_counts=kv_counts,
+        density=mask_density(mask, qblocks),
+    )
+
+
 def mask_density(mask: torch.Tensor, qblocks) -> float:
     """Kept (query block, KV block) pairs averaged over the mask's heads / causal pairs."""
     kept = mask.sum().item() / mask.shape[1]

@@ -27,20 +27,9 @@ import statistics
 import torch
 import triton
 
-from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention
-from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists
-from vllm_flashprefill.plan import build_query_blocks
 
-from common import causal_flops, mask_density  # benchmarks/common.py (the script's folder)
-
-
-def paged_cache(seq_len, num_kv_heads, head_size, page_size, dtype, device):
-    pages = -(-seq_len // page_size)
-    kv = torch.randn(pages, page_size, num_kv_heads, 2 * head_size, dtype=dtype, device=device)
-    k, v = kv.split(head_size, dim=-1)
-    table = torch.randperm(pages, device=device, dtype=torch.int32)[None, :]
-    return k, v, table
+from common import causal_flops, static_pattern_prompt  # benchmarks/common.py (the script's folder)
 
 
 def main() -> None:
@@ -71,15 +60,9 @@ def main() -> None:
     for spec, page in itertools.product(args.heads.split(";"), map(int, args.page_sizes.split(","))):
         hq, hkv, d = map(int, spec.split(","))
         gqa, S = hq // hkv, args.seq_len
-        k, v, table = paged_cache(S, hkv, d, page, dtype, dev)
-        q = torch.randn(S, hq, d, dtype=dtype, device=dev)
-        out = torch.empty_like(q)
-        seq_lens = torch.tensor([S], dtype=torch.int32, device=dev)
-        qb = build_query_blocks(torch.tensor([0, S]), seq_lens.cpu(), [0], B, dev)
-        cfg = FlashPrefillConfig(pattern=args.pattern, block_size=B, min_seq_len=0)
-        mask = forced_block_mask(qb.block_index, qb.last_block, qb.num_kv_blocks, cfg)
-        idx, cnt = mask_to_lists(mask)
-        density = mask_density(mask, qb)
+        prompt = static_pattern_prompt(S, hq, hkv, d, page, args.pattern, B, dtype, dev)
+        out = torch.empty_like(prompt.q)
+        density = prompt.density
         flops = density * causal_flops(hq, d, S)
         axes = [[int(x) for x in getattr(args, a).split(",")] for a in
                 ("rows", "block_n", "warps", "stages")]
@@ -100,7 +83,9 @@ def main() -> None:
                 try:
                     times[i].append(triton.testing.do_bench(
                         lambda fn=kernels[name], c=c: fn(
-                            q, k, v, out, table, seq_lens, qb.table, idx, cnt, d**-0.5, B, c),
+                            prompt.q, prompt.k_cache, prompt.v_cache, out, prompt.block_table,
+                            prompt.seq_lens, prompt.qblocks.table, prompt.kv_indices,
+                            prompt.kv_counts, d**-0.5, B, c),
                         warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
                 except Exception as exc:  # an infeasible tile shape (shared memory) is a data point too
                     print(spec, page, name, c, "FAILED", type(exc).__name__, str(exc)[:120], flush=True)
