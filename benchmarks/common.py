@@ -269,7 +269,6 @@ class StaticPatternPrompt:
     block_table: torch.Tensor  # [1, pages] int32, a random permutation
     seq_lens: torch.Tensor  # [1] int32
     qblocks: object  # vllm_flashprefill.plan.QueryBlocks
-    mask: torch.Tensor
     kv_indices: torch.Tensor
     kv_counts: torch.Tensor
     density: float
@@ -297,7 +296,6 @@ def static_pattern_prompt(seq_len, num_q_heads, num_kv_heads, head_size, page_si
         block_table=torch.randperm(pages, device=device, dtype=torch.int32)[None, :],
         seq_lens=seq_lens,
         qblocks=qblocks,
-        mask=mask,
         kv_indices=kv_indices,
         kv_counts=kv_counts,
         density=mask_density(mask, qblocks),

@@ -406,10 +406,7 @@ class FlashPrefillImpl(FlashAttentionImpl):
         # The builder checked the platform's FlashAttention version; a layer may still run another
         # (vLLM picks it per head size), and only FA3 takes these block tables.
         if step.flash_runs is not None and self.vllm_flash_attn_version == 3:
-            flash_sparse_attention(
-                query, key_cache, value_cache, output, step.flash_runs, self.scale,
-                self.vllm_flash_attn_version,
-            )
+            flash_sparse_attention(query, key_cache, value_cache, output, step.flash_runs, self.scale)
             counts = step.kv_counts
         else:
             counts = run_sparse(

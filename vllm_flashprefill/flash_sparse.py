@@ -104,10 +104,9 @@ def flash_sparse_attention(
     output: torch.Tensor,
     runs: list[FlashSparseRun],
     scale: float,
-    fa_version: int,
 ) -> None:
-    """Write the sparse rows of ``runs`` into ``output`` with FA3 (key_cache/value_cache:
-    [pages, page_size, Hkv, D] views of vLLM's cache)."""
+    """Write the sparse rows of ``runs`` into ``output`` with FA3, the one FlashAttention version
+    these tables are for (key_cache/value_cache: [pages, page_size, Hkv, D] views of vLLM's cache)."""
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
     for run in runs:
@@ -117,5 +116,5 @@ def flash_sparse_attention(
             cu_seqlens_q=run.cu_seqlens_q, max_seqlen_q=run.max_seqlen_q,
             seqused_k=run.seqused_k, max_seqlen_k=run.max_seqlen_k,
             softmax_scale=scale, causal=True, block_table=run.block_tables,
-            fa_version=fa_version,
+            fa_version=3,
         )

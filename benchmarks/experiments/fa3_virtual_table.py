@@ -55,7 +55,7 @@ def main() -> None:
                                      p.qblocks.table, p.kv_indices, p.kv_counts, d**-0.5, block)
 
         def fa3_sparse(p=p, out=outs["fa3_sparse"], runs=runs):
-            flash_sparse_attention(p.q, p.k_cache, p.v_cache, out, runs, d**-0.5, fa_version=3)
+            flash_sparse_attention(p.q, p.k_cache, p.v_cache, out, runs, d**-0.5)
 
         def fa3_dense(p=p, out=outs["fa3_dense"], whole=whole, seq_len=seq_len):
             flash_attn_varlen_func(
