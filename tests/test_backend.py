@@ -190,7 +190,8 @@ def test_same_decision_whatever_the_chunking(model_dir):
 
 
 @pytest.mark.parametrize(
-    "pattern,sparse_kernel", [("hybrid", "triton"), ("dynamic", "triton"), ("hybrid", "flash_attn")]
+    "pattern,sparse_kernel",
+    [("hybrid", "triton"), ("dynamic", "triton"), ("hybrid", "flash_attn"), ("dynamic", "flash_attn")],
 )
 def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, pattern, sparse_kernel):
     query_lens, context_lens = [200, 130], [0, 190]
@@ -204,10 +205,10 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, pat
         from tests.test_flash_sparse import flash_attn_semantics
         from vllm_flashprefill import backend
 
-        def fa3_on_cpu(query, key_cache, value_cache, output, runs, scale):
-            fa3_calls.append(len(runs))
-            output.copy_(torch.where(
-                output.isnan(), flash_attn_semantics(query, key_cache, value_cache, runs, scale), output))
+        def fa3_on_cpu(query, key_cache, value_cache, output, runs, tables, seqused, scale):
+            fa3_calls.append((len(runs), tables.shape[0]))
+            result = flash_attn_semantics(query, key_cache, value_cache, runs, tables, seqused, scale)
+            output.copy_(torch.where(output.isnan(), result, output))
 
         monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
         monkeypatch.setattr(backend, "flash_sparse_attention", fa3_on_cpu)
@@ -223,7 +224,8 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, pat
     impl.forward(LAYER, batch.q, key, value, batch.kv_cache, meta, out)
     stats = read_selection_stats(reset=True)
     if sparse_kernel == "flash_attn" and DEVICE == "cpu":
-        assert fa3_calls == [len(meta.sparse.flash_runs)] == [1]
+        # One run; static lists share one table for all heads, dynamic ones have one per KV head.
+        assert fa3_calls == [(1, HKV if pattern == "dynamic" else 1)]
     step = meta.sparse
     if pattern == "dynamic":
         from vllm_flashprefill.patterns import select_dynamic
@@ -363,6 +365,28 @@ def test_dynamic_workspace_comes_with_the_model(model_dir):
     del impl, builder, meta, again
     gc.collect()
     assert len(backend._WORKSPACES) == before - 1
+
+
+def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(model_dir, monkeypatch):
+    """vLLM settles the KV page size after loading the model, so the workspace allocated then
+    sizes its FA3 tables for the page vLLM will take: ``--block-size`` if given, else ours."""
+    from vllm_flashprefill import backend
+
+    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
+    rows, kv_blocks = 1024 // BLOCK + 2 * 8, 2048 // BLOCK  # max_num_batched_tokens, max_num_seqs
+    triton = make_impl(vllm_config(model_dir, pattern="dynamic", min_seq_len=0))
+    assert triton._workspace.tables is None
+    config = vllm_config(model_dir, pattern="dynamic", min_seq_len=0, sparse_kernel="flash_attn")
+    preferred = make_impl(config)  # no --block-size: pages of 64 for head size 64
+    assert preferred._workspace.tables.shape == (HKV, rows, kv_blocks * BLOCK // 64)
+    assert preferred._workspace.seqused.shape == (HKV, rows)
+    config.cache_config.block_size, config.cache_config.user_specified_block_size = PAGE, True
+    impl = make_impl(config)  # --block-size 16
+    assert impl._workspace.tables.shape == (HKV, rows, kv_blocks * BLOCK // PAGE)
+    batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    builder, meta = build(config, batch)
+    assert builder.flash_sparse and meta.sparse.workspace is impl._workspace
+    assert meta.sparse.flash_tables is None  # dynamic: the layer fills the workspace's tables
 
 
 def test_layers_that_must_stay_dense(model_dir):

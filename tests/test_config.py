@@ -127,8 +127,6 @@ BAD_CONFIGS = [
     ({"dense_layers": "first"}, "dense_layers", "'first'"),
     ({"sparse_kernel": "fa3"}, "sparse_kernel", "'fa3'"),
     ({"sparse_kernel": 3}, "sparse_kernel", "3"),
-    # dynamic selection is per head; FA3's block tables are per sequence
-    ({"pattern": "dynamic", "sparse_kernel": "flash_attn"}, "sparse_kernel", "'flash_attn'"),
 ]
 
 

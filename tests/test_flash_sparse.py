@@ -1,56 +1,80 @@
-"""Static patterns through FA3 (``sparse_kernel: flash_attn``): the per-query-block block tables,
+"""The sparse rows through FA3 (``sparse_kernel: flash_attn``): the per-query-block block tables,
 checked on CPU by running FA3's documented semantics (paged keys, causal mask aligned to the end
 of each sequence) in plain PyTorch against the sparse reference. The FA3 call itself runs in the
 GPU tests (tests/test_backend.py on CUDA)."""
 
+import itertools
+
 import pytest
 import torch
+from vllm_flashprefill.kernels.block_tables import sparse_block_tables
 from vllm_flashprefill.kernels.reference import gather_kv, sparse_attention_reference
 
 from tests.paged import make_paged_batch
 from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.flash_sparse import plan_runs, virtual_block_tables
+from vllm_flashprefill.flash_sparse import plan_runs
 from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists
 from vllm_flashprefill.plan import build_query_blocks
 
 HQ, HKV, HEAD, BLOCK = 4, 2, 32, 64
 
 
-def flash_attn_semantics(q, k_cache, v_cache, runs, scale):
-    """What FA3's varlen call with a block table and ``causal=True`` computes, in fp32."""
-    gqa = q.shape[1] // k_cache.shape[2]
+def flash_attn_semantics(q, k_cache, v_cache, runs, tables, seqused, scale):
+    """What ``flash_sparse_attention``'s FA3 calls (varlen, block table, ``causal=True``, one
+    call per run and table group) compute, in fp32."""
+    groups = tables.shape[0]
+    q_heads, kv_heads = q.shape[1] // groups, k_cache.shape[2] // groups
     out = torch.zeros(q.shape, dtype=torch.float32)
-    for run in runs:
+    for run, g in itertools.product(runs, range(groups)):
         cu = run.cu_seqlens_q.tolist()
-        for i, used in enumerate(run.seqused_k.tolist()):
+        qh, kh = slice(g * q_heads, (g + 1) * q_heads), slice(g * kv_heads, (g + 1) * kv_heads)
+        for i in range(run.qblock_end - run.qblock_start):
             lo, hi = run.token_start + cu[i], run.token_start + cu[i + 1]
+            used, table = int(seqused[g, run.qblock_start + i]), tables[g, run.qblock_start + i]
             assert hi - lo <= run.max_seqlen_q and used <= run.max_seqlen_k
-            k = gather_kv(k_cache, run.block_tables[i], used).float().repeat_interleave(gqa, 1)
-            v = gather_kv(v_cache, run.block_tables[i], used).float().repeat_interleave(gqa, 1)
+            k = gather_kv(k_cache[:, :, kh], table, used).float().repeat_interleave(q_heads // kv_heads, 1)
+            v = gather_kv(v_cache[:, :, kh], table, used).float().repeat_interleave(q_heads // kv_heads, 1)
             rows = torch.arange(hi - lo)
             visible = torch.arange(used)[None, :] <= (used - (hi - lo) + rows)[:, None]
-            logits = torch.einsum("thd,shd->hts", q[lo:hi].float(), k) * scale
+            logits = torch.einsum("thd,shd->hts", q[lo:hi, qh].float(), k) * scale
             probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-            out[lo:hi] = torch.einsum("hts,shd->thd", probs, v)
+            out[lo:hi, qh] = torch.einsum("hts,shd->thd", probs, v)
     return out
 
 
+def per_head_mask(qblocks, seed):
+    """Random causal lists per KV head, always with the diagonal block (as dynamic selection)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, nkb = qblocks.num_blocks, qblocks.num_kv_blocks
+    kb = torch.arange(nkb)
+    causal = kb[None, None, :] <= qblocks.block_index[:, None, None]
+    mask = (torch.rand(n, HKV, nkb, generator=gen) < 0.4) & causal
+    return mask | (kb[None, None, :] == qblocks.block_index[:, None, None])
+
+
 @pytest.mark.parametrize("page", [16, 32, 64])
-def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page):
+@pytest.mark.parametrize("lists", ["shared", "per_head"])
+def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists):
     # A long prompt, a short (dense) one between, and a chunk whose cached context ends inside a
     # block: two runs, a partial first query block, and partial diagonal blocks.
     query_lens, context_lens = [300, 40, 250], [0, 0, 150]
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, page, torch.float32, seed=3)
     qblocks = build_query_blocks(batch.query_start_loc, batch.seq_lens, [0, 2], BLOCK, "cpu")
-    cfg = FlashPrefillConfig(pattern="hybrid", block_size=BLOCK, min_seq_len=0, sink_blocks=1,
-                             local_blocks=1, stride=3, dense_tail_blocks=1)
-    mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+    if lists == "shared":  # a static pattern: one list for all heads
+        cfg = FlashPrefillConfig(pattern="hybrid", block_size=BLOCK, min_seq_len=0, sink_blocks=1,
+                                 local_blocks=1, stride=3, dense_tail_blocks=1)
+        mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+    else:  # dynamic selection: one list per KV head
+        mask = per_head_mask(qblocks, seed=page)
+        assert not torch.equal(mask[:, 0], mask[:, 1])
     assert not mask.all(), "the pattern must skip blocks for the test to mean anything"
     indices, counts = mask_to_lists(mask)
-    runs = plan_runs(qblocks.table_cpu, batch.block_table, indices, counts, BLOCK, page)
+    runs = plan_runs(qblocks.table_cpu, "cpu")
     qsl = batch.query_start_loc.tolist()
     assert [(r.token_start, r.token_end) for r in runs] == [(0, qsl[1]), (qsl[2], qsl[3])]
-    out = flash_attn_semantics(batch.q, batch.k_cache, batch.v_cache, runs, HEAD**-0.5)
+    tables, seqused = sparse_block_tables(qblocks.table, batch.block_table, indices, counts, BLOCK, page)
+    assert tables.shape[0] == seqused.shape[0] == mask.shape[1]
+    out = flash_attn_semantics(batch.q, batch.k_cache, batch.v_cache, runs, tables, seqused, HEAD**-0.5)
     ref = sparse_attention_reference(
         batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
         qblocks.table, mask, HEAD**-0.5, BLOCK,
@@ -64,16 +88,32 @@ def test_seqused_counts_listed_blocks_and_the_diagonal_up_to_the_last_row():
     qblocks = build_query_blocks(batch.query_start_loc, batch.seq_lens, [0], BLOCK, "cpu")
     indices = torch.tensor([[[0, 2, 7]], [[1, 3, 9]]], dtype=torch.int32)  # slot 2: junk
     counts = torch.tensor([[2], [2]], dtype=torch.int32)
-    tables, seqused = virtual_block_tables(
-        qblocks.table_cpu, batch.block_table, indices, counts, BLOCK, 16)
+    tables, seqused = sparse_block_tables(qblocks.table, batch.block_table, indices, counts, BLOCK, 16)
     # Query block 2 holds positions 130..191 (diagonal keys 128..191), block 3 192..229.
-    assert seqused.tolist() == [BLOCK + 64, BLOCK + 38]
+    assert seqused.tolist() == [[BLOCK + 64, BLOCK + 38]]
     pages, table = BLOCK // 16, batch.block_table[0].tolist()  # 15 pages: 0..239
-    assert tables[0, : 2 * pages].tolist() == table[:pages] + table[2 * pages : 3 * pages]
-    # Block 3's last page (240..255) lies past the request's table: never read, any valid page.
-    assert tables[1, : 2 * pages - 1].tolist() == table[pages : 2 * pages] + table[3 * pages :]
-    assert tables.min() >= 0 and tables.max() < batch.kv_cache.shape[0]
+    assert tables[0, 0, : 2 * pages].tolist() == table[:pages] + table[2 * pages : 3 * pages]
+    # Block 3's last page (240..255) lies past the request's table: never read, page 0 stands in.
+    assert tables[0, 1, : 2 * pages].tolist() == table[pages : 2 * pages] + table[3 * pages :] + [0]
     assert tables.dtype == seqused.dtype == torch.int32
+
+
+def test_tables_are_written_into_given_buffers_and_slots_past_the_count_are_left_alone():
+    batch = make_paged_batch([200], [0], HQ, HKV, HEAD, 32, torch.float32)
+    qblocks = build_query_blocks(batch.query_start_loc, batch.seq_lens, [0], BLOCK, "cpu")
+    # The first three of its four query blocks; slot 1 past a count of 1 holds junk.
+    indices = torch.tensor([[[0, 5], [0, 5]], [[1, 5], [0, 1]], [[0, 2], [1, 2]]], dtype=torch.int32)
+    counts = torch.tensor([[1, 1], [1, 2], [2, 1]], dtype=torch.int32)
+    tables = torch.full((HKV, 5, 6), -1, dtype=torch.int32)
+    seqused = torch.full((HKV, 5), -1, dtype=torch.int32)
+    out = sparse_block_tables(qblocks.table, batch.block_table, indices, counts, BLOCK, 32,
+                              tables[:, :3], seqused[:, :3])
+    assert out[0].data_ptr() == tables.data_ptr() and out[1].data_ptr() == seqused.data_ptr()
+    page = batch.block_table[0].tolist()
+    assert tables[1, 1, :4].tolist() == [page[0], page[1], page[2], page[3]]
+    assert tables[0, 1].tolist() == [page[2], page[3], -1, -1, -1, -1]
+    assert seqused[:, :3].tolist() == [[64, 64, 128], [64, 128, 64]]
+    assert (tables[:, 3:] == -1).all() and (seqused[:, 3:] == -1).all()
 
 
 def test_pages_larger_than_the_sparse_block_are_refused():
@@ -81,4 +121,4 @@ def test_pages_larger_than_the_sparse_block_are_refused():
     qblocks = build_query_blocks(batch.query_start_loc, batch.seq_lens, [0], BLOCK, "cpu")
     one = torch.zeros(1, 1, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="multiple of the page size"):
-        virtual_block_tables(qblocks.table_cpu, batch.block_table, one, one[:, :, 0] + 1, BLOCK, 128)
+        sparse_block_tables(qblocks.table, batch.block_table, one, one[:, :, 0] + 1, BLOCK, 128)

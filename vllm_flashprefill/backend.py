@@ -35,6 +35,7 @@ from vllm_flashprefill.kernels.attention import (
     preferred_page_size,
     sparse_prefill_attention,
 )
+from vllm_flashprefill.kernels.block_tables import sparse_block_tables
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
 from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists, select_dynamic_lists
 from vllm_flashprefill.plan import QueryBlocks, build_query_blocks
@@ -104,8 +105,10 @@ class SparseStep:
     kv_counts: torch.Tensor | None
     dense_runs: list[DenseRun]
     workspace: "DynamicWorkspace | None"
-    # sparse_kernel "flash_attn": the FA3 calls that replace the Triton kernel.
+    # sparse_kernel "flash_attn": the FA3 calls that replace the Triton kernel, and for static
+    # patterns their block tables and key counts (dynamic: the workspace's, per layer).
     flash_runs: list[FlashSparseRun] | None = None
+    flash_tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclasses.dataclass
@@ -129,15 +132,16 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.cfg = flashprefill_config(vllm_config)
+        self.flash_sparse = self._flash_sparse_usable()
         self.workspace = (
             DynamicWorkspace.shared(
-                vllm_config, self.cfg, self.num_heads_q, self.num_heads_kv, self.headdim, device
+                vllm_config, self.cfg, self.num_heads_q, self.num_heads_kv, self.headdim, device,
+                self.block_size if self.flash_sparse else None,
             )
             if self.cfg.pattern == "dynamic"
             else None
         )
-        self.flash_sparse = self._flash_sparse_usable()
-        if not self.cfg.is_dense and not self.flash_sparse and self.headdim in SUPPORTED_HEAD_SIZES:
+        if not self.cfg.is_dense and self.headdim in SUPPORTED_HEAD_SIZES:
             self._compile_kernels()
 
     def _flash_sparse_usable(self) -> bool:
@@ -154,8 +158,9 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         return False
 
     def _compile_kernels(self) -> None:
-        """Run the sparse path once on a tiny batch, so that Triton compiles its kernels at start-up
-        instead of during the first long request (vLLM's profiling run passes no metadata)."""
+        """Run the sparse path's Triton kernels once on a tiny batch, so that Triton compiles them
+        at start-up instead of during the first long request (vLLM's profiling run passes no
+        metadata). With ``sparse_kernel: flash_attn`` that is selection and the block tables."""
         if self.kv_cache_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return
         tokens, d = 2 * self.cfg.block_size, self.headdim
@@ -163,13 +168,18 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         kv = torch.randn(pages, self.block_size, self.num_heads_kv, 2 * d, device=self.device)
         kv = kv.to(self.kv_cache_dtype)
         q = torch.randn(tokens, self.num_heads_q, d, device=self.device).to(self.kv_cache_dtype)
+        block_table = torch.arange(pages, dtype=torch.int32, device=self.device)[None]
+        seq_lens = torch.tensor([tokens], dtype=torch.int32, device=self.device)
         step = self._sparse_step(np.array([0, tokens]), np.array([tokens]), [0], dense_runs=[])
-        run_sparse(
-            q, kv[..., :d], kv[..., d:], torch.empty_like(q),
-            block_table=torch.arange(pages, dtype=torch.int32, device=self.device)[None],
-            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
-            step=step, cfg=self.cfg, scale=d**-0.5,
-        )
+        key_cache, value_cache = kv[..., :d], kv[..., d:]
+        indices, counts = block_lists(q, key_cache, block_table, seq_lens, step, self.cfg, d**-0.5)
+        if self.flash_sparse:
+            fa3_block_tables(step, block_table, indices, counts, self.block_size)
+        else:
+            sparse_prefill_attention(
+                q, key_cache, value_cache, torch.empty_like(q), block_table, seq_lens,
+                step.query_blocks.table, indices, counts, d**-0.5, self.cfg.block_size,
+            )
 
     def build(
         self,
@@ -207,10 +217,10 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             qsl, seq_lens, sparse, self._dense_runs(cm, fa, set(sparse), qsl, seq_lens)
         )
         if self.flash_sparse:
-            step.flash_runs = plan_runs(
-                step.query_blocks.table_cpu, fa.block_table, step.kv_indices, step.kv_counts,
-                self.cfg.block_size, self.block_size,
-            )
+            step.flash_runs = plan_runs(step.query_blocks.table_cpu, self.device)
+            if step.kv_indices is not None:
+                step.flash_tables = fa3_block_tables(
+                    step, fa.block_table, step.kv_indices, step.kv_counts, self.block_size)
         return step
 
     def _sparse_step(self, qsl, seq_lens, requests, dense_runs) -> SparseStep:
@@ -275,27 +285,44 @@ class DynamicWorkspace:
     pooled: torch.Tensor  # [max query blocks, Hq, D] fp32
     indices: torch.Tensor  # [max query blocks, Hkv, max KV blocks] int32
     counts: torch.Tensor  # [max query blocks, Hkv] int32
+    # sparse_kernel "flash_attn": FA3 block tables [Hkv, max query blocks, max KV blocks x pages
+    # per block] and key counts [Hkv, max query blocks], int32; zero-filled, so that slots a
+    # layer does not write always hold valid page numbers.
+    tables: torch.Tensor | None = None
+    seqused: torch.Tensor | None = None
 
     @classmethod
-    def shared(cls, vllm_config, cfg: FlashPrefillConfig, num_q_heads, num_kv_heads, head_size, device):
+    def shared(cls, vllm_config, cfg: FlashPrefillConfig, num_q_heads, num_kv_heads, head_size,
+               device, fa3_page_size: int | None = None):
         """The engine's workspace for these heads on this device: allocated on first use, reused
         while large enough (vLLM may lower ``max_model_len`` between model load and the
-        builders), freed with the last layer or builder holding it."""
+        builders), freed with the last layer or builder holding it. ``fa3_page_size``: the KV
+        page size FA3 block tables are needed for (None: none needed)."""
         device = torch.empty(0, device=device).device  # "cuda" and "cuda:0" name one device
         sched = vllm_config.scheduler_config
         rows = sched.max_num_batched_tokens // cfg.block_size + 2 * sched.max_num_seqs
         width = -(-vllm_config.model_config.max_model_len // cfg.block_size)
+        table_width = width * cfg.block_size // fa3_page_size if fa3_page_size else 0
         key = (device, num_q_heads, num_kv_heads, head_size)
         workspace = _WORKSPACES.get(key)
-        if workspace is None or workspace.scores.shape[0] < rows or workspace.scores.shape[2] < width:
+        if workspace is None or not workspace._holds(rows, width, table_width):
             workspace = cls(
                 scores=torch.empty(rows, num_q_heads, width, dtype=torch.float32, device=device),
                 pooled=torch.empty(rows, num_q_heads, head_size, dtype=torch.float32, device=device),
                 indices=torch.empty(rows, num_kv_heads, width, dtype=torch.int32, device=device),
                 counts=torch.empty(rows, num_kv_heads, dtype=torch.int32, device=device),
             )
+            if table_width:
+                workspace.tables = torch.zeros(
+                    num_kv_heads, rows, table_width, dtype=torch.int32, device=device)
+                workspace.seqused = torch.zeros(num_kv_heads, rows, dtype=torch.int32, device=device)
             _WORKSPACES[key] = workspace
         return workspace
+
+    def _holds(self, rows: int, width: int, table_width: int) -> bool:
+        if self.scores.shape[0] < rows or self.scores.shape[2] < width:
+            return False
+        return not table_width or (self.tables is not None and self.tables.shape[2] >= table_width)
 
     def fits(self, num_q_heads: int, num_kv_heads: int, head_size: int) -> bool:
         return (self.scores.shape[1], self.indices.shape[1], self.pooled.shape[2]) == (
@@ -304,6 +331,9 @@ class DynamicWorkspace:
     def views(self, num_qblocks: int):
         n = slice(0, num_qblocks)
         return self.scores[n], self.pooled[n], self.indices[n], self.counts[n]
+
+    def fa3_views(self, num_qblocks: int):
+        return self.tables[:, :num_qblocks], self.seqused[:, :num_qblocks]
 
 
 _WORKSPACES: "weakref.WeakValueDictionary[tuple, DynamicWorkspace]" = weakref.WeakValueDictionary()
@@ -345,6 +375,7 @@ class FlashPrefillImpl(FlashAttentionImpl):
             self._workspace = DynamicWorkspace.shared(
                 vllm_config, self.cfg, num_heads, num_kv_heads, head_size,
                 vllm_config.device_config.device,
+                _expected_page_size(vllm_config) if self.cfg.sparse_kernel == "flash_attn" else None,
             )
 
     def _dense_reason(self, alibi, window, kv_dtype, soft_cap, attn_type, sinks) -> str | None:
@@ -403,40 +434,59 @@ class FlashPrefillImpl(FlashAttentionImpl):
 
     def forward_sparse(self, query, kv_cache, attn_metadata, step: SparseStep, output) -> None:
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        block_table, seq_lens = attn_metadata.block_table, attn_metadata.seq_lens
+        indices, counts = block_lists(query, key_cache, block_table, seq_lens, step, self.cfg, self.scale)
         # The builder checked the platform's FlashAttention version; a layer may still run another
         # (vLLM picks it per head size), and only FA3 takes these block tables.
         if step.flash_runs is not None and self.vllm_flash_attn_version == 3:
-            flash_sparse_attention(query, key_cache, value_cache, output, step.flash_runs, self.scale)
-            counts = step.kv_counts
+            tables, seqused = step.flash_tables or fa3_block_tables(
+                step, block_table, indices, counts, key_cache.shape[1])
+            flash_sparse_attention(
+                query, key_cache, value_cache, output, step.flash_runs, tables, seqused, self.scale)
         else:
-            counts = run_sparse(
-                query, key_cache, value_cache, output, attn_metadata.block_table,
-                attn_metadata.seq_lens, step, self.cfg, self.scale,
+            sparse_prefill_attention(
+                query, key_cache, value_cache, output, block_table, seq_lens,
+                step.query_blocks.table, indices, counts, self.scale, self.cfg.block_size,
             )
         STATS.record(counts, step.query_blocks.causal_pairs, self.num_kv_heads)
 
 
-def run_sparse(query, key_cache, value_cache, output, block_table, seq_lens, step: SparseStep,
-               cfg: FlashPrefillConfig, scale: float) -> torch.Tensor:
-    """The sparse rows of a step: dynamic selection (per layer) if needed, then attention.
-    Returns the number of KV blocks each (query block, KV head) visited."""
+def block_lists(query, key_cache, block_table, seq_lens, step: SparseStep, cfg: FlashPrefillConfig,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KV blocks each query block visits: the step's static lists ([n, 1, L], shared by all
+    heads), or this layer's dynamic selection ([n, Hkv, L], in the workspace), with their counts."""
+    if step.kv_indices is not None:
+        return step.kv_indices, step.kv_counts
     qblocks = step.query_blocks
-    indices, counts = step.kv_indices, step.kv_counts
-    if indices is None:
-        scores, pooled, indices, counts = step.workspace.views(qblocks.num_blocks)
-        block_scores(
-            query, key_cache, block_table, seq_lens, qblocks.table, qblocks.score_groups,
-            scores, pooled, scale, qblocks.block_size,
-        )
-        select_dynamic_lists(
-            scores, qblocks.table, seq_lens, key_cache.shape[2], qblocks.num_kv_blocks, cfg,
-            indices, counts,
-        )
-    sparse_prefill_attention(
-        query, key_cache, value_cache, output, block_table, seq_lens, qblocks.table,
-        indices, counts, scale, qblocks.block_size,
+    scores, pooled, indices, counts = step.workspace.views(qblocks.num_blocks)
+    block_scores(
+        query, key_cache, block_table, seq_lens, qblocks.table, qblocks.score_groups,
+        scores, pooled, scale, qblocks.block_size,
     )
-    return counts
+    select_dynamic_lists(
+        scores, qblocks.table, seq_lens, key_cache.shape[2], qblocks.num_kv_blocks, cfg,
+        indices, counts,
+    )
+    return indices, counts
+
+
+def fa3_block_tables(step: SparseStep, block_table, indices, counts, page_size: int):
+    """FA3 block tables for the step's lists: new tensors for static lists (built once per step),
+    the workspace's buffers for a layer's dynamic selection."""
+    qblocks = step.query_blocks
+    buffers = step.workspace.fa3_views(qblocks.num_blocks) if step.kv_indices is None else (None, None)
+    return sparse_block_tables(
+        qblocks.table, block_table, indices, counts, qblocks.block_size, page_size, *buffers)
+
+
+def _expected_page_size(vllm_config) -> int:
+    """The KV page size vLLM will pick (it settles it only after loading the model, when the
+    dynamic workspace is already allocated): ``--block-size``, else this backend's preference."""
+    cache = vllm_config.cache_config
+    if cache.user_specified_block_size:
+        return cache.block_size
+    return FlashPrefillBackend.get_preferred_block_size(cache.DEFAULT_BLOCK_SIZE)
+
 
 def _layer_index(layer_name: str | None) -> int | None:
     if not layer_name:

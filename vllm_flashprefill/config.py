@@ -62,9 +62,6 @@ class FlashPrefillConfig:
             raise bad("pattern", " | ".join(PATTERNS))
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise bad("sparse_kernel", " | ".join(SPARSE_KERNELS))
-        if self.sparse_kernel == "flash_attn" and self.pattern == "dynamic":
-            raise bad("sparse_kernel", "'triton' for pattern 'dynamic' (it selects blocks per head; "
-                      "'flash_attn' runs the static patterns local | strided | hybrid)")
         bs = self.block_size
         if bs < 64 or bs & (bs - 1):
             raise bad("block_size", "a power of two >= 64")

@@ -1,12 +1,16 @@
-"""How fast does FA3 run our static patterns? ``sparse_kernel: flash_attn`` against our kernel.
+"""How fast does FA3 run our sparse rows? ``sparse_kernel: flash_attn`` against our kernel.
 
     python3 benchmarks/experiments/fa3_virtual_table.py --seq-lens 32768,131072 --out fa3-vt.json
+    python3 benchmarks/experiments/fa3_virtual_table.py --pattern dynamic --max-budget 16
 
-Times one layer call on one shuffled paged cache (bf16, one prompt, the package's default static
-pattern with ``min_seq_len`` 0) three ways: our Triton kernel; vLLM's FA3 over per-query-block
-block tables, exactly as the backend runs it (``vllm_flashprefill/flash_sparse.py``); FA3 dense.
-Interleaved rounds, the card held at its power limit first (``--warmup-ms``). Checks that both
-sparse paths agree. Needs vLLM (the devkit) on a CUDA device.
+Times one layer call on one shuffled paged cache (bf16, one prompt, ``min_seq_len`` 0, the
+package's defaults for the pattern otherwise) three ways: block lists + our Triton kernel; block
+lists + FA3 over per-query-block block tables, exactly as the backend runs it (tables built by
+``kernels/block_tables.py``, calls by ``vllm_flashprefill/flash_sparse.py``; one table per KV head
+for ``dynamic``); FA3 dense. Static lists are built once (per step in the engine); ``dynamic``
+scores and selects inside every timed call, as each layer does, on data with planted hot blocks
+(``benchmarks/common.py: plant_structure``). Interleaved rounds, the card held at its power limit
+first (``--warmup-ms``). Checks that both sparse paths agree. Needs vLLM (the devkit) on CUDA.
 """
 
 from __future__ import annotations
@@ -21,53 +25,74 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import causal_flops, static_pattern_prompt  # noqa: E402  (benchmarks/common.py)
+from common import (  # noqa: E402  (benchmarks/common.py)
+    Pipeline,
+    causal_flops,
+    fa3_attention,
+    fa3_status,
+    make_batch,
+    make_config,
+    plant_structure,
+)
 
 from vllm_flashprefill.flash_sparse import flash_sparse_attention, plan_runs  # noqa: E402
-from vllm_flashprefill.kernels.attention import sparse_prefill_attention  # noqa: E402
+from vllm_flashprefill.kernels.block_tables import sparse_block_tables  # noqa: E402
+from vllm_flashprefill.patterns import lists_to_mask  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-lens", default="32768,131072")
     ap.add_argument("--heads", default="32,8,128")
-    ap.add_argument("--pattern", default="hybrid", choices=["local", "strided", "hybrid"])
+    ap.add_argument("--pattern", default="hybrid", choices=["local", "strided", "hybrid", "dynamic"])
+    ap.add_argument("--max-budget", type=int, default=0, help="dynamic: content-selected block cap")
+    ap.add_argument("--hot-frac", type=float, default=0.05, help="dynamic: planted hot KV blocks")
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--warmup-ms", type=int, default=1500)
     ap.add_argument("--rep-ms", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+    fa3, reason = fa3_status("cuda")
+    if fa3 is None:
+        raise SystemExit(f"FA3 unavailable: {reason}")
 
     block = 128
     hq, hkv, d = map(int, args.heads.split(","))
+    cfg = make_config(args.pattern, block, max_budget=args.max_budget)
     rows = []
     for seq_len in map(int, args.seq_lens.split(",")):
-        p = static_pattern_prompt(seq_len, hq, hkv, d, args.page_size, args.pattern, block)
-        runs = plan_runs(p.qblocks.table_cpu, p.block_table, p.kv_indices, p.kv_counts, block,
-                         args.page_size)
-        outs = {name: torch.empty_like(p.q) for name in ("triton", "fa3_sparse", "fa3_dense")}
-        whole = torch.tensor([0, seq_len], dtype=torch.int32, device=p.q.device)
+        batch = make_batch([seq_len], [0], hq, hkv, d, args.page_size, torch.bfloat16)
+        if cfg.pattern == "dynamic":
+            plant_structure(batch, block, args.hot_frac)
+        pipe = Pipeline(batch, cfg)
+        runs = plan_runs(pipe.qb.table_cpu, "cuda")
+        outs = {name: torch.empty_like(batch.q) for name in ("triton", "fa3_sparse", "fa3_dense")}
+        lists = pipe.select()
+        # The engine's buffers: a static pattern's tables once per step, dynamic ones per layer.
+        tables, seqused = sparse_block_tables(
+            pipe.qb.table, batch.block_table, *lists, block, args.page_size)
 
-        def triton_sparse(p=p, out=outs["triton"]):
-            sparse_prefill_attention(p.q, p.k_cache, p.v_cache, out, p.block_table, p.seq_lens,
-                                     p.qblocks.table, p.kv_indices, p.kv_counts, d**-0.5, block)
+        def triton_sparse(out=outs["triton"]):
+            pipe.attend(pipe.select(), out)
 
-        def fa3_sparse(p=p, out=outs["fa3_sparse"], runs=runs):
-            flash_sparse_attention(p.q, p.k_cache, p.v_cache, out, runs, d**-0.5)
+        def fa3_sparse(out=outs["fa3_sparse"]):
+            if pipe.dynamic:
+                sparse_block_tables(pipe.qb.table, batch.block_table, *pipe.select(), block,
+                                    args.page_size, tables, seqused)
+            flash_sparse_attention(batch.q, batch.k_cache, batch.v_cache, out, runs, tables,
+                                   seqused, pipe.scale)
 
-        def fa3_dense(p=p, out=outs["fa3_dense"], whole=whole, seq_len=seq_len):
-            flash_attn_varlen_func(
-                q=p.q, k=p.k_cache, v=p.v_cache, out=out, max_seqlen_q=seq_len, cu_seqlens_q=whole,
-                max_seqlen_k=seq_len, seqused_k=p.seq_lens, softmax_scale=d**-0.5, causal=True,
-                block_table=p.block_table, fa_version=3)
+        def fa3_dense(out=outs["fa3_dense"]):
+            fa3_attention(fa3, batch, out, pipe.scale)
 
         calls = {"triton": triton_sparse, "fa3_sparse": fa3_sparse, "fa3_dense": fa3_dense}
         for fn in calls.values():
             fn()
         torch.cuda.synchronize()
         diff = (outs["triton"].float() - outs["fa3_sparse"].float()).abs().max().item()
+        mask = lists_to_mask(*lists, pipe.qb.num_kv_blocks)
+        density = mask.sum().item() / mask.shape[1] / pipe.qb.causal_pairs
         times = {name: [] for name in calls}
         for _ in range(args.rounds):
             for name, fn in calls.items():
@@ -76,12 +101,12 @@ def main() -> None:
         full = causal_flops(hq, d, seq_len)
         for name, samples in times.items():
             ms = statistics.median(samples)
-            flops = full if name == "fa3_dense" else p.density * full
+            flops = full if name == "fa3_dense" else density * full
             rows.append({"impl": name, "seq_len": seq_len, "pattern": args.pattern,
-                         "density": p.density, "ms": ms, "rounds_ms": samples,
+                         "density": density, "ms": ms, "rounds_ms": samples,
                          "tflops": flops / ms / 1e9})
             print(f"S={seq_len:>6} {name:<12} {ms:8.3f} ms {flops / ms / 1e9:6.1f} TF/s"
-                  f" (density {p.density:.3f})", flush=True)
+                  f" (density {density:.3f})", flush=True)
         print(f"S={seq_len:>6} max |triton - fa3_sparse| = {diff:.3e}", flush=True)
         rows.append({"check": "max_abs_diff_triton_vs_fa3_sparse", "seq_len": seq_len, "value": diff})
     if args.out:
