@@ -74,14 +74,33 @@ def flash_sparse_attention(
 
     groups = tables.shape[0]
     q_heads, kv_heads = query.shape[1] // groups, key_cache.shape[2] // groups
+    main = torch.cuda.current_stream(query.device) if groups > 1 else None
+    streams = _side_streams(query.device, groups) if groups > 1 else [None]
+    for s in streams:
+        if s is not None:
+            s.wait_stream(main)
     for run, g in itertools.product(runs, range(groups)):
         rows, blocks = slice(run.token_start, run.token_end), slice(run.qblock_start, run.qblock_end)
         q_slice, kv_slice = slice(g * q_heads, (g + 1) * q_heads), slice(g * kv_heads, (g + 1) * kv_heads)
-        flash_attn_varlen_func(
-            q=query[rows, q_slice], k=key_cache[:, :, kv_slice], v=value_cache[:, :, kv_slice],
-            out=output[rows, q_slice],
-            cu_seqlens_q=run.cu_seqlens_q, max_seqlen_q=run.max_seqlen_q,
-            seqused_k=seqused[g, blocks], max_seqlen_k=run.max_seqlen_k,
-            softmax_scale=scale, causal=True, block_table=tables[g, blocks],
-            fa_version=3,
-        )
+        with torch.cuda.stream(streams[g % len(streams)]):
+            flash_attn_varlen_func(
+                q=query[rows, q_slice], k=key_cache[:, :, kv_slice], v=value_cache[:, :, kv_slice],
+                out=output[rows, q_slice],
+                cu_seqlens_q=run.cu_seqlens_q, max_seqlen_q=run.max_seqlen_q,
+                seqused_k=seqused[g, blocks], max_seqlen_k=run.max_seqlen_k,
+                softmax_scale=scale, causal=True, block_table=tables[g, blocks],
+                fa_version=3,
+            )
+    for s in streams:
+        if s is not None:
+            main.wait_stream(s)
+
+
+_STREAMS: dict = {}
+
+
+def _side_streams(device, count):
+    key = (str(device), count)
+    if key not in _STREAMS:
+        _STREAMS[key] = [torch.cuda.Stream(device) for _ in range(count)]
+    return _STREAMS[key]
