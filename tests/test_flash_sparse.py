@@ -17,6 +17,7 @@ from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists
 from vllm_flashprefill.plan import build_query_blocks
 
 HQ, HKV, HEAD, BLOCK = 4, 2, 32, 64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def flash_attn_semantics(q, k_cache, v_cache, runs, tables, seqused, scale):
@@ -24,7 +25,7 @@ def flash_attn_semantics(q, k_cache, v_cache, runs, tables, seqused, scale):
     call per run and table group) compute, in fp32."""
     groups = tables.shape[0]
     q_heads, kv_heads = q.shape[1] // groups, k_cache.shape[2] // groups
-    out = torch.zeros(q.shape, dtype=torch.float32)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     for run, g in itertools.product(runs, range(groups)):
         cu = run.cu_seqlens_q.tolist()
         qh, kh = slice(g * q_heads, (g + 1) * q_heads), slice(g * kv_heads, (g + 1) * kv_heads)
@@ -34,8 +35,8 @@ def flash_attn_semantics(q, k_cache, v_cache, runs, tables, seqused, scale):
             assert hi - lo <= run.max_seqlen_q and used <= run.max_seqlen_k
             k = gather_kv(k_cache[:, :, kh], table, used).float().repeat_interleave(q_heads // kv_heads, 1)
             v = gather_kv(v_cache[:, :, kh], table, used).float().repeat_interleave(q_heads // kv_heads, 1)
-            rows = torch.arange(hi - lo)
-            visible = torch.arange(used)[None, :] <= (used - (hi - lo) + rows)[:, None]
+            rows = torch.arange(hi - lo, device=q.device)
+            visible = torch.arange(used, device=q.device)[None, :] <= (used - (hi - lo) + rows)[:, None]
             logits = torch.einsum("thd,shd->hts", q[lo:hi, qh].float(), k) * scale
             probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
             out[lo:hi, qh] = torch.einsum("hts,shd->thd", probs, v)
@@ -46,9 +47,9 @@ def per_head_mask(qblocks, seed):
     """Random causal lists per KV head, always with the diagonal block (as dynamic selection)."""
     gen = torch.Generator().manual_seed(seed)
     n, nkb = qblocks.num_blocks, qblocks.num_kv_blocks
-    kb = torch.arange(nkb)
+    kb = torch.arange(nkb, device=DEVICE)
     causal = kb[None, None, :] <= qblocks.block_index[:, None, None]
-    mask = (torch.rand(n, HKV, nkb, generator=gen) < 0.4) & causal
+    mask = (torch.rand(n, HKV, nkb, generator=gen).to(DEVICE) < 0.4) & causal
     return mask | (kb[None, None, :] == qblocks.block_index[:, None, None])
 
 
@@ -58,8 +59,8 @@ def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists):
     # A long prompt, a short (dense) one between, and a chunk whose cached context ends inside a
     # block: two runs, a partial first query block, and partial diagonal blocks.
     query_lens, context_lens = [300, 40, 250], [0, 0, 150]
-    batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, page, torch.float32, seed=3)
-    qblocks = build_query_blocks(batch.query_start_loc, batch.seq_lens, [0, 2], BLOCK, "cpu")
+    batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, page, torch.float32, seed=3, device=DEVICE)
+    qblocks = build_query_blocks(batch.query_start_loc.cpu(), batch.seq_lens.cpu(), [0, 2], BLOCK, DEVICE)
     if lists == "shared":  # a static pattern: one list for all heads
         cfg = FlashPrefillConfig(pattern="hybrid", block_size=BLOCK, min_seq_len=0, sink_blocks=1,
                                  local_blocks=1, stride=3, dense_tail_blocks=1)
@@ -69,7 +70,7 @@ def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists):
         assert not torch.equal(mask[:, 0], mask[:, 1])
     assert not mask.all(), "the pattern must skip blocks for the test to mean anything"
     indices, counts = mask_to_lists(mask)
-    runs = plan_runs(qblocks.table_cpu, "cpu")
+    runs = plan_runs(qblocks.table_cpu, DEVICE)
     qsl = batch.query_start_loc.tolist()
     assert [(r.token_start, r.token_end) for r in runs] == [(0, qsl[1]), (qsl[2], qsl[3])]
     tables, seqused = sparse_block_tables(qblocks.table, batch.block_table, indices, counts, BLOCK, page)
@@ -84,10 +85,10 @@ def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists):
 
 
 def test_seqused_counts_listed_blocks_and_the_diagonal_up_to_the_last_row():
-    batch = make_paged_batch([100], [130], HQ, HKV, HEAD, 16, torch.float32)  # positions 130..229
-    qblocks = build_query_blocks(batch.query_start_loc, batch.seq_lens, [0], BLOCK, "cpu")
-    indices = torch.tensor([[[0, 2, 7]], [[1, 3, 9]]], dtype=torch.int32)  # slot 2: junk
-    counts = torch.tensor([[2], [2]], dtype=torch.int32)
+    batch = make_paged_batch([100], [130], HQ, HKV, HEAD, 16, torch.float32, device=DEVICE)  # 130..229
+    qblocks = build_query_blocks(batch.query_start_loc.cpu(), batch.seq_lens.cpu(), [0], BLOCK, DEVICE)
+    indices = torch.tensor([[[0, 2, 7]], [[1, 3, 9]]], dtype=torch.int32, device=DEVICE)  # slot 2: junk
+    counts = torch.tensor([[2], [2]], dtype=torch.int32, device=DEVICE)
     tables, seqused = sparse_block_tables(qblocks.table, batch.block_table, indices, counts, BLOCK, 16)
     # Query block 2 holds positions 130..191 (diagonal keys 128..191), block 3 192..229.
     assert seqused.tolist() == [[BLOCK + 64, BLOCK + 38]]
@@ -99,13 +100,14 @@ def test_seqused_counts_listed_blocks_and_the_diagonal_up_to_the_last_row():
 
 
 def test_tables_are_written_into_given_buffers_and_slots_past_the_count_are_left_alone():
-    batch = make_paged_batch([200], [0], HQ, HKV, HEAD, 32, torch.float32)
-    qblocks = build_query_blocks(batch.query_start_loc, batch.seq_lens, [0], BLOCK, "cpu")
+    batch = make_paged_batch([200], [0], HQ, HKV, HEAD, 32, torch.float32, device=DEVICE)
+    qblocks = build_query_blocks(batch.query_start_loc.cpu(), batch.seq_lens.cpu(), [0], BLOCK, DEVICE)
     # The first three of its four query blocks; slot 1 past a count of 1 holds junk.
-    indices = torch.tensor([[[0, 5], [0, 5]], [[1, 5], [0, 1]], [[0, 2], [1, 2]]], dtype=torch.int32)
-    counts = torch.tensor([[1, 1], [1, 2], [2, 1]], dtype=torch.int32)
-    tables = torch.full((HKV, 5, 6), -1, dtype=torch.int32)
-    seqused = torch.full((HKV, 5), -1, dtype=torch.int32)
+    indices = torch.tensor([[[0, 5], [0, 5]], [[1, 5], [0, 1]], [[0, 2], [1, 2]]], dtype=torch.int32,
+                           device=DEVICE)
+    counts = torch.tensor([[1, 1], [1, 2], [2, 1]], dtype=torch.int32, device=DEVICE)
+    tables = torch.full((HKV, 5, 6), -1, dtype=torch.int32, device=DEVICE)
+    seqused = torch.full((HKV, 5), -1, dtype=torch.int32, device=DEVICE)
     out = sparse_block_tables(qblocks.table, batch.block_table, indices, counts, BLOCK, 32,
                               tables[:, :3], seqused[:, :3])
     assert out[0].data_ptr() == tables.data_ptr() and out[1].data_ptr() == seqused.data_ptr()
