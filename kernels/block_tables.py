@@ -18,11 +18,11 @@ _SLOTS = 64
 
 # Strides follow the step's shape (query blocks, pages per request): not specialized, so that
 # every step reuses the one compiled kernel.
-@triton.jit(do_not_specialize=["table_width", "stride_bt", "stride_ii", "stride_ih", "stride_ci",
+@triton.jit(do_not_specialize=["request_pages", "stride_bt", "stride_ii", "stride_ih", "stride_ci",
                                "stride_ch", "stride_th", "stride_tq", "stride_uh"])
 def _block_tables_kernel(
     indices_ptr, counts_ptr, qblocks_ptr, block_table_ptr, tables_ptr, seqused_ptr,
-    table_width, stride_bt, stride_ii, stride_ih, stride_ci, stride_ch,
+    request_pages, stride_bt, stride_ii, stride_ih, stride_ci, stride_ch,
     stride_th, stride_tq, stride_uh,
     SPARSE_BLOCK: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr, SLOTS: tl.constexpr,
 ):
@@ -42,7 +42,7 @@ def _block_tables_kernel(
             page_index = kv_block * PAGES_PER_BLOCK + p
             # The diagonal block's later pages may lie past the request's table: never read, so
             # page 0 (always a valid page) stands in.
-            page = tl.load(pages_of_request + page_index, mask=listed & (page_index < table_width),
+            page = tl.load(pages_of_request + page_index, mask=listed & (page_index < request_pages),
                            other=0)
             tl.store(table + slot * PAGES_PER_BLOCK + p, page, mask=listed)
     diagonal_keys = last_pos % SPARSE_BLOCK + 1
@@ -66,9 +66,13 @@ def sparse_block_tables(
     kv_indices [n, H, L] and kv_counts [n, H] int32 (H = 1 when all heads share the lists).
     tables [H, n, >= L * pages per block] and seqused [H, n] int32 are written when given (slots
     past a count keep what they held: FA3 reads no page past ``seqused``), else zero-filled.
+    Every count is at least 1: each list holds its diagonal block.
     """
     if sparse_block % page_size:
         raise ValueError(f"sparse block {sparse_block} is not a multiple of the page size {page_size}")
+    rows_contiguous = (qblocks, block_table, kv_indices, tables, seqused)
+    if not qblocks.is_contiguous() or any(t is not None and t.stride(-1) != 1 for t in rows_contiguous):
+        raise ValueError("qblocks must be contiguous and every other table's rows contiguous")
     per_block = sparse_block // page_size
     n, heads, width = kv_indices.shape
     if tables is None:

@@ -179,6 +179,15 @@ def test_batches_with_features_the_sparse_path_does_not_model_stay_on_flash_atte
         assert reason in compat.flash_attention_only(types.SimpleNamespace(**{"causal": True, **extra}))
 
 
+def test_micro_batched_engines_run_every_row_on_flash_attention(model_dir):
+    """Micro-batches (DBO) would run sparse rows concurrently on the one shared workspace."""
+    config = vllm_config(model_dir, pattern="dynamic", min_seq_len=0)
+    config.parallel_config.enable_dbo = True
+    batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    builder, meta = build(config, batch)
+    assert builder.micro_batched and meta.sparse is None
+
+
 def test_same_decision_whatever_the_chunking(model_dir):
     """Rows go sparse by absolute position: a chunk of a long prompt does, whatever its size."""
     config = vllm_config(model_dir, pattern="local", min_seq_len=512, local_blocks=1)
@@ -193,7 +202,7 @@ def test_same_decision_whatever_the_chunking(model_dir):
     "pattern,sparse_kernel",
     [("hybrid", "triton"), ("dynamic", "triton"), ("hybrid", "flash_attn"), ("dynamic", "flash_attn")],
 )
-def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, pattern, sparse_kernel):
+def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, request, pattern, sparse_kernel):
     query_lens, context_lens = [200, 130], [0, 190]
     config = vllm_config(
         model_dir, pattern=pattern, min_seq_len=0, sink_blocks=0, local_blocks=0, stride=2,
@@ -201,17 +210,11 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, pat
     )
     fa3_calls = []
     if sparse_kernel == "flash_attn" and DEVICE == "cpu":
-        # No FA3 on CPU: run its documented semantics in PyTorch (the GPU runs the real call).
-        from tests.test_flash_sparse import flash_attn_semantics
+        # No FA3 on CPU: its documented semantics stand in (the GPU runs the real call).
         from vllm_flashprefill import backend
 
-        def fa3_on_cpu(query, key_cache, value_cache, output, runs, tables, seqused, scale):
-            fa3_calls.append((len(runs), tables.shape[0]))
-            result = flash_attn_semantics(query, key_cache, value_cache, runs, tables, seqused, scale)
-            output.copy_(torch.where(output.isnan(), result, output))
-
+        fa3_calls = request.getfixturevalue("fa3_on_cpu")
         monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
-        monkeypatch.setattr(backend, "flash_sparse_attention", fa3_on_cpu)
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=5)
     _, meta = build(config, batch)
     assert (meta.sparse.flash_runs is not None) == (sparse_kernel == "flash_attn")
@@ -224,8 +227,13 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, pat
     impl.forward(LAYER, batch.q, key, value, batch.kv_cache, meta, out)
     stats = read_selection_stats(reset=True)
     if sparse_kernel == "flash_attn" and DEVICE == "cpu":
-        # One run; static lists share one table for all heads, dynamic ones have one per KV head.
-        assert fa3_calls == [(1, HKV if pattern == "dynamic" else 1)]
+        # One run; static lists share one table (one call) for all heads, dynamic ones have one
+        # per KV head (one call each, on that head's query heads and cache).
+        blocks = meta.sparse.query_blocks.num_blocks
+        if pattern == "dynamic":
+            assert fa3_calls == [(HQ // HKV, 1, blocks)] * HKV
+        else:
+            assert fa3_calls == [(HQ, HKV, blocks)]
     step = meta.sparse
     if pattern == "dynamic":
         from vllm_flashprefill.patterns import select_dynamic
@@ -367,26 +375,44 @@ def test_dynamic_workspace_comes_with_the_model(model_dir):
     assert len(backend._WORKSPACES) == before - 1
 
 
-def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(model_dir, monkeypatch):
+def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(model_dir, monkeypatch, caplog):
     """vLLM settles the KV page size after loading the model, so the workspace allocated then
-    sizes its FA3 tables for the page vLLM will take: ``--block-size`` if given, else ours."""
+    sizes its FA3 tables for the page vLLM will take (``--block-size`` if given, else ours), and
+    none when the sparse rows will not run on FA3. A smaller final page grows the tables of the
+    same workspace, with a warning (vLLM did not count that memory)."""
     from vllm_flashprefill import backend
 
-    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
-    rows, kv_blocks = 1024 // BLOCK + 2 * 8, 2048 // BLOCK  # max_num_batched_tokens, max_num_seqs
-    triton = make_impl(vllm_config(model_dir, pattern="dynamic", min_seq_len=0))
-    assert triton._workspace.tables is None
+    def table_pages(workspace, page):
+        rows, _, width = workspace.indices.shape  # the workspace's own: it may serve a longer model
+        assert workspace.seqused.shape == (HKV, rows)
+        return workspace.tables.shape == (HKV, rows, width * BLOCK // page)
+
     config = vllm_config(model_dir, pattern="dynamic", min_seq_len=0, sparse_kernel="flash_attn")
-    preferred = make_impl(config)  # no --block-size: pages of 64 for head size 64
-    assert preferred._workspace.tables.shape == (HKV, rows, kv_blocks * BLOCK // 64)
-    assert preferred._workspace.seqused.shape == (HKV, rows)
+    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 2)
+    assert backend._expected_fa3_page_size(config, backend.flashprefill_config(config)) is None
+    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
+    triton = vllm_config(model_dir, pattern="dynamic", min_seq_len=0)
+    assert backend._expected_fa3_page_size(triton, backend.flashprefill_config(triton)) is None
+    impl = make_impl(config)  # no --block-size: pages of 64 for head size 64
+    assert table_pages(impl._workspace, 64)
     config.cache_config.block_size, config.cache_config.user_specified_block_size = PAGE, True
-    impl = make_impl(config)  # --block-size 16
-    assert impl._workspace.tables.shape == (HKV, rows, kv_blocks * BLOCK // PAGE)
+    assert make_impl(config)._workspace is impl._workspace  # --block-size 16: known up front
+    assert table_pages(impl._workspace, PAGE)
+    impl._workspace.tables = impl._workspace.seqused = None
+    impl = make_impl(vllm_config(model_dir, pattern="dynamic", min_seq_len=0, sparse_kernel="flash_attn"))
+    assert table_pages(impl._workspace, 64)  # the guess: 64; the builder below gets pages of 16
     batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
-    builder, meta = build(config, batch)
+    with caplog.at_level("WARNING", logger="vllm.flashprefill"):
+        builder, meta = build(config, batch)
+    assert "FA3 block tables grow" in caplog.text
     assert builder.flash_sparse and meta.sparse.workspace is impl._workspace
+    assert table_pages(impl._workspace, PAGE)
     assert meta.sparse.flash_tables is None  # dynamic: the layer fills the workspace's tables
+    # A later config with a shorter max_model_len reuses the wider workspace and its tables.
+    lowered = types.SimpleNamespace(scheduler_config=config.scheduler_config,
+                                    model_config=types.SimpleNamespace(max_model_len=512))
+    again = backend.DynamicWorkspace.shared(lowered, impl.cfg, HQ, HKV, HEAD, DEVICE, PAGE)
+    assert again is impl._workspace and table_pages(again, PAGE)
 
 
 def test_layers_that_must_stay_dense(model_dir):

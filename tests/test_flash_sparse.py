@@ -1,46 +1,21 @@
-"""The sparse rows through FA3 (``sparse_kernel: flash_attn``): the per-query-block block tables,
-checked on CPU by running FA3's documented semantics (paged keys, causal mask aligned to the end
-of each sequence) in plain PyTorch against the sparse reference. The FA3 call itself runs in the
-GPU tests (tests/test_backend.py on CUDA)."""
-
-import itertools
+"""The sparse rows through FA3 (``sparse_kernel: flash_attn``): the per-query-block block tables
+and ``flash_sparse_attention``'s calls (head and cache slices per table group), with FA3 replaced
+by its documented semantics (paged keys, causal mask aligned to the end of each sequence) in plain
+PyTorch, against the sparse reference. The real FA3 call runs in tests/test_backend.py on CUDA."""
 
 import pytest
 import torch
 from vllm_flashprefill.kernels.block_tables import sparse_block_tables
-from vllm_flashprefill.kernels.reference import gather_kv, sparse_attention_reference
+from vllm_flashprefill.kernels.reference import sparse_attention_reference
 
 from tests.paged import make_paged_batch
 from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.flash_sparse import plan_runs
+from vllm_flashprefill.flash_sparse import flash_sparse_attention, plan_runs
 from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists
 from vllm_flashprefill.plan import build_query_blocks
 
 HQ, HKV, HEAD, BLOCK = 4, 2, 32, 64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def flash_attn_semantics(q, k_cache, v_cache, runs, tables, seqused, scale):
-    """What ``flash_sparse_attention``'s FA3 calls (varlen, block table, ``causal=True``, one
-    call per run and table group) compute, in fp32."""
-    groups = tables.shape[0]
-    q_heads, kv_heads = q.shape[1] // groups, k_cache.shape[2] // groups
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    for run, g in itertools.product(runs, range(groups)):
-        cu = run.cu_seqlens_q.tolist()
-        qh, kh = slice(g * q_heads, (g + 1) * q_heads), slice(g * kv_heads, (g + 1) * kv_heads)
-        for i in range(run.qblock_end - run.qblock_start):
-            lo, hi = run.token_start + cu[i], run.token_start + cu[i + 1]
-            used, table = int(seqused[g, run.qblock_start + i]), tables[g, run.qblock_start + i]
-            assert hi - lo <= run.max_seqlen_q and used <= run.max_seqlen_k
-            k = gather_kv(k_cache[:, :, kh], table, used).float().repeat_interleave(q_heads // kv_heads, 1)
-            v = gather_kv(v_cache[:, :, kh], table, used).float().repeat_interleave(q_heads // kv_heads, 1)
-            rows = torch.arange(hi - lo, device=q.device)
-            visible = torch.arange(used, device=q.device)[None, :] <= (used - (hi - lo) + rows)[:, None]
-            logits = torch.einsum("thd,shd->hts", q[lo:hi, qh].float(), k) * scale
-            probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-            out[lo:hi, qh] = torch.einsum("hts,shd->thd", probs, v)
-    return out
 
 
 def per_head_mask(qblocks, seed):
@@ -55,7 +30,7 @@ def per_head_mask(qblocks, seed):
 
 @pytest.mark.parametrize("page", [16, 32, 64])
 @pytest.mark.parametrize("lists", ["shared", "per_head"])
-def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists):
+def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists, fa3_on_cpu):
     # A long prompt, a short (dense) one between, and a chunk whose cached context ends inside a
     # block: two runs, a partial first query block, and partial diagonal blocks.
     query_lens, context_lens = [300, 40, 250], [0, 0, 150]
@@ -75,13 +50,20 @@ def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists):
     assert [(r.token_start, r.token_end) for r in runs] == [(0, qsl[1]), (qsl[2], qsl[3])]
     tables, seqused = sparse_block_tables(qblocks.table, batch.block_table, indices, counts, BLOCK, page)
     assert tables.shape[0] == seqused.shape[0] == mask.shape[1]
-    out = flash_attn_semantics(batch.q, batch.k_cache, batch.v_cache, runs, tables, seqused, HEAD**-0.5)
+    out = torch.full_like(batch.q, float("nan"))
+    flash_sparse_attention(batch.q, batch.k_cache, batch.v_cache, out, runs, tables, seqused, HEAD**-0.5)
+    # One call per run, and per KV head when the lists are per head (its query heads, its cache).
+    groups = mask.shape[1]
+    assert fa3_on_cpu == [(HQ // groups, HKV // groups, r.qblock_end - r.qblock_start)
+                          for r in runs for _ in range(groups)]
     ref = sparse_attention_reference(
         batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
         qblocks.table, mask, HEAD**-0.5, BLOCK,
     )
     assert not ref.isnan().any()
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    rows = torch.cat([torch.arange(r.token_start, r.token_end) for r in runs])
+    assert out[rows].isfinite().all()
+    torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
 
 
 def test_seqused_counts_listed_blocks_and_the_diagonal_up_to_the_last_row():

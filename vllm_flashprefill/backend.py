@@ -132,6 +132,10 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.cfg = flashprefill_config(vllm_config)
+        # Micro-batches (DBO) would run their sparse rows concurrently on one shared workspace.
+        self.micro_batched = vllm_config.parallel_config.use_ubatching
+        if self.micro_batched and not self.cfg.is_dense:
+            logger.info_once("FlashPrefill: micro-batching (DBO) is on; every row runs on FlashAttention")
         self.flash_sparse = self._flash_sparse_usable()
         self.workspace = (
             DynamicWorkspace.shared(
@@ -141,7 +145,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             if self.cfg.pattern == "dynamic"
             else None
         )
-        if not self.cfg.is_dense and self.headdim in SUPPORTED_HEAD_SIZES:
+        if not (self.cfg.is_dense or self.micro_batched) and self.headdim in SUPPORTED_HEAD_SIZES:
             self._compile_kernels()
 
     def _flash_sparse_usable(self) -> bool:
@@ -192,7 +196,8 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         metadata = FlashPrefillMetadata(**fields)
         # Decode context parallelism, and batch features the sparse path does not model, keep
         # FlashAttention's own paths for the whole batch.
-        if self.cfg.is_dense or self.dcp_world_size > 1 or compat.flash_attention_only(fa):
+        if (self.cfg.is_dense or self.micro_batched or self.dcp_world_size > 1
+                or compat.flash_attention_only(fa)):
             return metadata
         metadata.sparse = self._plan_sparse_step(common_attn_metadata, metadata)
         return metadata
@@ -286,8 +291,8 @@ class DynamicWorkspace:
     indices: torch.Tensor  # [max query blocks, Hkv, max KV blocks] int32
     counts: torch.Tensor  # [max query blocks, Hkv] int32
     # sparse_kernel "flash_attn": FA3 block tables [Hkv, max query blocks, max KV blocks x pages
-    # per block] and key counts [Hkv, max query blocks], int32; zero-filled, so that slots a
-    # layer does not write always hold valid page numbers.
+    # per block] and key counts [Hkv, max query blocks], int32. FA3 reads no table slot past a
+    # count; zero-filled all the same, so that every slot names a real page.
     tables: torch.Tensor | None = None
     seqused: torch.Tensor | None = None
 
@@ -297,32 +302,38 @@ class DynamicWorkspace:
         """The engine's workspace for these heads on this device: allocated on first use, reused
         while large enough (vLLM may lower ``max_model_len`` between model load and the
         builders), freed with the last layer or builder holding it. ``fa3_page_size``: the KV
-        page size FA3 block tables are needed for (None: none needed)."""
+        page size FA3 block tables are needed for (None: none needed). The model's layers guess
+        it (vLLM settles it after loading the model); a builder that finds it smaller adds
+        larger tables to the same workspace, which vLLM has not counted: it says so."""
         device = torch.empty(0, device=device).device  # "cuda" and "cuda:0" name one device
         sched = vllm_config.scheduler_config
         rows = sched.max_num_batched_tokens // cfg.block_size + 2 * sched.max_num_seqs
         width = -(-vllm_config.model_config.max_model_len // cfg.block_size)
-        table_width = width * cfg.block_size // fa3_page_size if fa3_page_size else 0
         key = (device, num_q_heads, num_kv_heads, head_size)
         workspace = _WORKSPACES.get(key)
-        if workspace is None or not workspace._holds(rows, width, table_width):
+        if workspace is None or workspace.scores.shape[0] < rows or workspace.scores.shape[2] < width:
             workspace = cls(
                 scores=torch.empty(rows, num_q_heads, width, dtype=torch.float32, device=device),
                 pooled=torch.empty(rows, num_q_heads, head_size, dtype=torch.float32, device=device),
                 indices=torch.empty(rows, num_kv_heads, width, dtype=torch.int32, device=device),
                 counts=torch.empty(rows, num_kv_heads, dtype=torch.int32, device=device),
             )
-            if table_width:
-                workspace.tables = torch.zeros(
-                    num_kv_heads, rows, table_width, dtype=torch.int32, device=device)
-                workspace.seqused = torch.zeros(num_kv_heads, rows, dtype=torch.int32, device=device)
             _WORKSPACES[key] = workspace
+        if fa3_page_size:
+            workspace._add_fa3_tables(cfg.block_size // fa3_page_size)
         return workspace
 
-    def _holds(self, rows: int, width: int, table_width: int) -> bool:
-        if self.scores.shape[0] < rows or self.scores.shape[2] < width:
-            return False
-        return not table_width or (self.tables is not None and self.tables.shape[2] >= table_width)
+    def _add_fa3_tables(self, pages_per_block: int) -> None:
+        rows, num_kv_heads, width = self.indices.shape
+        if self.tables is not None and self.tables.shape[2] >= width * pages_per_block:
+            return
+        if self.tables is not None:
+            logger.warning(
+                "FlashPrefill: KV pages are smaller than expected at model load; FA3 block tables "
+                "grow to %d pages per row after vLLM sized the KV cache", width * pages_per_block)
+        self.tables = torch.zeros(
+            num_kv_heads, rows, width * pages_per_block, dtype=torch.int32, device=self.indices.device)
+        self.seqused = torch.zeros(num_kv_heads, rows, dtype=torch.int32, device=self.indices.device)
 
     def fits(self, num_q_heads: int, num_kv_heads: int, head_size: int) -> bool:
         return (self.scores.shape[1], self.indices.shape[1], self.pooled.shape[2]) == (
@@ -375,7 +386,7 @@ class FlashPrefillImpl(FlashAttentionImpl):
             self._workspace = DynamicWorkspace.shared(
                 vllm_config, self.cfg, num_heads, num_kv_heads, head_size,
                 vllm_config.device_config.device,
-                _expected_page_size(vllm_config) if self.cfg.sparse_kernel == "flash_attn" else None,
+                _expected_fa3_page_size(vllm_config, self.cfg),
             )
 
     def _dense_reason(self, alibi, window, kv_dtype, soft_cap, attn_type, sinks) -> str | None:
@@ -479,13 +490,18 @@ def fa3_block_tables(step: SparseStep, block_table, indices, counts, page_size: 
         qblocks.table, block_table, indices, counts, qblocks.block_size, page_size, *buffers)
 
 
-def _expected_page_size(vllm_config) -> int:
-    """The KV page size vLLM will pick (it settles it only after loading the model, when the
-    dynamic workspace is already allocated): ``--block-size``, else this backend's preference."""
+def _expected_fa3_page_size(vllm_config, cfg: FlashPrefillConfig) -> int | None:
+    """The KV page size the sparse rows' FA3 block tables will be for, or None when they will
+    not run on FA3. vLLM settles the page size only after loading the model, when the dynamic
+    workspace is already allocated: ``--block-size``, else this backend's preference."""
+    if cfg.sparse_kernel != "flash_attn" or get_flash_attn_version() != 3:
+        return None
     cache = vllm_config.cache_config
     if cache.user_specified_block_size:
-        return cache.block_size
-    return FlashPrefillBackend.get_preferred_block_size(cache.DEFAULT_BLOCK_SIZE)
+        page = cache.block_size
+    else:
+        page = FlashPrefillBackend.get_preferred_block_size(cache.DEFAULT_BLOCK_SIZE)
+    return page if cfg.block_size % page == 0 else None
 
 
 def _layer_index(layer_name: str | None) -> int | None:

@@ -73,6 +73,9 @@ def flash_sparse_attention(
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
     groups = tables.shape[0]
+    if query.shape[1] % groups or key_cache.shape[2] % groups:
+        raise ValueError(f"{groups} table groups do not split {query.shape[1]} query and "
+                         f"{key_cache.shape[2]} KV heads evenly")
     q_heads, kv_heads = query.shape[1] // groups, key_cache.shape[2] // groups
 
     def attend(group: int) -> None:
@@ -89,12 +92,14 @@ def flash_sparse_attention(
                 num_splits=1, fa_version=3,
             )
 
-    if groups == 1:
-        attend(0)
+    if groups == 1 or not query.is_cuda:
+        for group in range(groups):
+            attend(group)
         return
-    # One KV head's calls per side stream: run one after another, each call's last wave leaves
-    # the card half idle (one layer at 131K: 40.1 ms that way, 34.7 ms on streams; H200). The
-    # tensors all outlive the join below, so the allocator cannot hand their memory out early.
+    # One group's calls per side stream: one after another, each call's last wave leaves the card
+    # half idle (one layer at 131K: 40.1 ms that way, 34.7 ms on streams; H200). Memory: the side
+    # streams use tensors of the current stream, which waits for them before it runs anything
+    # else; what FA3 allocates on a side stream comes from that stream's own pool.
     main = torch.cuda.current_stream(query.device)
     streams = _side_streams(query.device, groups)
     for group, stream in enumerate(streams):

@@ -57,62 +57,68 @@ def main() -> None:
     if fa3 is None:
         raise SystemExit(f"FA3 unavailable: {reason}")
 
-    block = 128
     hq, hkv, d = map(int, args.heads.split(","))
-    cfg = make_config(args.pattern, block, max_budget=args.max_budget)
+    cfg = make_config(args.pattern, 128, max_budget=args.max_budget)
     rows = []
     for seq_len in map(int, args.seq_lens.split(",")):
-        batch = make_batch([seq_len], [0], hq, hkv, d, args.page_size, torch.bfloat16)
-        if cfg.pattern == "dynamic":
-            plant_structure(batch, block, args.hot_frac)
-        pipe = Pipeline(batch, cfg)
-        runs = plan_runs(pipe.qb.table_cpu, "cuda")
-        outs = {name: torch.empty_like(batch.q) for name in ("triton", "fa3_sparse", "fa3_dense")}
-        lists = pipe.select()
-        # The engine's buffers: a static pattern's tables once per step, dynamic ones per layer.
-        tables, seqused = sparse_block_tables(
-            pipe.qb.table, batch.block_table, *lists, block, args.page_size)
-
-        def triton_sparse(out=outs["triton"]):
-            pipe.attend(pipe.select(), out)
-
-        def fa3_sparse(out=outs["fa3_sparse"]):
-            if pipe.dynamic:
-                sparse_block_tables(pipe.qb.table, batch.block_table, *pipe.select(), block,
-                                    args.page_size, tables, seqused)
-            flash_sparse_attention(batch.q, batch.k_cache, batch.v_cache, out, runs, tables,
-                                   seqused, pipe.scale)
-
-        def fa3_dense(out=outs["fa3_dense"]):
-            fa3_attention(fa3, batch, out, pipe.scale)
-
-        calls = {"triton": triton_sparse, "fa3_sparse": fa3_sparse, "fa3_dense": fa3_dense}
-        for fn in calls.values():
-            fn()
-        torch.cuda.synchronize()
-        diff = (outs["triton"].float() - outs["fa3_sparse"].float()).abs().max().item()
-        mask = lists_to_mask(*lists, pipe.qb.num_kv_blocks)
-        density = mask.sum().item() / mask.shape[1] / pipe.qb.causal_pairs
-        times = {name: [] for name in calls}
-        for _ in range(args.rounds):
-            for name, fn in calls.items():
-                times[name].append(triton.testing.do_bench(
-                    fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
-        full = causal_flops(hq, d, seq_len)
-        for name, samples in times.items():
-            ms = statistics.median(samples)
-            flops = full if name == "fa3_dense" else density * full
-            rows.append({"impl": name, "seq_len": seq_len, "pattern": args.pattern,
-                         "density": density, "ms": ms, "rounds_ms": samples,
-                         "tflops": flops / ms / 1e9})
-            print(f"S={seq_len:>6} {name:<12} {ms:8.3f} ms {flops / ms / 1e9:6.1f} TF/s"
-                  f" (density {density:.3f})", flush=True)
-        print(f"S={seq_len:>6} max |triton - fa3_sparse| = {diff:.3e}", flush=True)
-        rows.append({"check": "max_abs_diff_triton_vs_fa3_sparse", "seq_len": seq_len, "value": diff})
+        rows += measure(seq_len, hq, hkv, d, cfg, fa3, args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "triton": triton.__version__,
                        "torch": torch.__version__, "settings": vars(args), "rows": rows}, f, indent=1)
+
+
+def measure(seq_len, hq, hkv, d, cfg, fa3, args) -> list[dict]:
+    """One prompt of ``seq_len`` tokens: the three ways timed in interleaved rounds, and the check."""
+    block = cfg.block_size
+    batch = make_batch([seq_len], [0], hq, hkv, d, args.page_size, torch.bfloat16)
+    if cfg.pattern == "dynamic":
+        plant_structure(batch, block, args.hot_frac)
+    pipe = Pipeline(batch, cfg)
+    runs = plan_runs(pipe.qb.table_cpu, "cuda")
+    outs = {name: torch.empty_like(batch.q) for name in ("triton", "fa3_sparse", "fa3_dense")}
+    lists = pipe.select()
+    # The engine's buffers: a static pattern's tables once per step, dynamic ones per layer.
+    tables, seqused = sparse_block_tables(pipe.qb.table, batch.block_table, *lists, block, args.page_size)
+
+    def triton_sparse():
+        pipe.attend(pipe.select(), outs["triton"])
+
+    def fa3_sparse():
+        if pipe.dynamic:
+            sparse_block_tables(pipe.qb.table, batch.block_table, *pipe.select(), block,
+                                args.page_size, tables, seqused)
+        flash_sparse_attention(batch.q, batch.k_cache, batch.v_cache, outs["fa3_sparse"], runs, tables,
+                               seqused, pipe.scale)
+
+    def fa3_dense():
+        fa3_attention(fa3, batch, outs["fa3_dense"], pipe.scale)
+
+    calls = {"triton": triton_sparse, "fa3_sparse": fa3_sparse, "fa3_dense": fa3_dense}
+    for fn in calls.values():
+        fn()
+    torch.cuda.synchronize()
+    diff = (outs["triton"].float() - outs["fa3_sparse"].float()).abs().max().item()
+    mask = lists_to_mask(*lists, pipe.qb.num_kv_blocks)
+    density = mask.sum().item() / mask.shape[1] / pipe.qb.causal_pairs
+    times = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, fn in calls.items():
+            times[name].append(triton.testing.do_bench(
+                fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
+    full = causal_flops(hq, d, seq_len)
+    rows = []
+    for name, samples in times.items():
+        ms = statistics.median(samples)
+        flops = full if name == "fa3_dense" else density * full
+        rows.append({"impl": name, "seq_len": seq_len, "pattern": cfg.pattern,
+                     "density": density, "ms": ms, "rounds_ms": samples,
+                     "tflops": flops / ms / 1e9})
+        print(f"S={seq_len:>6} {name:<12} {ms:8.3f} ms {flops / ms / 1e9:6.1f} TF/s"
+              f" (density {density:.3f})", flush=True)
+    print(f"S={seq_len:>6} max |triton - fa3_sparse| = {diff:.3e}", flush=True)
+    rows.append({"check": "max_abs_diff_triton_vs_fa3_sparse", "seq_len": seq_len, "value": diff})
+    return rows
 
 
 if __name__ == "__main__":
