@@ -96,8 +96,8 @@ def flash_sparse_attention(
         for group in range(groups):
             attend(group)
         return
-    # One group's calls per side stream: one after another, each call's last wave leaves the card
-    # half idle (one layer at 131K: 40.1 ms that way, 34.7 ms on streams; H200). Memory: the side
+    # One group's calls per side stream: one after another, the calls were slower (one layer at
+    # 131K: 40.1 ms that way, 34.7 ms on streams; H200), we think from each call's last wave. Memory: the side
     # streams use tensors of the current stream, which waits for them before it runs anything
     # else; what FA3 allocates on a side stream comes from that stream's own pool.
     main = torch.cuda.current_stream(query.device)
