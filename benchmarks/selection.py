@@ -2,32 +2,60 @@
 building (the fused Triton kernel the backend runs, and the torch definition it replaces), for one
 prompt over a shuffled paged cache (bf16).
 
-    python3 benchmarks/selection.py --seq-len 131072 --heads 32,8,128 --page-size 64 [--sweep]
+    python3 benchmarks/selection.py --seq-len 131072 --heads 32,8,128 --page-size 64 \
+        [--sweep] [--rounds 3] [--alt-scoring OLD.py] [--out results.json]
+
+``--sweep`` times the scoring kernel over the product of its launch axes (KV blocks per program,
+warps, stages) and query pooling alone over rows per load x warps. ``--alt-scoring FILE`` (repeatable)
+times another version of ``kernels/scoring.py`` (e.g. ``git show REV:kernels/scoring.py``) on the
+same inputs, interleaved with the package's in every round, and checks that it gives the same
+scores. TFLOP/s counts the causal block pairs scored: 2 x Hq x d per (query block, key) pair.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import itertools
+import json
+import statistics
 
 import torch
 import triton
 
 from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
+from vllm_flashprefill.kernels import scoring
 from vllm_flashprefill.patterns import mask_to_lists, select_dynamic, select_dynamic_lists
 from vllm_flashprefill.plan import build_query_blocks
+
+
+def load_scoring(path: str, index: int):
+    spec = importlib.util.spec_from_file_location(f"alt_scoring_{index}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-len", type=int, default=131072)
     ap.add_argument("--heads", default="32,8,128")
-    ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--sweep", action="store_true", help="also sweep the scoring kernel's tiles")
+    ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--sweep", action="store_true", help="also sweep the scoring kernel's launch shapes")
+    for axis, default in (("kv-blocks", "16,32,64"), ("warps", "4,8"), ("stages", "2,3,4"), ("pool-rows", "16,32,64,128")):
+        ap.add_argument(f"--{axis}", default=default, help="comma-separated values to sweep")
+    ap.add_argument("--alt-scoring", action="append", default=[], metavar="FILE",
+                    help="another kernels/scoring.py to time beside the package's (repeatable)")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--warmup-ms", type=int, default=25)
+    ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     hq, hkv, d = map(int, args.heads.split(","))
-    S, B, dev, dtype = args.seq_len, 128, "cuda", torch.bfloat16
+    S, B, dev = args.seq_len, 128, args.device
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float16  # the interpreter: no bf16 dots
     page = args.page_size
     pages = S // page
     kv = torch.randn(pages, page, hkv, 2 * d, dtype=dtype, device=dev)
@@ -35,13 +63,25 @@ def main() -> None:
     table = torch.randperm(pages, device=dev, dtype=torch.int32)[None]
     seq_lens = torch.tensor([S], dtype=torch.int32, device=dev)
     q = torch.randn(S, hq, d, dtype=dtype, device=dev)
-    qb = build_query_blocks(torch.tensor([0, S]), seq_lens.cpu(), [0], B, dev, blocks_per_group(hq // hkv))
+
+    def plan(per_group: int):
+        return build_query_blocks(torch.tensor([0, S]), seq_lens.cpu(), [0], B, dev, per_group)
+
+    qb = plan(scoring.blocks_per_group(hq // hkv))
+    plans = {}
     scores = torch.empty(qb.num_blocks, hq, qb.num_kv_blocks, device=dev)
     pooled = torch.empty(qb.num_blocks, hq, d, device=dev)
     cfg = FlashPrefillConfig(pattern="dynamic", min_seq_len=0)
+    flops = 2 * hq * d * B * int((qb.table_cpu[:, 2] // B + 1).sum())
 
-    def score(config=None):
-        block_scores(q, k, table, seq_lens, qb.table, qb.score_groups, scores, pooled, d**-0.5, B, config)
+    def scorer(module=scoring, config=None):
+        """A call of ``module``'s block_scores, on query-block groups of the size its kernel takes."""
+        fn = module.block_scores
+        per_group = module.blocks_per_group(hq // hkv)
+        if per_group not in plans:
+            plans[per_group] = plan(per_group)
+        groups = plans[per_group].score_groups
+        return lambda: fn(q, k, table, seq_lens, qb.table, groups, scores, pooled, d**-0.5, B, config)
 
     def select_torch():
         return mask_to_lists(select_dynamic(scores, qb.block_index, qb.last_block, hkv, cfg))
@@ -49,23 +89,56 @@ def main() -> None:
     def select():
         return select_dynamic_lists(scores, qb.table, seq_lens, hkv, qb.num_kv_blocks, cfg)
 
-    score()
-    for name, fn in (("scores", score), ("select (torch)", select_torch), ("select (fused)", select),
-                     ("total", lambda: (score(), select()))):
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        print(f"{args.heads} S={S} page={page} {name:>14}: {ms:.3f} ms")
+    causal = (torch.arange(qb.num_kv_blocks, device=dev)[None, None, :] <= qb.block_index[:, None, None]).expand_as(scores)
+    candidates = {"package": scorer()}
+    for i, path in enumerate(args.alt_scoring):
+        candidates[path] = scorer(load_scoring(path, i))
     if args.sweep:
-        results = []
-        for kvp, bn, warps, stages, tma in itertools.product(
-            (8, 16, 32), (64, 128), (4, 8), (2, 3), (False, True)
-        ):
-            if tma and page % bn:
-                continue
-            config = dict(KV_BLOCKS_PER_PROGRAM=kvp, BLOCK_N=bn, num_warps=warps, num_stages=stages, TMA=tma)
-            ms = triton.testing.do_bench(lambda: score(config), warmup=10, rep=50, return_mode="median")
-            results.append((ms, config))
-        for ms, config in sorted(results, key=lambda r: r[0])[:5]:
-            print(f"  scores {ms:.3f} ms {config}")
+        axes = [list(map(int, getattr(args, a.replace("-", "_")).split(","))) for a in ("kv-blocks", "warps", "stages")]
+        for kvp, warps, stages in itertools.product(*axes):
+            config = dict(KV_BLOCKS_PER_PROGRAM=kvp, num_warps=warps, num_stages=stages)
+            candidates[json.dumps(config)] = scorer(config=config)
+        for rows, warps in itertools.product(map(int, args.pool_rows.split(",")), (4, 8)):
+            config = dict(ROWS=rows, num_warps=warps)
+            candidates[f"pool only {json.dumps(config)}"] = functools.partial(
+                scoring.pool_queries, q, qb.table, pooled, B, config)
+    reference, pooled_reference, max_diff = None, None, {}
+    for name, fn in candidates.items():  # compiles each, and checks it against the package
+        out, keep = (pooled, slice(None)) if name.startswith("pool only") else (scores, causal)
+        out.fill_(float("nan"))
+        fn()
+        if reference is None:
+            reference = scores[causal].clone()
+            pooled_reference = pooled.clone()
+        expected = pooled_reference if out is pooled else reference
+        max_diff[name] = (out[keep] - expected).abs().max().item()  # nan: an entry left unwritten
+        print(f"{name}: max abs diff of scores vs the package {max_diff[name]:.2e}", flush=True)
+
+    samples = {name: [] for name in candidates}
+    for r in range(args.rounds):
+        for name, fn in candidates.items():
+            ms = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+            samples[name].append(ms)
+            print(f"round {r + 1}/{args.rounds} {name}: {ms:.3f} ms", flush=True)
+    rows = []
+    for name, v in samples.items():
+        ms = statistics.median(v)
+        rate = dict(gb_s=q.numel() * q.element_size() / ms / 1e6) if name.startswith("pool only") else dict(tflops=flops / ms / 1e9)
+        rows.append(dict(name=name, ms=ms, runs=v, max_abs_diff=max_diff[name], **rate))
+    for row in sorted(rows, key=lambda r: r["ms"]):
+        rate = f"{row['gb_s']:.0f} GB/s" if "gb_s" in row else f"{row['tflops']:.0f} TF/s"
+        print(f"  {row['ms']:.3f} ms {rate} {row['name']}")
+
+    for name, fn in (("pool queries (in scores)", lambda: scoring.pool_queries(q, qb.table, pooled, B)),
+                     ("select (torch)", select_torch), ("select (fused)", select),
+                     ("scores + select", lambda: (candidates["package"](), select()))):
+        ms = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+        print(f"{args.heads} S={S} page={page} {name:>24}: {ms:.3f} ms")
+        rows.append(dict(name=name, ms=ms))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
+                           settings=vars(args), scoring_tflop=flops / 1e12, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

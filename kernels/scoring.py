@@ -108,13 +108,21 @@ def _block_scores_kernel(
             block_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
 
-def pool_queries(q: torch.Tensor, qblocks: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+def pool_queries(
+    q: torch.Tensor, qblocks: torch.Tensor, pooled: torch.Tensor, sparse_block: int,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
     """pooled[i, h] = mean of q over the rows of query block i (fp32)."""
-    num_qblocks = qblocks.shape[0]
+    num_qblocks, head_size = qblocks.shape[0], q.shape[2]
+    # A whole block's rows in one load where registers allow: with a loop over 16-row slices the
+    # loads of a program wait on each other, and pooling took as long as scoring at 131K tokens
+    # (1.23 of 2.39 ms, H200, benchmarks/results/selection-h200-2026-11-28-*.json).
+    cfg = dict(ROWS=min(triton.next_power_of_2(sparse_block), max(16, 16384 // head_size)), num_warps=8)
+    cfg.update(config or {})
     if num_qblocks:
         _pool_queries_kernel[(num_qblocks, q.shape[1])](
             q, pooled, qblocks, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
-            ROWS=16, HEAD_SIZE=q.shape[2],
+            HEAD_SIZE=head_size, **cfg,
         )
     return pooled
 
@@ -148,7 +156,7 @@ def block_scores(
     per_group = blocks_per_group(gqa)
     if groups.shape[0] == 0:
         return scores
-    pool_queries(q, qblocks, pooled)
+    pool_queries(q, qblocks, pooled, sparse_block)
     block_m = max(16, triton.next_power_of_2(per_group * gqa))
     # Tiles from benchmarks/selection.py --sweep on an H200 (131K tokens, d 64 and 128, page 16).
     cfg = dict(

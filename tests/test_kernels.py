@@ -10,7 +10,7 @@ from vllm_flashprefill.kernels.reference import (
     block_scores_reference,
     sparse_attention_reference,
 )
-from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
+from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group, pool_queries
 from vllm_flashprefill.patterns import (
     forced_block_mask,
     lists_to_mask,
@@ -172,6 +172,47 @@ def test_block_scores_match_reference_and_give_same_selection(page_size):
     ref_mask = select_dynamic(ref_scores, qblocks.block_index, qblocks.last_block, 2, cfg)
     assert torch.equal(mask, ref_mask)
     assert mask.sum() < causal[:, ::4].sum(), "threshold 0.97 should drop some blocks"
+
+
+@pytest.mark.parametrize(
+    "config", [dict(KV_BLOCKS_PER_PROGRAM=2), dict(KV_BLOCKS_PER_PROGRAM=3, num_warps=8)], ids=["kv2", "kv3"],
+)
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_block_scores_split_over_programs(config, page_size):
+    """The KV range split over several programs (some holding only a request's last, partial block,
+    one ending exactly at a block boundary) gives the reference scores and writes only causal entries."""
+    batch = make_paged_batch([320, 200, 64], [0, 129, 0], 8, 2, 64, page_size, torch.float32, seed=5)
+    # Every real score negative, every slot past a request's end (and every unused page) huge: a
+    # score that takes in a key past seq_len, masked to 0 or read, comes out wrong.
+    garbage = batch.kv_cache.isnan()
+    batch.kv_cache.abs_().neg_()
+    batch.kv_cache[garbage] = 100.0
+    batch.q.abs_()
+    qblocks = plan(batch, 4)
+    scores = torch.full((qblocks.num_blocks, 8, qblocks.num_kv_blocks), float("-inf"))
+    pooled = torch.empty(qblocks.num_blocks, 8, 64)
+    block_scores(
+        batch.q, batch.k_cache, batch.block_table, batch.seq_lens, qblocks.table,
+        qblocks.score_groups, scores, pooled, 0.125, BLOCK, config,
+    )
+    ref = block_scores_reference(
+        batch.q, batch.k_cache, batch.block_table, batch.seq_lens, qblocks.table, 0.125, BLOCK,
+        qblocks.num_kv_blocks,
+    )
+    causal = torch.isfinite(ref)
+    torch.testing.assert_close(scores[causal], ref[causal], atol=1e-4, rtol=1e-4)
+    assert torch.equal(torch.isfinite(scores), causal), "only causal entries are written"
+
+
+@pytest.mark.parametrize("config", [None, dict(ROWS=16, num_warps=4)], ids=["one-load", "16-row-loop"])
+def test_pool_queries_means_each_blocks_own_rows(config):
+    batch = make_paged_batch([150, 37], [70, 300], 4, 2, 64, 16, torch.float32, seed=2)
+    qblocks = plan(batch, 2)
+    pooled = torch.full((qblocks.num_blocks + 1, 4, 64), float("nan"))
+    pool_queries(batch.q, qblocks.table, pooled, BLOCK, config)
+    for i, (_, first_row, _, rows) in enumerate(qblocks.table_cpu.tolist()):
+        torch.testing.assert_close(pooled[i], batch.q[first_row:first_row + rows].mean(0), atol=1e-6, rtol=1e-5)
+    assert pooled[-1].isnan().all(), "rows past the query blocks stay untouched"
 
 
 def test_selection_ignores_the_chunk_around_a_block():
