@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "accuracy"))
 from suite import git_commit  # noqa: E402
 
-OUR_KERNELS = ("_sparse_prefill_kernel", "_block_scores_kernel", "_pool_queries_kernel", "_select_blocks_kernel")
+OUR_KERNELS = ("_sparse_prefill_kernel", "_block_scores_kernel", "_pool_queries_kernel", "_select_blocks_kernel",
+               "_block_tables_kernel")
 
 
 def kernel_group(name: str) -> str:

@@ -117,7 +117,7 @@ def pool_queries(
     # A whole block's rows in one load where registers allow: with a loop over 16-row slices the
     # loads of a program wait on each other, and pooling took as long as scoring at 131K tokens
     # (1.23 of 2.39 ms, H200, benchmarks/results/selection-h200-2026-11-28-*.json).
-    cfg = dict(ROWS=min(triton.next_power_of_2(sparse_block), max(16, 16384 // head_size)), num_warps=8)
+    cfg = dict(ROWS=min(triton.next_power_of_2(sparse_block), max(16, 16384 // head_size)), num_warps=4)
     cfg.update(config or {})
     if num_qblocks:
         _pool_queries_kernel[(num_qblocks, q.shape[1])](
