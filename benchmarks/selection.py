@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--warmup-ms", type=int, default=25)
     ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--max-budget", type=int, default=0, help="selection's max_budget (its top-k search)")
+    ap.add_argument("--width", type=int, default=0,
+                    help="score rows this wide (the engine's workspace spans max_model_len: 1025 at 131K)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -69,9 +72,9 @@ def main() -> None:
 
     qb = plan(scoring.blocks_per_group(hq // hkv))
     plans = {}
-    scores = torch.empty(qb.num_blocks, hq, qb.num_kv_blocks, device=dev)
+    scores = torch.empty(qb.num_blocks, hq, max(args.width, qb.num_kv_blocks), device=dev)
     pooled = torch.empty(qb.num_blocks, hq, d, device=dev)
-    cfg = FlashPrefillConfig(pattern="dynamic", min_seq_len=0)
+    cfg = FlashPrefillConfig(pattern="dynamic", min_seq_len=0, max_budget=args.max_budget)
     flops = 2 * hq * d * B * int((qb.table_cpu[:, 2] // B + 1).sum())
 
     def scorer(module=scoring, config=None):
@@ -84,12 +87,12 @@ def main() -> None:
         return lambda: fn(q, k, table, seq_lens, qb.table, groups, scores, pooled, d**-0.5, B, config)
 
     def select_torch():
-        return mask_to_lists(select_dynamic(scores, qb.block_index, qb.last_block, hkv, cfg))
+        return mask_to_lists(select_dynamic(scores[..., :qb.num_kv_blocks], qb.block_index, qb.last_block, hkv, cfg))
 
     def select():
         return select_dynamic_lists(scores, qb.table, seq_lens, hkv, qb.num_kv_blocks, cfg)
 
-    causal = (torch.arange(qb.num_kv_blocks, device=dev)[None, None, :] <= qb.block_index[:, None, None]).expand_as(scores)
+    causal = (torch.arange(scores.shape[2], device=dev)[None, None, :] <= qb.block_index[:, None, None]).expand_as(scores)
     candidates = {"package": scorer()}
     for i, path in enumerate(args.alt_scoring):
         candidates[path] = scorer(load_scoring(path, i))
