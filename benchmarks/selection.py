@@ -9,7 +9,8 @@ prompt over a shuffled paged cache (bf16).
 warps, stages) and query pooling alone over rows per load x warps. ``--alt-scoring FILE`` (repeatable)
 times another version of ``kernels/scoring.py`` (e.g. ``git show REV:kernels/scoring.py``) on the
 same inputs, interleaved with the package's in every round, and checks that it gives the same
-scores. TFLOP/s counts the causal block pairs scored: 2 x Hq x d per (query block, key) pair.
+scores (printed, not enforced: a different summation order moves them by ~1e-6). TFLOP/s counts the
+causal pairs scored, 2 x Hq x d per (query block, key) pair, over the time of pooling + scores.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from vllm_flashprefill.plan import build_query_blocks
 
 
 def load_scoring(path: str, index: int):
-    spec = importlib.util.spec_from_file_location(f"alt_scoring_{index}", path)
+    spec = importlib.util.spec_from_file_location(f"vllm_flashprefill.kernels.alt_scoring_{index}", path)
     module = importlib.util.module_from_spec(spec)
+    module.__package__ = "vllm_flashprefill.kernels"  # the file's own relative imports
     spec.loader.exec_module(module)
     return module
 

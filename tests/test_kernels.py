@@ -179,9 +179,10 @@ def test_block_scores_match_reference_and_give_same_selection(page_size):
 )
 @pytest.mark.parametrize("page_size", [16, 64])
 def test_block_scores_split_over_programs(config, page_size):
-    """The KV range split over several programs (some holding only a request's last, partial block,
-    one ending exactly at a block boundary) gives the reference scores and writes only causal entries."""
-    batch = make_paged_batch([320, 200, 64], [0, 129, 0], 8, 2, 64, page_size, torch.float32, seed=5)
+    """The KV range split over several programs (with 2 blocks per program, the first request's
+    last program holds only its partial block; the third request ends exactly at a block boundary)
+    gives the reference scores and writes only causal entries."""
+    batch = make_paged_batch([265, 200, 64], [0, 129, 0], 8, 2, 64, page_size, torch.float32, seed=5)
     # Every real score negative, every slot past a request's end (and every unused page) huge: a
     # score that takes in a key past seq_len, masked to 0 or read, comes out wrong.
     garbage = batch.kv_cache.isnan()
@@ -283,6 +284,7 @@ SELECTION_CASES = [
     (4, dict(threshold=0.5, dense_tail_blocks=2)),
     (1, dict(threshold=0.1, dense_tail_blocks=1, min_seq_len=4 * BLOCK, max_budget=2)),
     (4, dict(threshold=0.3, stride=3, max_budget=4)),
+    (1, dict(threshold=1.0, min_budget=100)),  # more than the padded row holds: keep every block
 ]
 
 
