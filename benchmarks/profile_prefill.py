@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "accuracy"))
-from suite import git_commit  # noqa: E402
+from suite import git_commit, source_digest  # noqa: E402
 
 OUR_KERNELS = ("_sparse_prefill_kernel", "_block_scores_kernel", "_pool_queries_kernel", "_select_blocks_kernel",
                "_block_tables_kernel")
@@ -128,7 +128,7 @@ def main() -> None:
     result = {
         "card": torch.cuda.get_device_name() if on_gpu else "cpu",
         "date": datetime.date.today().isoformat(),
-        "vllm": vllm.__version__, "torch": torch.__version__, "commit": git_commit(),
+        "vllm": vllm.__version__, "torch": torch.__version__, "commit": git_commit(), "source_digest": source_digest(),
         "model_dir": args.model_dir, "load_format": "dummy", "enforce_eager": True,
         "backend": args.backend, "options": args.options if flashprefill else None,
         "prompt_len": args.prompt_len, "kv_page_size": llm.llm_engine.vllm_config.cache_config.block_size,

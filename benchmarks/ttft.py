@@ -43,6 +43,9 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import plotting  # noqa: E402  (benchmarks/plotting.py)
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "accuracy"))
+from suite import git_commit, source_digest  # noqa: E402  (provenance; no torch import)
+
 PATTERNS = ("dense", "local", "strided", "hybrid", "dynamic")
 DEFAULT_CONFIGS = ["FLASH_ATTN", "FLASHPREFILL:hybrid", "FLASHPREFILL:dynamic"]
 DEFAULT_LENGTHS = "4096,8192,32768,65536,131072"
@@ -621,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": date,
         "vllm_version": env.get("vllm"),
         "torch_version": env.get("torch"),
+        "commit": git_commit(),
+        "source_digest": source_digest(),
         "model": os.path.basename(args.model_dir.rstrip("/")),
         "model_dir": args.model_dir,
         "load_format": args.load_format,

@@ -106,6 +106,7 @@ def main() -> None:
         "configs": configs,
         "resolved": {label: suite.resolved(opts) for label, opts in configs.items() if label != suite.DENSE},
         "commit": suite.git_commit(),
+        "source_digest": suite.source_digest(),
     }
     t_start = time.time()
 

@@ -178,6 +178,7 @@ def main() -> None:
                          "base": json.loads(args.base), "engine_args": json.loads(args.engine_args),
                          "num_samples": args.num_samples},
             "commit": suite.git_commit(),
+            "source_digest": suite.source_digest(),
             "configs": {label: {"backend": "FLASH_ATTN" if label == suite.DENSE else "FLASHPREFILL",
                                 "options": None if label == suite.DENSE else opts}
                         for label, opts in configs.items()},

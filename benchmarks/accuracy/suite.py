@@ -58,14 +58,43 @@ def resolved(options: dict[str, Any], environ: dict[str, str] | None = None) -> 
 
 
 def git_commit() -> str | None:
+    """``git describe --always --dirty`` of the checkout. On the GPU machine the copy's git metadata
+    can be older than its files (it then reads "-dirty"): ``source_digest`` names the tree."""
     import subprocess
 
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+SOURCE_DIRS = ("vllm_flashprefill", "kernels", "patches")
+
+
+def source_digest(rev: str | None = None) -> str | None:
+    """First 12 hex digits of a sha256 over the package's Python sources (path and content, in path
+    order): of the files on disk, or with ``rev`` of that git revision, so that a result can be matched
+    to the commit it ran (``python3 benchmarks/accuracy/suite.py --digest REV``)."""
+    import hashlib
+    import subprocess
+
+    if rev is None:
+        files = {p.relative_to(REPO).as_posix(): p.read_bytes()
+                 for d in SOURCE_DIRS for p in (REPO / d).rglob("*.py") if "__pycache__" not in p.parts}
+    else:
+        try:
+            names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "-r", "--name-only", rev, "--", *SOURCE_DIRS],
+                                   capture_output=True, text=True, timeout=30, check=True).stdout.split()
+            files = {n: subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{n}"], capture_output=True,
+                                       timeout=30, check=True).stdout for n in names if n.endswith(".py")}
+        except (OSError, subprocess.SubprocessError):
+            return None
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name] + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def load_tasks(data_dir: str | os.PathLike, tasks: list[str] | None, lengths: list[int] | None,
@@ -228,3 +257,12 @@ def plot(summary: list[dict[str, Any]], configs: list[str], path: Path, title: s
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="source digest of the tree on disk, or of git revisions")
+    ap.add_argument("--digest", nargs="*", metavar="REV", default=[])
+    for rev in ap.parse_args().digest or [None]:
+        print(rev or "(working tree)", source_digest(rev))
