@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--heads", default="32,8,128")
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--sweep", action="store_true", help="also sweep the scoring kernel's launch shapes")
-    for axis, default in (("kv-blocks", "16,32,64"), ("warps", "4,8"), ("stages", "2,3,4"), ("pool-rows", "16,32,64,128")):
+    sweep_axes = (("kv-blocks", "16,32,64"), ("warps", "4,8"), ("stages", "2,3,4"), ("pool-rows", "16,32,64,128"))
+    for axis, default in sweep_axes:
         ap.add_argument(f"--{axis}", default=default, help="comma-separated values to sweep")
     ap.add_argument("--alt-scoring", action="append", default=[], metavar="FILE",
                     help="another kernels/scoring.py to time beside the package's (repeatable)")
@@ -94,7 +95,8 @@ def main() -> None:
     def select():
         return select_dynamic_lists(scores, qb.table, seq_lens, hkv, qb.num_kv_blocks, cfg)
 
-    causal = (torch.arange(scores.shape[2], device=dev)[None, None, :] <= qb.block_index[:, None, None]).expand_as(scores)
+    kv_block = torch.arange(scores.shape[2], device=dev)
+    causal = (kv_block[None, None, :] <= qb.block_index[:, None, None]).expand_as(scores)
     candidates = {"package": scorer()}
     for i, path in enumerate(args.alt_scoring):
         candidates[path] = scorer(load_scoring(path, i))
@@ -128,7 +130,10 @@ def main() -> None:
     rows = []
     for name, v in samples.items():
         ms = statistics.median(v)
-        rate = dict(gb_s=q.numel() * q.element_size() / ms / 1e6) if name.startswith("pool only") else dict(tflops=flops / ms / 1e9)
+        if name.startswith("pool only"):
+            rate = dict(gb_s=q.numel() * q.element_size() / ms / 1e6)
+        else:
+            rate = dict(tflops=flops / ms / 1e9)
         rows.append(dict(name=name, ms=ms, runs=v, max_abs_diff=max_diff[name], **rate))
     for row in sorted(rows, key=lambda r: r["ms"]):
         rate = f"{row['gb_s']:.0f} GB/s" if "gb_s" in row else f"{row['tflops']:.0f} TF/s"
