@@ -69,6 +69,16 @@ def load_paged_module():
     return module
 
 
+def load_kernel_file(path: str, name: str):
+    """Another version of one of the package's kernel modules (e.g. ``git show REV:kernels/x.py``),
+    loaded by path as a sibling of ``vllm_flashprefill.kernels``' own, relative imports included."""
+    spec = importlib.util.spec_from_file_location(f"vllm_flashprefill.kernels.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "vllm_flashprefill.kernels"
+    spec.loader.exec_module(module)
+    return module
+
+
 def package_version(*names: str) -> str | None:
     from importlib import metadata
 

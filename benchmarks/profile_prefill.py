@@ -128,7 +128,8 @@ def main() -> None:
     result = {
         "card": torch.cuda.get_device_name() if on_gpu else "cpu",
         "date": datetime.date.today().isoformat(),
-        "vllm": vllm.__version__, "torch": torch.__version__, "commit": git_commit(), "source_digest": source_digest(),
+        "vllm": vllm.__version__, "torch": torch.__version__,
+        "commit": git_commit(), "source_digest": source_digest(),
         "model_dir": args.model_dir, "load_format": "dummy", "enforce_eager": True,
         "backend": args.backend, "options": args.options if flashprefill else None,
         "prompt_len": args.prompt_len, "kv_page_size": llm.llm_engine.vllm_config.cache_config.block_size,

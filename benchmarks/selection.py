@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import itertools
 import json
 import statistics
@@ -30,13 +29,7 @@ from vllm_flashprefill.kernels import scoring
 from vllm_flashprefill.patterns import mask_to_lists, select_dynamic, select_dynamic_lists
 from vllm_flashprefill.plan import build_query_blocks
 
-
-def load_scoring(path: str, index: int):
-    spec = importlib.util.spec_from_file_location(f"vllm_flashprefill.kernels.alt_scoring_{index}", path)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "vllm_flashprefill.kernels"  # the file's own relative imports
-    spec.loader.exec_module(module)
-    return module
+from common import load_kernel_file  # benchmarks/common.py (the script's folder)
 
 
 def main() -> None:
@@ -99,7 +92,7 @@ def main() -> None:
     causal = (kv_block[None, None, :] <= qb.block_index[:, None, None]).expand_as(scores)
     candidates = {"package": scorer()}
     for i, path in enumerate(args.alt_scoring):
-        candidates[path] = scorer(load_scoring(path, i))
+        candidates[path] = scorer(load_kernel_file(path, f"alt_scoring_{i}"))
     if args.sweep:
         axes = [list(map(int, getattr(args, a.replace("-", "_")).split(","))) for a in ("kv-blocks", "warps", "stages")]
         for kvp, warps, stages in itertools.product(*axes):

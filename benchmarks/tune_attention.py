@@ -19,7 +19,6 @@ short timings see (``profile-h100-2026-11-28-*``): ``--warmup-ms 1500 --rep-ms 1
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import statistics
@@ -29,7 +28,7 @@ import triton
 
 from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention
 
-from common import causal_flops, static_pattern_prompt  # benchmarks/common.py (the script's folder)
+from common import causal_flops, load_kernel_file, static_pattern_prompt  # benchmarks/common.py (the script's folder)
 
 
 def main() -> None:
@@ -51,10 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     kernels = {"package": sparse_prefill_attention}
     for i, path in enumerate(args.alt_kernel):
-        alt_spec = importlib.util.spec_from_file_location(f"alt_attention_{i}", path)
-        alt = importlib.util.module_from_spec(alt_spec)
-        alt_spec.loader.exec_module(alt)
-        kernels[path] = alt.sparse_prefill_attention
+        kernels[path] = load_kernel_file(path, f"alt_attention_{i}").sparse_prefill_attention
     dev, dtype, B = "cuda", torch.bfloat16, 128
     results = []
     for spec, page in itertools.product(args.heads.split(";"), map(int, args.page_sizes.split(","))):
