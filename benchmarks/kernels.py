@@ -382,7 +382,8 @@ def main(argv=None) -> int:
                 what = dict(kernel=kernel, pattern=pattern or "dense", **cfg_desc)
                 if (kernel == "triton_unified" and args.skip_unified_above
                         and seq_len > args.skip_unified_above):
-                    result["skipped"].append({**what, "reason": f"seq_len > --skip-unified-above {args.skip_unified_above}"})
+                    reason = f"seq_len > --skip-unified-above {args.skip_unified_above}"
+                    result["skipped"].append({**what, "reason": reason})
                     bar.update(1)
                     continue
                 try:

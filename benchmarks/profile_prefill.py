@@ -141,7 +141,8 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps({k: result[k] for k in ("card", "backend", "kv_page_size", "wall_s", "busy_s_by_group")}, indent=1))
+    summary = ("card", "backend", "kv_page_size", "wall_s", "busy_s_by_group")
+    print(json.dumps({k: result[k] for k in summary}, indent=1))
     if clocks:
         print(f"SM clock median {clocks['sm_mhz_median']:.0f} MHz, power median {clocks['power_w_median']:.0f} W "
               f"over {len(clocks['sm_mhz'])} samples")

@@ -297,8 +297,6 @@ def _worker(args, cfg: dict[str, Any], ev: Events) -> int:
             "generate_wall_s": walls,
         })
     ev.emit("done")
-    # Leave fast and clean: the parent waits for this process; the engine core goes with it.
-    del llm
     return 0
 
 

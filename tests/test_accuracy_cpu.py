@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from vllm_flashprefill.config import FlashPrefillConfig
+from vllm_flashprefill.kernels.reference import block_scores_reference
+from vllm_flashprefill.patterns import forced_block_mask
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "AttentionInterface") or not hasattr(
@@ -19,10 +23,7 @@ if not hasattr(transformers, "AttentionInterface") or not hasattr(
     pytest.skip("transformers without AttentionInterface / set_attn_implementation", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"))
-import hf_reference
-from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.kernels.reference import block_scores_reference
-from vllm_flashprefill.patterns import forced_block_mask
+import hf_reference  # noqa: E402  (found through the sys.path entry above)
 
 BS = 64  # smallest block size the config allows
 SEQ = 5 * BS + 17  # 6 blocks, the last one partial

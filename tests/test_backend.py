@@ -217,6 +217,7 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, req
         monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=5)
     _, meta = build(config, batch)
+    fa3_calls.clear()  # the builder's start-up run on a tiny batch
     assert (meta.sparse.flash_runs is not None) == (sparse_kernel == "flash_attn")
     impl = make_impl(config)
     if sparse_kernel == "flash_attn" and DEVICE == "cpu":
@@ -259,8 +260,11 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, req
                      "density": kept / causal}
 
 
-def test_flash_attn_sparse_kernel_needs_fa3_and_pages_within_a_block(model_dir, monkeypatch):
+def test_flash_attn_sparse_kernel_needs_fa3_and_pages_within_a_block(model_dir, monkeypatch, request):
     from vllm_flashprefill import backend
+
+    if DEVICE == "cpu":
+        request.getfixturevalue("fa3_on_cpu")  # the builder runs the sparse path once at start-up
 
     config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, sparse_kernel="flash_attn")
     batch = make_paged_batch([1, 300, 20, 260], [90, 0, 0, 300], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
@@ -275,18 +279,20 @@ def test_flash_attn_sparse_kernel_needs_fa3_and_pages_within_a_block(model_dir, 
     assert not builder.flash_sparse and meta.sparse.flash_runs is None  # the Triton kernel runs them
 
 
-def test_a_layer_on_another_flash_attention_version_runs_the_triton_kernel(model_dir, monkeypatch):
+def test_a_layer_on_another_flash_attention_version_runs_the_triton_kernel(model_dir, monkeypatch, request):
     from vllm_flashprefill import backend
 
     def no_fa3(*args):
         raise AssertionError("only FA3 takes per-block tables")
 
     monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
-    monkeypatch.setattr(backend, "flash_sparse_attention", no_fa3)
+    if DEVICE == "cpu":
+        request.getfixturevalue("fa3_on_cpu")  # the builder runs the sparse path once at start-up
     config = vllm_config(model_dir, pattern="hybrid", min_seq_len=0, local_blocks=1, stride=2,
                          sparse_kernel="flash_attn")
     batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=2)
     _, meta = build(config, batch)
+    monkeypatch.setattr(backend, "flash_sparse_attention", no_fa3)
     assert meta.sparse.flash_runs is not None
     impl = make_impl(config)
     impl.vllm_flash_attn_version = 2  # e.g. a head size the platform runs on another version
@@ -375,7 +381,7 @@ def test_dynamic_workspace_comes_with_the_model(model_dir):
     assert len(backend._WORKSPACES) == before - 1
 
 
-def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(model_dir, monkeypatch, caplog):
+def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(model_dir, monkeypatch, caplog, request):
     """vLLM settles the KV page size after loading the model, so the workspace allocated then
     sizes its FA3 tables for the page vLLM will take (``--block-size`` if given, else ours), and
     none when the sparse rows will not run on FA3. A smaller final page grows the tables of the
@@ -391,6 +397,8 @@ def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(mod
     monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 2)
     assert backend._expected_fa3_page_size(config, backend.flashprefill_config(config)) is None
     monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
+    if DEVICE == "cpu":
+        request.getfixturevalue("fa3_on_cpu")  # the builder runs the sparse path once at start-up
     triton = vllm_config(model_dir, pattern="dynamic", min_seq_len=0)
     assert backend._expected_fa3_page_size(triton, backend.flashprefill_config(triton)) is None
     impl = make_impl(config)  # no --block-size: pages of 64 for head size 64

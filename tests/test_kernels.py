@@ -161,7 +161,8 @@ def test_block_scores_match_reference_and_give_same_selection(page_size):
     batch = make_paged_batch([300, 77], [40, 129], 8, 2, 64, page_size, torch.float32)
     qblocks = plan(batch, 4)
     scale = 0.125
-    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.97, min_seq_len=0, dense_tail_blocks=0)
+    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.97,
+                             min_seq_len=0, dense_tail_blocks=0)
     scores, mask = dynamic_mask(batch, qblocks, cfg, scale)
     ref_scores = block_scores_reference(
         batch.q, batch.k_cache, batch.block_table, batch.seq_lens, qblocks.table, scale, BLOCK,

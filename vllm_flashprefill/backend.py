@@ -151,20 +151,18 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def _flash_sparse_usable(self) -> bool:
         if self.cfg.sparse_kernel != "flash_attn" or self.cfg.is_dense:
             return False
-        fa_version = get_flash_attn_version()
-        if fa_version == 3 and self.cfg.block_size % self.block_size == 0:
+        if fa3_sparse_usable(self.cfg, self.block_size):
             return True
         logger.warning_once(
             "FlashPrefill: sparse_kernel 'flash_attn' needs FlashAttention 3 (found %s) and KV pages "
             "that divide block_size %d (found %d); the Triton kernel runs the sparse rows",
-            fa_version, self.cfg.block_size, self.block_size,
+            get_flash_attn_version(), self.cfg.block_size, self.block_size,
         )
         return False
 
     def _compile_kernels(self) -> None:
-        """Run the sparse path's Triton kernels once on a tiny batch, so that Triton compiles them
-        at start-up instead of during the first long request (vLLM's profiling run passes no
-        metadata). With ``sparse_kernel: flash_attn`` that is selection and the block tables."""
+        """Run the sparse path once on a tiny batch, so that Triton compiles its kernels at start-up
+        instead of during the first long request (vLLM's profiling run passes no metadata)."""
         if self.kv_cache_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return
         tokens, d = 2 * self.cfg.block_size, self.headdim
@@ -174,16 +172,10 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         q = torch.randn(tokens, self.num_heads_q, d, device=self.device).to(self.kv_cache_dtype)
         block_table = torch.arange(pages, dtype=torch.int32, device=self.device)[None]
         seq_lens = torch.tensor([tokens], dtype=torch.int32, device=self.device)
-        step = self._sparse_step(np.array([0, tokens]), np.array([tokens]), [0], dense_runs=[])
+        step = self._sparse_step(np.array([0, tokens]), np.array([tokens]), [0], [], block_table)
         key_cache, value_cache = kv[..., :d], kv[..., d:]
-        indices, counts = block_lists(q, key_cache, block_table, seq_lens, step, self.cfg, d**-0.5)
-        if self.flash_sparse:
-            fa3_block_tables(step, block_table, indices, counts, self.block_size)
-        else:
-            sparse_prefill_attention(
-                q, key_cache, value_cache, torch.empty_like(q), block_table, seq_lens,
-                step.query_blocks.table, indices, counts, d**-0.5, self.cfg.block_size,
-            )
+        attend_sparse_rows(q, key_cache, value_cache, torch.empty_like(q), block_table, seq_lens, step,
+                           self.cfg, d**-0.5, on_fa3=self.flash_sparse)
 
     def build(
         self,
@@ -218,34 +210,30 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         ]
         if not sparse:
             return None
-        step = self._sparse_step(
-            qsl, seq_lens, sparse, self._dense_runs(cm, fa, set(sparse), qsl, seq_lens)
+        return self._sparse_step(
+            qsl, seq_lens, sparse, self._dense_runs(cm, fa, set(sparse), qsl, seq_lens), fa.block_table
         )
-        if self.flash_sparse:
-            step.flash_runs = plan_runs(step.query_blocks.table_cpu, self.device)
-            if step.kv_indices is not None:
-                step.flash_tables = fa3_block_tables(
-                    step, fa.block_table, step.kv_indices, step.kv_counts, self.block_size)
-        return step
 
-    def _sparse_step(self, qsl, seq_lens, requests, dense_runs) -> SparseStep:
+    def _sparse_step(self, qsl, seq_lens, requests, dense_runs, block_table) -> SparseStep:
         qblocks = build_query_blocks(
             qsl, seq_lens, requests, self.cfg.block_size, self.device,
             blocks_per_group(self.num_heads_q // self.num_heads_kv),
         )
-        indices = counts = None
+        step = SparseStep(
+            query_blocks=qblocks, kv_indices=None, kv_counts=None, dense_runs=dense_runs,
+            workspace=self.workspace,
+        )
         if self.cfg.pattern != "dynamic":
             forced = forced_block_mask(
                 qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, self.cfg
             )
-            indices, counts = mask_to_lists(forced)
-        return SparseStep(
-            query_blocks=qblocks,
-            kv_indices=indices,
-            kv_counts=counts,
-            dense_runs=dense_runs,
-            workspace=self.workspace,
-        )
+            step.kv_indices, step.kv_counts = mask_to_lists(forced)
+        if self.flash_sparse:
+            step.flash_runs = plan_runs(qblocks.table_cpu, self.device)
+            if step.kv_indices is not None:
+                step.flash_tables = fa3_block_tables(
+                    step, block_table, step.kv_indices, step.kv_counts, self.block_size)
+        return step
 
     @staticmethod
     def _dense_runs(cm, fa, sparse: set[int], qsl, seq_lens) -> list[DenseRun]:
@@ -445,21 +433,30 @@ class FlashPrefillImpl(FlashAttentionImpl):
 
     def forward_sparse(self, query, kv_cache, attn_metadata, step: SparseStep, output) -> None:
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        block_table, seq_lens = attn_metadata.block_table, attn_metadata.seq_lens
-        indices, counts = block_lists(query, key_cache, block_table, seq_lens, step, self.cfg, self.scale)
         # The builder checked the platform's FlashAttention version; a layer may still run another
         # (vLLM picks it per head size), and only FA3 takes these block tables.
-        if step.flash_runs is not None and self.vllm_flash_attn_version == 3:
-            tables, seqused = step.flash_tables or fa3_block_tables(
-                step, block_table, indices, counts, key_cache.shape[1])
-            flash_sparse_attention(
-                query, key_cache, value_cache, output, step.flash_runs, tables, seqused, self.scale)
-        else:
-            sparse_prefill_attention(
-                query, key_cache, value_cache, output, block_table, seq_lens,
-                step.query_blocks.table, indices, counts, self.scale, self.cfg.block_size,
-            )
+        counts = attend_sparse_rows(
+            query, key_cache, value_cache, output, attn_metadata.block_table, attn_metadata.seq_lens,
+            step, self.cfg, self.scale, on_fa3=self.vllm_flash_attn_version == 3,
+        )
         STATS.record(counts, step.query_blocks.causal_pairs, self.num_kv_heads)
+
+
+def attend_sparse_rows(query, key_cache, value_cache, output, block_table, seq_lens, step: SparseStep,
+                       cfg: FlashPrefillConfig, scale: float, on_fa3: bool) -> torch.Tensor:
+    """Attention of the step's sparse rows into ``output``: FA3 over per-query-block block tables
+    when the step planned it and ``on_fa3``, else the Triton kernel. Returns the KV block counts."""
+    indices, counts = block_lists(query, key_cache, block_table, seq_lens, step, cfg, scale)
+    if step.flash_runs is not None and on_fa3:
+        tables, seqused = step.flash_tables or fa3_block_tables(
+            step, block_table, indices, counts, key_cache.shape[1])
+        flash_sparse_attention(query, key_cache, value_cache, output, step.flash_runs, tables, seqused, scale)
+    else:
+        sparse_prefill_attention(
+            query, key_cache, value_cache, output, block_table, seq_lens,
+            step.query_blocks.table, indices, counts, scale, cfg.block_size,
+        )
+    return counts
 
 
 def block_lists(query, key_cache, block_table, seq_lens, step: SparseStep, cfg: FlashPrefillConfig,
@@ -490,18 +487,26 @@ def fa3_block_tables(step: SparseStep, block_table, indices, counts, page_size: 
         qblocks.table, block_table, indices, counts, qblocks.block_size, page_size, *buffers)
 
 
+def fa3_sparse_usable(cfg: FlashPrefillConfig, page_size: int | None) -> bool:
+    """Whether FA3 can compute the sparse rows: asked for, FA3 on this platform, and KV pages that
+    tile a sparse block (each block maps to whole pages in the per-query-block block tables);
+    ``page_size`` None: not known yet, leave that check out."""
+    return (cfg.sparse_kernel == "flash_attn" and not cfg.is_dense and get_flash_attn_version() == 3
+            and (page_size is None or cfg.block_size % page_size == 0))
+
+
 def _expected_fa3_page_size(vllm_config, cfg: FlashPrefillConfig) -> int | None:
     """The KV page size the sparse rows' FA3 block tables will be for, or None when they will
     not run on FA3. vLLM settles the page size only after loading the model, when the dynamic
     workspace is already allocated: ``--block-size``, else this backend's preference."""
-    if cfg.sparse_kernel != "flash_attn" or get_flash_attn_version() != 3:
+    if not fa3_sparse_usable(cfg, None):
         return None
     cache = vllm_config.cache_config
     if cache.user_specified_block_size:
         page = cache.block_size
     else:
         page = FlashPrefillBackend.get_preferred_block_size(cache.DEFAULT_BLOCK_SIZE)
-    return page if cfg.block_size % page == 0 else None
+    return page if fa3_sparse_usable(cfg, page) else None
 
 
 def _layer_index(layer_name: str | None) -> int | None:

@@ -98,7 +98,8 @@ def select_dynamic_lists(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_dynamic` + :func:`mask_to_lists` as the backend runs them: one Triton kernel
     (``kernels/selection.py``) over block scores [n, Hq, W >= num_kv_blocks], the query-block
-    table and each request's sequence length after the chunk (vLLM's ``seq_lens``); returns (indices [n, Hkv, W], counts [n, Hkv])."""
+    table and each request's sequence length after the chunk (vLLM's ``seq_lens``); returns
+    (indices [n, Hkv, W], counts [n, Hkv])."""
     from vllm_flashprefill.kernels.selection import select_blocks
 
     return select_blocks(
