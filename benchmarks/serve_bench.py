@@ -37,6 +37,9 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import plotting  # noqa: E402  (benchmarks/plotting.py)
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "accuracy"))
+from suite import git_commit, source_digest  # noqa: E402  (provenance; no torch import)
+
 SUMMARY_KEYS = [
     "completed", "failed", "duration", "request_throughput", "output_throughput",
     "total_token_throughput", "total_input_tokens", "total_output_tokens",
@@ -356,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": date,
         "vllm_version": env.get("vllm"),
         "torch_version": env.get("torch"),
+        "commit": git_commit(),
+        "source_digest": source_digest(),
         "model": os.path.basename(args.model_dir.rstrip("/")),
         "model_dir": args.model_dir,
         "settings": {
