@@ -199,13 +199,16 @@ def test_same_decision_whatever_the_chunking(model_dir):
 
 
 @pytest.mark.parametrize(
-    "pattern,sparse_kernel",
-    [("hybrid", "triton"), ("dynamic", "triton"), ("hybrid", "flash_attn"), ("dynamic", "flash_attn")],
+    "pattern,sparse_kernel,local_blocks",
+    [("local", "triton", 1), ("strided", "triton", 0), ("hybrid", "triton", 0), ("dynamic", "triton", 0),
+     ("hybrid", "flash_attn", 0), ("dynamic", "flash_attn", 0)],
 )
-def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, request, pattern, sparse_kernel):
+def test_impl_forward_sparse_batch_matches_reference(
+    model_dir, monkeypatch, request, pattern, sparse_kernel, local_blocks
+):
     query_lens, context_lens = [200, 130], [0, 190]
     config = vllm_config(
-        model_dir, pattern=pattern, min_seq_len=0, sink_blocks=0, local_blocks=0, stride=2,
+        model_dir, pattern=pattern, min_seq_len=0, sink_blocks=0, local_blocks=local_blocks, stride=2,
         threshold=1.0, dense_tail_blocks=0, sparse_kernel=sparse_kernel,
     )
     fa3_calls = []
@@ -256,6 +259,7 @@ def test_impl_forward_sparse_batch_matches_reference(model_dir, monkeypatch, req
     # (query block, KV head, KV block) triples: a static list is shared by the KV heads.
     kept = int(mask.expand(-1, HKV, -1).sum())
     causal = HKV * sum(pos // BLOCK + 1 for _, _, pos, _ in step.query_blocks.table_cpu)
+    assert kept < causal, "the pattern must skip blocks for the comparison to mean anything"
     assert stats == {"layer_calls": 1, "kept_blocks": kept, "causal_blocks": causal,
                      "density": kept / causal}
 
