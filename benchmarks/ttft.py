@@ -13,6 +13,7 @@ Per configuration (child process):
   * one global warmup, then per length: ``--warmup`` untimed runs and ``--runs`` timed runs; each run
     is a fresh random token-id prompt (the same sequence of prompts for every configuration), and
     TTFT = wall time of ``llm.generate([prompt], max_tokens=1)``;
+    FLASHPREFILL rows also carry the density of their timed runs' sparse layer calls;
   * decode ITL: ``--itl-runs`` prompts of ``--itl-prompt-len`` tokens with ``--itl-tokens`` + 1 new
     tokens; ITL = (last_token_ts - first_token_ts) / itl_tokens from the engine-core timestamps in
     ``RequestOutput.metrics`` (vLLM's own ITL clock), with a wall-clock estimate
@@ -231,6 +232,19 @@ def _worker(args, cfg: dict[str, Any], ev: Events) -> int:
     llm = LLM(**kwargs)
     ev.emit("engine_ready", engine_start_s=time.perf_counter() - t0)
 
+    def sparse_density() -> dict[str, Any]:
+        """Kept / causal blocks of the sparse layer calls since the last read (FLASHPREFILL only;
+        reading waits for the GPU, so it runs between timed runs, never inside one)."""
+        if cfg["backend"] != "FLASHPREFILL":
+            return {}
+        from vllm_flashprefill.stats import read_selection_stats
+
+        try:
+            stats = llm.collective_rpc(read_selection_stats, kwargs={"reset": True})[0]
+        except Exception as e:  # noqa: BLE001  (a failed read must not cost the timings)
+            return {"density_error": f"{type(e).__name__}: {e}"}
+        return {"density": stats["density"], "sparse_layer_calls": stats["layer_calls"]}
+
     def run_once(length: int, seed: int, max_tokens: int):
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                             detokenize=False)
@@ -257,6 +271,7 @@ def _worker(args, cfg: dict[str, Any], ev: Events) -> int:
     for length in lengths:
         for w in range(args.warmup):
             run_once(length, prompt_seed(args.seed, length, 500 + w), 1)
+        sparse_density()  # the timed runs' counts start here
         walls, engine = [], []
         for i in range(args.runs):
             wall, m = run_once(length, prompt_seed(args.seed, length, i), 1)
@@ -269,7 +284,7 @@ def _worker(args, cfg: dict[str, Any], ev: Events) -> int:
             "options": cfg["options"], "metric": "ttft", "prompt_len": length,
             "ttft_s": ttft_median[length], "runs": walls,
             "ttft_engine_s": plotting.median([e for e in engine if e is not None]),
-            "engine_runs": engine, "extra_length": length not in args.lengths,
+            "engine_runs": engine, "extra_length": length not in args.lengths, **sparse_density(),
         })
 
     if args.itl_prompt_len:
@@ -358,6 +373,8 @@ def run_config(args, cfg, log_path, events_path, state, pbar) -> dict[str, Any]:
     env["PYTHONUNBUFFERED"] = "1"
     if allow_long:
         env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+    if cfg["backend"] == "FLASHPREFILL":
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends read_selection_stats pickled
     cmd = [sys.executable, os.path.abspath(__file__), "--worker",
            "--worker-config", json.dumps(cfg), "--events", events_path,
            "--model-dir", args.model_dir, "--lengths", ",".join(map(str, args.lengths)),
@@ -504,7 +521,8 @@ def ttft_table(state: dict[str, Any], labels: list[str], baseline: str) -> str:
             elif lab == baseline or base is None:
                 line.append(f"{r['ttft_s']:.4f}")
             else:
-                line.append(f"{r['ttft_s']:.4f} ({base['ttft_s'] / r['ttft_s']:.2f}x)")
+                density = f", density {r['density']:.3f}" if r.get("density") is not None else ""
+                line.append(f"{r['ttft_s']:.4f} ({base['ttft_s'] / r['ttft_s']:.2f}x{density})")
         rows.append(line)
     return plotting.markdown_table(headers, rows)
 
