@@ -35,9 +35,9 @@ def fa3_varlen_semantics(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, ma
 
 
 @pytest.fixture
-def fa3_on_cpu(monkeypatch):
-    """Stands in for vLLM's FA3 (``flash_sparse_attention`` imports it at call time); returns the
-    (query heads, KV heads, sequences) of every call."""
+def fake_fa3(monkeypatch):
+    """Stands in for vLLM's FA3 on any device (``flash_sparse_attention`` imports it at call time);
+    returns the (query heads, KV heads, sequences) of every call."""
     from vllm.v1.attention.backends import fa_utils
 
     calls = []

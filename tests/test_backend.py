@@ -212,15 +212,19 @@ def test_impl_forward_sparse_batch_matches_reference(
         threshold=1.0, dense_tail_blocks=0, sparse_kernel=sparse_kernel,
     )
     fa3_calls = []
-    if sparse_kernel == "flash_attn" and DEVICE == "cpu":
+    if DEVICE == "cpu":
         # No FA3 on CPU: its documented semantics stand in (the GPU runs the real call).
         from vllm_flashprefill import backend
 
-        fa3_calls = request.getfixturevalue("fa3_on_cpu")
-        monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
+        fa3_calls = request.getfixturevalue("fake_fa3")
+        if sparse_kernel == "flash_attn":
+            monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=5)
     _, meta = build(config, batch)
-    fa3_calls.clear()  # the builder's start-up run on a tiny batch
+    if DEVICE == "cpu":  # the builder's start-up run: two query blocks, through FA3 when asked for
+        startup = {"triton": [], "flash_attn": [(HQ // HKV, 1, 2)] * HKV if pattern == "dynamic" else [(HQ, HKV, 2)]}
+        assert fa3_calls == startup[sparse_kernel]
+    fa3_calls.clear()
     assert (meta.sparse.flash_runs is not None) == (sparse_kernel == "flash_attn")
     impl = make_impl(config)
     if sparse_kernel == "flash_attn" and DEVICE == "cpu":
@@ -267,8 +271,7 @@ def test_impl_forward_sparse_batch_matches_reference(
 def test_flash_attn_sparse_kernel_needs_fa3_and_pages_within_a_block(model_dir, monkeypatch, request):
     from vllm_flashprefill import backend
 
-    if DEVICE == "cpu":
-        request.getfixturevalue("fa3_on_cpu")  # the builder runs the sparse path once at start-up
+    request.getfixturevalue("fake_fa3")  # the builder's start-up run calls FA3 (faked: any device)
 
     config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, sparse_kernel="flash_attn")
     batch = make_paged_batch([1, 300, 20, 260], [90, 0, 0, 300], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
@@ -290,8 +293,7 @@ def test_a_layer_on_another_flash_attention_version_runs_the_triton_kernel(model
         raise AssertionError("only FA3 takes per-block tables")
 
     monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
-    if DEVICE == "cpu":
-        request.getfixturevalue("fa3_on_cpu")  # the builder runs the sparse path once at start-up
+    request.getfixturevalue("fake_fa3")  # the builder's start-up run calls FA3 (faked: any device)
     config = vllm_config(model_dir, pattern="hybrid", min_seq_len=0, local_blocks=1, stride=2,
                          sparse_kernel="flash_attn")
     batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=2)
@@ -399,12 +401,11 @@ def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(mod
 
     config = vllm_config(model_dir, pattern="dynamic", min_seq_len=0, sparse_kernel="flash_attn")
     monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 2)
-    assert backend._expected_fa3_page_size(config, backend.flashprefill_config(config)) is None
+    assert backend._expected_fa3_page_size(config, backend.flashprefill_config(config), HEAD) is None
     monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
-    if DEVICE == "cpu":
-        request.getfixturevalue("fa3_on_cpu")  # the builder runs the sparse path once at start-up
+    request.getfixturevalue("fake_fa3")  # the builder's start-up run calls FA3 (faked: any device)
     triton = vllm_config(model_dir, pattern="dynamic", min_seq_len=0)
-    assert backend._expected_fa3_page_size(triton, backend.flashprefill_config(triton)) is None
+    assert backend._expected_fa3_page_size(triton, backend.flashprefill_config(triton), HEAD) is None
     impl = make_impl(config)  # no --block-size: pages of 64 for head size 64
     assert table_pages(impl._workspace, 64)
     config.cache_config.block_size, config.cache_config.user_specified_block_size = PAGE, True

@@ -30,7 +30,7 @@ def per_head_mask(qblocks, seed):
 
 @pytest.mark.parametrize("page", [16, 32, 64])
 @pytest.mark.parametrize("lists", ["shared", "per_head"])
-def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists, fa3_on_cpu):
+def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists, fake_fa3):
     # A long prompt, a short (dense) one between, and a chunk whose cached context ends inside a
     # block: two runs, a partial first query block, and partial diagonal blocks.
     query_lens, context_lens = [300, 40, 250], [0, 0, 150]
@@ -54,7 +54,7 @@ def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists, fa3_o
     flash_sparse_attention(batch.q, batch.k_cache, batch.v_cache, out, runs, tables, seqused, HEAD**-0.5)
     # One call per run, and per KV head when the lists are per head (its query heads, its cache).
     groups = mask.shape[1]
-    assert fa3_on_cpu == [(HQ // groups, HKV // groups, r.qblock_end - r.qblock_start)
+    assert fake_fa3 == [(HQ // groups, HKV // groups, r.qblock_end - r.qblock_start)
                           for r in runs for _ in range(groups)]
     ref = sparse_attention_reference(
         batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,

@@ -145,24 +145,28 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             if self.cfg.pattern == "dynamic"
             else None
         )
-        if not (self.cfg.is_dense or self.micro_batched) and self.headdim in SUPPORTED_HEAD_SIZES:
+        if (not (self.cfg.is_dense or self.micro_batched) and self.dcp_world_size == 1
+                and self.headdim in SUPPORTED_HEAD_SIZES):
             self._compile_kernels()
 
     def _flash_sparse_usable(self) -> bool:
         if self.cfg.sparse_kernel != "flash_attn" or self.cfg.is_dense:
             return False
-        if fa3_sparse_usable(self.cfg, self.block_size):
+        if fa3_sparse_usable(self.cfg, self.block_size, self.headdim):
             return True
         logger.warning_once(
             "FlashPrefill: sparse_kernel 'flash_attn' needs FlashAttention 3 (found %s) and KV pages "
             "that divide block_size %d (found %d); the Triton kernel runs the sparse rows",
-            get_flash_attn_version(), self.cfg.block_size, self.block_size,
+            get_flash_attn_version(head_size=self.headdim), self.cfg.block_size, self.block_size,
         )
         return False
 
     def _compile_kernels(self) -> None:
         """Run the sparse path once on a tiny batch, so that Triton compiles its kernels at start-up
-        instead of during the first long request (vLLM's profiling run passes no metadata)."""
+        instead of during the first long request (vLLM's profiling run passes no metadata). With
+        ``sparse_kernel: flash_attn`` that includes one FA3 call (precompiled; it compiles nothing),
+        and the Triton attention kernel, which then runs only on layers whose FlashAttention
+        version is not 3, is left to compile on first use."""
         if self.kv_cache_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return
         tokens, d = 2 * self.cfg.block_size, self.headdim
@@ -374,7 +378,7 @@ class FlashPrefillImpl(FlashAttentionImpl):
             self._workspace = DynamicWorkspace.shared(
                 vllm_config, self.cfg, num_heads, num_kv_heads, head_size,
                 vllm_config.device_config.device,
-                _expected_fa3_page_size(vllm_config, self.cfg),
+                _expected_fa3_page_size(vllm_config, self.cfg, head_size),
             )
 
     def _dense_reason(self, alibi, window, kv_dtype, soft_cap, attn_type, sinks) -> str | None:
@@ -487,26 +491,27 @@ def fa3_block_tables(step: SparseStep, block_table, indices, counts, page_size: 
         qblocks.table, block_table, indices, counts, qblocks.block_size, page_size, *buffers)
 
 
-def fa3_sparse_usable(cfg: FlashPrefillConfig, page_size: int | None) -> bool:
-    """Whether FA3 can compute the sparse rows: asked for, FA3 on this platform, and KV pages that
-    tile a sparse block (each block maps to whole pages in the per-query-block block tables);
-    ``page_size`` None: not known yet, leave that check out."""
-    return (cfg.sparse_kernel == "flash_attn" and not cfg.is_dense and get_flash_attn_version() == 3
+def fa3_sparse_usable(cfg: FlashPrefillConfig, page_size: int | None, head_size: int) -> bool:
+    """Whether FA3 can compute the sparse rows: asked for, FA3 for this head size (vLLM picks the
+    version per head size), and KV pages that tile a sparse block (each block maps to whole pages
+    in the per-query-block block tables); ``page_size`` None: not known yet, leave that check out."""
+    return (cfg.sparse_kernel == "flash_attn" and not cfg.is_dense
+            and get_flash_attn_version(head_size=head_size) == 3
             and (page_size is None or cfg.block_size % page_size == 0))
 
 
-def _expected_fa3_page_size(vllm_config, cfg: FlashPrefillConfig) -> int | None:
+def _expected_fa3_page_size(vllm_config, cfg: FlashPrefillConfig, head_size: int) -> int | None:
     """The KV page size the sparse rows' FA3 block tables will be for, or None when they will
     not run on FA3. vLLM settles the page size only after loading the model, when the dynamic
     workspace is already allocated: ``--block-size``, else this backend's preference."""
-    if not fa3_sparse_usable(cfg, None):
+    if not fa3_sparse_usable(cfg, None, head_size):
         return None
     cache = vllm_config.cache_config
     if cache.user_specified_block_size:
         page = cache.block_size
     else:
         page = FlashPrefillBackend.get_preferred_block_size(cache.DEFAULT_BLOCK_SIZE)
-    return page if fa3_sparse_usable(cfg, page) else None
+    return page if fa3_sparse_usable(cfg, page, head_size) else None
 
 
 def _layer_index(layer_name: str | None) -> int | None:
