@@ -1,4 +1,7 @@
-"""Helpers shared by ``benchmarks/ttft.py`` and ``benchmarks/serve_bench.py``.
+"""Helpers shared by the benchmark scripts: engine children, result files, tables and PNG plots.
+
+``python3 benchmarks/plotting.py RESULT.json...`` (re)draws the PNG beside each result file of
+``serve_bench.py``, ``profile_prefill.py``, ``tune_attention.py`` or ``selection.py``.
 
 Standard library only at import time; matplotlib is imported lazily and is optional (no PNG without it).
 Nothing here imports torch or vLLM into the calling process: the card name and the vLLM version come
@@ -220,15 +223,10 @@ def plot_ttft(rows: list[dict[str, Any]], baseline: str, path: str, title: str =
         series.setdefault(r["config"], {})[int(r["prompt_len"])] = float(r["ttft_s"])
     if not series:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except Exception as e:  # noqa: BLE001
-        print(f"[plot] matplotlib unavailable ({e!r}); no PNG written", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return None
+    import matplotlib.ticker
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     palette = plt.rcParams["axes.prop_cycle"].by_key().get("color", [None])
@@ -280,6 +278,114 @@ def plot_ttft(rows: list[dict[str, Any]], baseline: str, path: str, title: str =
     return path
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a note) when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        print(f"[plot] matplotlib unavailable ({e!r}); no PNG written", file=sys.stderr)
+        return None
+    return plt
+
+
+# A panel: (title, x-axis label, {series: {category: value}}); categories are the bar groups.
+Panel = tuple[str, str, dict[str, dict[str, float]]]
+
+
+def plot_bars(panels: list[Panel], path: str, title: str = "") -> str | None:
+    """Horizontal grouped bars, one panel per entry, each bar labelled with its value."""
+    panels = [p for p in panels if any(p[2].values())]
+    plt = _pyplot() if panels else None
+    if plt is None:
+        return None
+    heights = [max(2.0, 0.35 * sum(len(v) for v in data.values()) + 1.0) for _, _, data in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (panel_title, xlabel, data) in zip(axes[:, 0], panels):
+        categories = list(dict.fromkeys(c for values in data.values() for c in values))
+        width = 0.8 / len(data)
+        for i, (series, values) in enumerate(data.items()):
+            ys = [j + i * width for j, c in enumerate(categories) if c in values]
+            xs = [values[c] for c in categories if c in values]
+            bars = ax.barh(ys, xs, height=width, label=series)
+            ax.bar_label(bars, labels=[f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}" for x in xs],
+                         fontsize=7, padding=2)
+        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(categories))])
+        ax.set_yticklabels(categories, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(xlabel)
+        ax.set_title(panel_title)
+        ax.grid(True, axis="x", alpha=0.3)
+        if len(data) > 1:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / sum(heights)))  # room for the title, whatever the height
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _serve_panels(result: dict[str, Any]) -> list[Panel]:
+    ttft: dict[str, dict[str, float]] = {}
+    rate: dict[str, dict[str, float]] = {}
+    for server in result.get("servers", []):
+        label = server["backend"] + (f" {server['pattern']}" if server.get("pattern") else "")
+        for run in server.get("runs", []):
+            c = f"concurrency {run['concurrency']}"
+            for stat in ("median", "p99"):
+                if run.get(f"{stat}_ttft_ms") is not None:
+                    ttft.setdefault(label, {})[f"{c}, {stat}"] = run[f"{stat}_ttft_ms"]
+            if run.get("request_throughput") is not None:
+                rate.setdefault(label, {})[c] = run["request_throughput"]
+    return [("time to first token", "ms", ttft), ("request throughput", "requests/s", rate)]
+
+
+def _profile_panels(result: dict[str, Any]) -> list[Panel]:
+    label = result["backend"] + (f" {json.dumps(result['options'])}" if result.get("options") else "")
+    per_call = {name[:60]: median(ms) for name, ms in result.get("attention_call_ms", {}).items()}
+    return [("device time by kernel group", "s", {label: result["busy_s_by_group"]}),
+            ("attention-group kernels, median per call", "ms", {label: per_call})]
+
+
+def _tune_panels(result: dict[str, Any]) -> list[Panel]:
+    panels: dict[str, dict[str, dict[str, float]]] = {}
+    for r in result["rows"]:
+        shape = f"{r['BLOCK_M']} rows x {r['BLOCK_N']} keys, {r['num_warps']} warps, {r['num_stages']} stages"
+        shape += ", TMA" if r.get("TMA") else ""
+        # Files from before --pattern and --alt-kernel existed timed the package's kernel, dense.
+        group = f"{r['heads']} (Hq,Hkv,d), page {r['page_size']}, {r.get('pattern', 'dense')} {r['seq_len']}"
+        panels.setdefault(group, {}).setdefault(r.get("kernel", "package"), {})[shape] = r["tflops"]
+    return [(group, "TFLOP/s (kept blocks)", data) for group, data in panels.items()]
+
+
+def _selection_panels(result: dict[str, Any]) -> list[Panel]:
+    times = {r["name"][:70]: r["ms"] for r in result["rows"]}
+    return [("dynamic selection pieces and candidates", "ms", {"median": times})]
+
+
+def plot_result_file(json_path: str) -> str | None:
+    """Draw the PNG beside a result JSON of serve_bench.py, profile_prefill.py, tune_attention.py or
+    selection.py (recognised by its keys); returns its path, or None when there is nothing to draw."""
+    with open(json_path) as f:
+        result = json.load(f)
+    if "servers" in result:
+        panels = _serve_panels(result)
+    elif "busy_s_by_group" in result:
+        panels = _profile_panels(result)
+    elif "scoring_tflop" in result:
+        panels = _selection_panels(result)
+    elif result.get("rows") and "BLOCK_M" in result["rows"][0]:
+        panels = _tune_panels(result)
+    else:
+        raise ValueError(f"{json_path}: not a result file this module plots")
+    title = " ".join(str(result[k]) for k in ("card", "date") if result.get(k))
+    return plot_bars(panels, os.path.splitext(json_path)[0] + ".png", f"{os.path.basename(json_path)}: {title}")
+
+
 def resolved_settings(options: dict[str, Any] | None) -> dict[str, Any] | None:
     """Every FLASHPREFILL setting an engine given these options runs with (the options, package
     defaults and ``FLASHPREFILL_*`` env vars, which win); None for other backends (no options).
@@ -289,3 +395,8 @@ def resolved_settings(options: dict[str, Any] | None) -> dict[str, Any] | None:
     from vllm_flashprefill.config import FlashPrefillConfig
 
     return FlashPrefillConfig.from_additional_config({"flashprefill": options}).as_dict()
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        print(plot_result_file(arg))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "accuracy"))
 from suite import git_commit, source_digest  # noqa: E402
+from plotting import plot_result_file  # noqa: E402  (benchmarks/plotting.py, the script's folder)
 
 OUR_KERNELS = ("_sparse_prefill_kernel", "_block_scores_kernel", "_pool_queries_kernel", "_select_blocks_kernel",
                "_block_tables_kernel")
@@ -141,6 +142,7 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    plot_result_file(args.out)
     summary = ("card", "backend", "kv_page_size", "wall_s", "busy_s_by_group")
     print(json.dumps({k: result[k] for k in summary}, indent=1))
     if clocks:

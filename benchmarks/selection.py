@@ -30,6 +30,7 @@ from vllm_flashprefill.patterns import mask_to_lists, select_dynamic, select_dyn
 from vllm_flashprefill.plan import build_query_blocks
 
 from common import load_kernel_file  # benchmarks/common.py (the script's folder)
+from plotting import plot_result_file
 
 
 def main() -> None:
@@ -142,6 +143,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
                            settings=vars(args), scoring_tflop=flops / 1e12, rows=rows), f, indent=1)
+        plot_result_file(args.out)
 
 
 if __name__ == "__main__":

@@ -403,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     state["all_successful"] = not (interrupted or bad_runs or bad_servers or missing)
     state["total_failed_requests"] = total_failed
     save(args, state)
+    png = plotting.plot_result_file(args.out_json)
 
     print()
     print(f"## vllm bench serve, {state['model']} ({args.load_format}), {state['card']}, vLLM "
@@ -420,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
               f"attention backend in its log: {s.get('attention_backend_used')}"
               + (f" — {s['error']}" if s.get("error") else ""))
     print(f"\n{'ALL REQUESTS SUCCESSFUL' if state['all_successful'] else 'FAILURES'}: "
-          f"{total_failed} failed request(s); wrote {args.out_json}; logs {args.log_path}; "
+          f"{total_failed} failed request(s); wrote {args.out_json} and {png}; logs {args.log_path}; "
           f"total {state['total_wall_s']} s")
     return 0 if state["all_successful"] else 1
 

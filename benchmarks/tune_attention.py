@@ -29,6 +29,7 @@ import triton
 from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention
 
 from common import causal_flops, load_kernel_file, static_pattern_prompt  # benchmarks/common.py (the script's folder)
+from plotting import plot_result_file
 
 
 def main() -> None:
@@ -107,6 +108,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__,
                            settings=vars(args), rows=results), f, indent=1)
+        plot_result_file(args.out)
 
 
 if __name__ == "__main__":
