@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark scripts: engine children, result files, tables and PNG plots.
 
 ``python3 benchmarks/plotting.py RESULT.json...`` (re)draws the PNG beside each result file of
-``serve_bench.py``, ``profile_prefill.py``, ``tune_attention.py`` or ``selection.py``.
+``serve_bench.py``, ``profile_prefill.py``, ``tune_attention.py``, ``selection.py`` or
+``experiments/fa3_virtual_table.py``.
 
 Standard library only at import time; matplotlib is imported lazily and is optional (no PNG without it).
 Nothing here imports torch or vLLM into the calling process: the card name and the vLLM version come
@@ -362,14 +363,26 @@ def _tune_panels(result: dict[str, Any]) -> list[Panel]:
     return [(group, "TFLOP/s (kept blocks)", data) for group, data in panels.items()]
 
 
+def _fa3_table_panels(result: dict[str, Any]) -> list[Panel]:
+    ms: dict[str, dict[str, float]] = {}
+    tflops: dict[str, dict[str, float]] = {}
+    for r in result["rows"]:
+        if "impl" in r:
+            case = f"{r['pattern']} {r['seq_len']}, density {r['density']:.3f}"
+            ms.setdefault(r["impl"], {})[case] = r["ms"]
+            tflops.setdefault(r["impl"], {})[case] = r["tflops"]
+    return [("one layer call", "ms", ms), ("throughput on the computed blocks", "TFLOP/s", tflops)]
+
+
 def _selection_panels(result: dict[str, Any]) -> list[Panel]:
     times = {r["name"][:70]: r["ms"] for r in result["rows"]}
     return [("dynamic selection pieces and candidates", "ms", {"median": times})]
 
 
 def plot_result_file(json_path: str) -> str | None:
-    """Draw the PNG beside a result JSON of serve_bench.py, profile_prefill.py, tune_attention.py or
-    selection.py (recognised by its keys); returns its path, or None when there is nothing to draw."""
+    """Draw the PNG beside a result JSON of serve_bench.py, profile_prefill.py, tune_attention.py,
+    selection.py or experiments/fa3_virtual_table.py (recognised by its keys); returns its path, or
+    None when there is nothing to draw."""
     with open(json_path) as f:
         result = json.load(f)
     if "servers" in result:
@@ -380,6 +393,8 @@ def plot_result_file(json_path: str) -> str | None:
         panels = _selection_panels(result)
     elif result.get("rows") and "BLOCK_M" in result["rows"][0]:
         panels = _tune_panels(result)
+    elif any("impl" in r for r in result.get("rows", [])):
+        panels = _fa3_table_panels(result)
     else:
         raise ValueError(f"{json_path}: not a result file this module plots")
     title = " ".join(str(result[k]) for k in ("card", "date") if result.get(k))

@@ -1,5 +1,6 @@
 """Every benchmark's result file gets its PNG: ``benchmarks/plotting.py`` recognises the JSON of
-serve_bench.py, profile_prefill.py, tune_attention.py and selection.py and draws it."""
+serve_bench.py, profile_prefill.py, tune_attention.py, selection.py and experiments/fa3_virtual_table.py
+and draws it."""
 
 import json
 import sys
@@ -36,10 +37,15 @@ TUNE = {
 }
 SELECTION = {"card": "NVIDIA H200", "scoring_tflop": 0.5,
              "rows": [{"name": "package", "ms": 1.54}, {"name": "select (fused)", "ms": 0.2}]}
+FA3_TABLE = {"card": "NVIDIA H200", "rows": [
+    {"impl": "triton", "seq_len": 131072, "pattern": "hybrid", "density": 0.098, "ms": 30.6, "tflops": 450.0},
+    {"impl": "fa3_sparse", "seq_len": 131072, "pattern": "hybrid", "density": 0.098, "ms": 25.9, "tflops": 532.0},
+    {"check": "max_abs_diff_triton_vs_fa3_sparse", "seq_len": 131072, "value": 0.0039},
+]}
 
 
 @pytest.mark.parametrize("name,result", [("serve", SERVE), ("profile", PROFILE), ("tune", TUNE),
-                                         ("selection", SELECTION)])
+                                         ("selection", SELECTION), ("fa3-virtual-table", FA3_TABLE)])
 def test_each_result_file_gets_a_png_beside_it(tmp_path, name, result):
     path = tmp_path / f"{name}-h200-2026-11-29.json"
     path.write_text(json.dumps(result))

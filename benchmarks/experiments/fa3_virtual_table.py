@@ -34,6 +34,7 @@ from common import (  # noqa: E402  (benchmarks/common.py)
     make_config,
     plant_structure,
 )
+from plotting import plot_result_file  # noqa: E402  (benchmarks/plotting.py)
 
 from vllm_flashprefill.flash_sparse import flash_sparse_attention, plan_runs  # noqa: E402
 from vllm_flashprefill.kernels.block_tables import sparse_block_tables  # noqa: E402
@@ -66,6 +67,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "triton": triton.__version__,
                        "torch": torch.__version__, "settings": vars(args), "rows": rows}, f, indent=1)
+        plot_result_file(args.out)
 
 
 def measure(seq_len, hq, hkv, d, cfg, fa3, args) -> list[dict]:
