@@ -1,0 +1,136 @@
+"""What the compiled attention kernel looks like: registers, local memory (spills), shared memory and
+the instruction mix of each loop, from its SASS (Triton's bundled ``cuobjdump``/``nvdisasm``).
+
+    python3 benchmarks/experiments/kernel_sass.py --out sass.json              # GPU: JIT-compiled
+    python3 benchmarks/experiments/kernel_sass.py --offline-sm 90 --out x.json  # no GPU needed
+    python3 benchmarks/experiments/kernel_sass.py --cubin kernel.cubin          # a saved binary
+
+On a GPU the kernel is launched once (hybrid, 16K tokens, pages of 64, the package's launch config
+for the given heads) and its binary taken from Triton's cache; ``--offline-sm`` compiles the same
+specialisation for that architecture without a GPU (the local Triton version's code generation).
+``--dump-cubin`` keeps the binary. A loop is a backward branch; the longest-running one is the
+off-diagonal loop (one iteration per KV tile of ``BLOCK_N`` keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import bootstrap, static_pattern_prompt  # noqa: E402  (benchmarks/common.py)
+
+bootstrap()
+from vllm_flashprefill.kernels import attention  # noqa: E402
+
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
+
+
+def cubin_from_gpu(num_q_heads: int, num_kv_heads: int, head_size: int) -> bytes:
+    p = static_pattern_prompt(16384, num_q_heads, num_kv_heads, head_size, 64, "hybrid", 128, torch.bfloat16, "cuda")
+    out = torch.empty_like(p.q)
+    attention.sparse_prefill_attention(p.q, p.k_cache, p.v_cache, out, p.block_table, p.seq_lens,
+                                       p.qblocks.table, p.kv_indices, p.kv_counts, head_size**-0.5, 128)
+    torch.cuda.synchronize()
+    (compiled,) = [k for cache in attention._sparse_prefill_kernel.device_caches.values() for k in cache[0].values()]
+    return compiled.asm["cubin"]
+
+
+def cubin_offline(sm: int, num_q_heads: int, num_kv_heads: int, head_size: int) -> bytes:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    gqa = num_q_heads // num_kv_heads
+    cfg = attention.launch_config(head_size, gqa, 128, 64, tma=True)
+    fn = attention._sparse_prefill_kernel
+    constexprs = dict(GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=128, PAGE_SIZE=64,
+                      **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
+    tile = f"tensordesc<bf16[1, {cfg['BLOCK_N']}, 1, {head_size}]>"
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr"):
+            signature[name] = "*bf16"
+        elif name in ("k_desc", "v_desc"):
+            signature[name] = tile
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32"
+        else:
+            signature[name] = "fp32" if name == "sm_scale_log2" else "i32"
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", sm, 32),
+                            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return kernel.asm["cubin"]
+
+
+def analyse(cubin: Path) -> dict:
+    usage = subprocess.run([str(TOOLS / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
+                           text=True, check=True).stdout
+    resources = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    sass = subprocess.run([str(TOOLS / "nvdisasm"), "-c", "-g", str(cubin)], capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+    code, labels, pending = [], {}, []
+    for line in sass:
+        if m := LABEL.match(line):
+            pending.append(m.group(1))
+        elif m := ADDRESS.search(line):
+            address = int(m.group(1), 16)
+            labels.update((name, address) for name in pending)
+            pending = []
+            code.append((address, re.sub(r"^@!?U?P\w+\s+", "", m.group(2))))
+    loops = []
+    for address, text in code:
+        branch = BRANCH.search(text)
+        if branch and labels.get(branch.group(1), address + 1) <= address:
+            start = labels[branch.group(1)]
+            body = [op.split()[0] for a, op in code if start <= a <= address]
+            loops.append(dict(start=hex(start), end=hex(address), instructions=len(body),
+                              opcodes=dict(collections.Counter(body).most_common())))
+    return dict(resources=resources, loops=loops)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--cubin", type=Path, help="analyse this binary")
+    source.add_argument("--offline-sm", type=int, help="compile for this architecture (e.g. 90) without a GPU")
+    ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head size")
+    ap.add_argument("--dump-cubin", type=Path)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    hq, hkv, d = map(int, args.heads.split(","))
+    if args.cubin:
+        path, origin = args.cubin, f"file {args.cubin}"
+    else:
+        if args.offline_sm:
+            binary, origin = cubin_offline(args.offline_sm, hq, hkv, d), f"offline, sm_{args.offline_sm}"
+        else:
+            binary, origin = cubin_from_gpu(hq, hkv, d), f"JIT on {torch.cuda.get_device_name()}"
+        path = args.dump_cubin or Path("/tmp/flashprefill-attention.cubin")
+        path.write_bytes(binary)
+    result = dict(kernel="_sparse_prefill_kernel", heads=args.heads, origin=origin, triton=triton.__version__,
+                  **analyse(path))
+    r = result["resources"]
+    print(f"{origin}: {r.get('reg')} registers, {r.get('stack')} B stack, {r.get('local')} B local, "
+          f"{r.get('shared')} B static shared")
+    for loop in result["loops"]:
+        top = ", ".join(f"{op} {n}" for op, n in list(loop["opcodes"].items())[:8])
+        print(f"loop {loop['start']}-{loop['end']}: {loop['instructions']} instructions: {top}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
