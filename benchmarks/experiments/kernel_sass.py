@@ -37,17 +37,17 @@ LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
 
 
-def cubin_from_gpu(num_q_heads: int, num_kv_heads: int, head_size: int) -> bytes:
+def cubin_from_gpu(num_q_heads: int, num_kv_heads: int, head_size: int):
     p = static_pattern_prompt(16384, num_q_heads, num_kv_heads, head_size, 64, "hybrid", 128, torch.bfloat16, "cuda")
     out = torch.empty_like(p.q)
     attention.sparse_prefill_attention(p.q, p.k_cache, p.v_cache, out, p.block_table, p.seq_lens,
                                        p.qblocks.table, p.kv_indices, p.kv_counts, head_size**-0.5, 128)
     torch.cuda.synchronize()
     (compiled,) = [k for cache in attention._sparse_prefill_kernel.device_caches.values() for k in cache[0].values()]
-    return compiled.asm["cubin"]
+    return compiled.asm["cubin"], compiled.metadata.shared
 
 
-def cubin_offline(sm: int, num_q_heads: int, num_kv_heads: int, head_size: int) -> bytes:
+def cubin_offline(sm: int, num_q_heads: int, num_kv_heads: int, head_size: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -72,7 +72,7 @@ def cubin_offline(sm: int, num_q_heads: int, num_kv_heads: int, head_size: int) 
     src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", sm, 32),
                             options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-    return kernel.asm["cubin"]
+    return kernel.asm["cubin"], kernel.metadata.shared
 
 
 def analyse(cubin: Path) -> dict:
@@ -111,20 +111,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     hq, hkv, d = map(int, args.heads.split(","))
+    launch_shared = None  # bytes of shared memory per program at launch (Triton's metadata)
     if args.cubin:
         path, origin = args.cubin, f"file {args.cubin}"
     else:
         if args.offline_sm:
-            binary, origin = cubin_offline(args.offline_sm, hq, hkv, d), f"offline, sm_{args.offline_sm}"
+            binary, launch_shared = cubin_offline(args.offline_sm, hq, hkv, d)
+            origin = f"offline, sm_{args.offline_sm}"
         else:
-            binary, origin = cubin_from_gpu(hq, hkv, d), f"JIT on {torch.cuda.get_device_name()}"
+            binary, launch_shared = cubin_from_gpu(hq, hkv, d)
+            origin = f"JIT on {torch.cuda.get_device_name()}"
         path = args.dump_cubin or Path("/tmp/flashprefill-attention.cubin")
         path.write_bytes(binary)
     result = dict(kernel="_sparse_prefill_kernel", heads=args.heads, origin=origin, triton=triton.__version__,
-                  **analyse(path))
+                  launch_shared_bytes=launch_shared, **analyse(path))
     r = result["resources"]
     print(f"{origin}: {r.get('reg')} registers, {r.get('stack')} B stack, {r.get('local')} B local, "
-          f"{r.get('shared')} B static shared")
+          f"{r.get('shared')} B static shared, {launch_shared} B shared at launch")
     for loop in result["loops"]:
         top = ", ".join(f"{op} {n}" for op, n in list(loop["opcodes"].items())[:8])
         print(f"loop {loop['start']}-{loop['end']}: {loop['instructions']} instructions: {top}")
