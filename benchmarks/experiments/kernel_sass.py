@@ -41,7 +41,8 @@ from vllm_flashprefill.kernels import attention  # noqa: E402
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
-BRANCH = re.compile(r"^@!?U?P\w+\s+BRA\b.*?(\.L_x_\d+)")  # predicated: a loop's back edge
+PREDICATE = r"^@!?U?P\w+\s+"
+BRANCH = re.compile(PREDICATE + r"BRA\b.*?(\.L_x_\d+)")  # predicated: a loop's back edge
 
 
 def cubin_from_gpu(num_q_heads: int, num_kv_heads: int, head_size: int):
@@ -102,7 +103,7 @@ def analyse(cubin: Path) -> dict:
         branch = BRANCH.search(text)
         if branch and labels.get(branch.group(1), address) < address:
             start = labels[branch.group(1)]
-            body = [re.sub(r"^@!?U?P\w+\s+", "", op).split()[0] for a, op in code if start <= a <= address]
+            body = [re.sub(PREDICATE, "", op).split()[0] for a, op in code if start <= a <= address]
             loops.append(dict(start=hex(start), end=hex(address), instructions=len(body),
                               opcodes=dict(collections.Counter(body).most_common())))
     return dict(resources=resources, loops=loops)
