@@ -6,12 +6,13 @@ K/V tiles by TMA into two-stage rings, bf16, head size 128, GQA-packed rows as i
 Written against the GPU image's Triton 3.6 (Gluon's API changes between releases); not used by the
 backend.
 
-    python3 benchmarks/experiments/gluon_attention.py --warps 4,8 --out gluon.json   # on a Hopper GPU
+    python3 benchmarks/experiments/gluon_attention.py --variants 8x64,8x128 --out gluon.json   # on a Hopper GPU
 
 checks each variant against the package's kernel on the same inputs, then times them interleaved
 (``--rounds``), the card held at its power limit first. Also usable as
 ``tune_attention.py --alt-kernel``: same entry point; its ``config`` may give ``num_warps`` (4: one
-warpgroup holds all 128 rows; 8: two warpgroups of 64 rows each).
+warpgroup holds all 128 rows; 8: two warpgroups of 64 rows each) and ``block_n`` (keys per tile: one
+page of 64 or two).
 """
 
 from __future__ import annotations
@@ -26,61 +27,114 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 
 @gluon.jit
+def _diagonal_tile_start(t, n_off, diag_start, BLOCK_N: gl.constexpr):
+    return diag_start + (t - n_off) * BLOCK_N
+
+
+@gluon.jit
 def _tile_position(t, n_off, idx_row, diag_start, SPARSE_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
     TILES_PER_BLOCK: gl.constexpr = SPARSE_BLOCK // BLOCK_N
     if t < n_off:
         pos = gl.load(idx_row + t // TILES_PER_BLOCK) * SPARSE_BLOCK + (t % TILES_PER_BLOCK) * BLOCK_N
     else:
-        pos = diag_start + (t - n_off) * BLOCK_N
+        pos = _diagonal_tile_start(t, n_off, diag_start, BLOCK_N)
     return pos
 
 
 @gluon.jit
-def _load_tile(desc, buf, bar, t, n_off, idx_row, diag_start, bt_row, kv_head,
+def _load_tile(desc, buf, bar, t, n_off, idx_row, diag_start, bt_row, kv_head, seq_len,
                SPARSE_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr):
+    """One tile is BLOCK_N // PAGE_SIZE pages, one TMA copy each; pages past the sequence end are not
+    copied (their block-table entries may not exist), the buffer keeps stale rows there."""
+    PAGES: gl.constexpr = BLOCK_N // PAGE_SIZE
+    PAGE_BYTES: gl.constexpr = desc.block_type.nbytes
     pos = _tile_position(t, n_off, idx_row, diag_start, SPARSE_BLOCK, BLOCK_N)
-    page = gl.load(bt_row + pos // PAGE_SIZE)
-    mbarrier.expect(bar, desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [page, pos % PAGE_SIZE, kv_head, 0], bar, buf)
+    pages = gl.minimum((seq_len - pos + PAGE_SIZE - 1) // PAGE_SIZE, PAGES)
+    for n in gl.static_range(1, PAGES + 1):
+        mbarrier.expect(bar, n * PAGE_BYTES, pred=pages == n)
+    for i in gl.static_range(PAGES):
+        page = gl.load(bt_row + gl.minimum(pos // PAGE_SIZE + i, (seq_len - 1) // PAGE_SIZE))
+        tma.async_copy_global_to_shared(desc, [page, 0, kv_head, 0], bar, buf.slice(i, 1), pred=i < pages)
 
 
 @gluon.jit
-def _online_softmax(s, m_i, l_i, t, n_off, idx_row, diag_start, seq_len, q_pos, offs_n, sm_scale_log2,
-                    SPARSE_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr):
-    s = s * sm_scale_log2
-    if t >= n_off:  # a diagonal tile: the causal mask and the end of the sequence
-        kpos = diag_start + (t - n_off) * BLOCK_N + offs_n
+def _online_softmax(s, m_i, l_i, key_start, seq_len, q_pos, offs_n, sm_scale_log2, MASKED: gl.constexpr):
+    """m_i and the exponents are in log2 units, so the scale folds into one FMA per score."""
+    if MASKED:  # the causal mask and the end of the sequence
+        kpos = key_start + offs_n
         visible = (gl.expand_dims(kpos, 0) <= gl.expand_dims(q_pos, 1)) & gl.expand_dims(kpos < seq_len, 0)
         s = gl.where(visible, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1))
-    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key yet: exp2 gives 0, not NaN
-    p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * sm_scale_log2)
+    m_safe = m_new
+    if MASKED:  # a row that sees no key yet: exp2 gives 0, not NaN
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * sm_scale_log2 - gl.expand_dims(m_safe, 1))
     alpha = gl.exp2(m_i - m_safe)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
 
 @gluon.jit
+def _tile(bufs, stage, BLOCK_N: gl.constexpr, HEAD_SIZE: gl.constexpr):
+    return bufs.index(stage).reshape([BLOCK_N, HEAD_SIZE])
+
+
+@gluon.jit
+def _wait_tile(bars, t, STAGES: gl.constexpr):
+    """Tile t sits in slot t % STAGES of its ring, on that slot's (t // STAGES)-th use."""
+    mbarrier.wait(bars.index(t % STAGES), (t // STAGES) & 1)
+
+
+@gluon.jit
 def _after_softmax(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, t, n_tiles, n_off, idx_row, diag_start, bt_row,
                    kv_head, seq_len, SPARSE_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                   HEAD_SIZE: gl.constexpr, NUM_WARPS: gl.constexpr):
+                   HEAD_SIZE: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
     """Zero V rows past the sequence end in a diagonal tile (they may hold anything, NaN too, and P is 0
-    there), then refill the buffers that are free: tile t's K (its QK^T is done) and tile t-1's V."""
-    stage = t % 2
-    if t >= n_off:
+    there), then refill the slots that are free: tile t's K (its QK^T is done) with tile t + STAGES, and
+    tile t-1's V (its PV is done) with tile t + STAGES - 1."""
+    stage = t % STAGES
+    if MASKED:
         io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
-        v_buf = v_bufs.index(stage).reshape([BLOCK_N, HEAD_SIZE])
-        mbarrier.wait(v_bars.index(stage), (t // 2) & 1)
-        rows = diag_start + (t - n_off) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, io_layout))
+        v_buf = _tile(v_bufs, stage, BLOCK_N, HEAD_SIZE)
+        _wait_tile(v_bars, t, STAGES)
+        rows = _tile_position(t, n_off, idx_row, diag_start, SPARSE_BLOCK, BLOCK_N)
+        rows += gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, io_layout))
         v = v_buf.load(io_layout)
         v_buf.store(gl.where(gl.expand_dims(rows < seq_len, 1), v, 0.0))
         fence_async_shared()
     gl.thread_barrier()
-    if t + 2 < n_tiles:
-        _load_tile(k_desc, k_bufs.index(stage), k_bars.index(stage), t + 2, n_off, idx_row, diag_start, bt_row,
-                   kv_head, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE)
-    if t + 1 < n_tiles:
-        _load_tile(v_desc, v_bufs.index(1 - stage), v_bars.index(1 - stage), t + 1, n_off, idx_row, diag_start,
-                   bt_row, kv_head, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE)
+    if t + STAGES < n_tiles:
+        _load_tile(k_desc, k_bufs.index(stage), k_bars.index(stage), t + STAGES, n_off, idx_row, diag_start, bt_row,
+                   kv_head, seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE)
+    if t + STAGES - 1 < n_tiles:
+        v_stage = (t + STAGES - 1) % STAGES
+        _load_tile(v_desc, v_bufs.index(v_stage), v_bars.index(v_stage), t + STAGES - 1, n_off, idx_row, diag_start,
+                   bt_row, kv_head, seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE)
+
+
+@gluon.jit
+def _attend_tile(t, acc, p, m_i, l_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, n_tiles, n_off, idx_row,
+                 diag_start, bt_row, kv_head, seq_len, q_pos, offs_n, sm_scale_log2,
+                 SPARSE_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                 HEAD_SIZE: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, S_LAYOUT: gl.constexpr,
+                 O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, MASKED: gl.constexpr):
+    """QK^T of tile t, then PV of tile t-1 behind it: PV runs on the tensor cores during tile t's softmax."""
+    _wait_tile(k_bars, t, STAGES)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_LAYOUT)
+    s_tok = warpgroup_mma(q_smem, _tile(k_bufs, t % STAGES, BLOCK_N, HEAD_SIZE).permute((1, 0)), zero_s,
+                          use_acc=False, is_async=True)
+    _wait_tile(v_bars, t - 1, STAGES)
+    acc_tok = warpgroup_mma(p, _tile(v_bufs, (t - 1) % STAGES, BLOCK_N, HEAD_SIZE), acc, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+    key_start = 0
+    if MASKED:
+        key_start = _tile_position(t, n_off, idx_row, diag_start, SPARSE_BLOCK, BLOCK_N)
+    p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, key_start, seq_len, q_pos, offs_n, sm_scale_log2, MASKED)
+    acc, p = warpgroup_mma_wait(num_outstanding=0, deps=[acc_tok, p])
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT)), 1)
+    p = gl.convert_layout(p_f32.to(gl.bfloat16), P_LAYOUT)
+    _after_softmax(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, t, n_tiles, n_off, idx_row, diag_start, bt_row,
+                   kv_head, seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE, HEAD_SIZE, NUM_WARPS, STAGES, MASKED)
+    return acc, p, m_i, l_i
 
 
 @gluon.jit
@@ -92,6 +146,7 @@ def _gluon_sparse_prefill_kernel(
     stride_bt, stride_ii, stride_ih, stride_ci, stride_ch,
     GQA: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     HEAD_SIZE: gl.constexpr, SPARSE_BLOCK: gl.constexpr, PAGE_SIZE: gl.constexpr, NUM_WARPS: gl.constexpr,
+    STAGES: gl.constexpr,
 ):
     SUB_TILES: gl.constexpr = SPARSE_BLOCK // BLOCK_Q
     pid = gl.num_programs(0) - 1 - gl.program_id(0)
@@ -112,6 +167,7 @@ def _gluon_sparse_prefill_kernel(
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
         q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_SIZE], gl.bfloat16)
+        PAGES: gl.constexpr = BLOCK_N // PAGE_SIZE
 
         # Q rows (token-major: row r is token r // GQA, head r % GQA) -> shared memory, once.
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, io_layout))
@@ -124,11 +180,11 @@ def _gluon_sparse_prefill_kernel(
                     mask=gl.expand_dims(row_ok, 1), other=0.0)
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, HEAD_SIZE], q_smem_layout, q)
 
-        k_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, 1, BLOCK_N, 1, HEAD_SIZE], k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, 1, BLOCK_N, 1, HEAD_SIZE], v_desc.layout)
-        k_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
+        k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, PAGES, PAGE_SIZE, 1, HEAD_SIZE], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, PAGES, PAGE_SIZE, 1, HEAD_SIZE], v_desc.layout)
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
             mbarrier.init(k_bars.index(i), count=1)
             mbarrier.init(v_bars.index(i), count=1)
         fence_async_shared()
@@ -141,55 +197,47 @@ def _gluon_sparse_prefill_kernel(
         last_pos = pos_start + gl.minimum(num_rows, (sub + 1) * BLOCK_Q) - 1
         n_tiles = n_off + (last_pos - diag_start) // BLOCK_N + 1
 
-        _load_tile(k_desc, k_bufs.index(0), k_bars.index(0), 0, n_off, idx_row, diag_start, bt_row, kv_head,
-                   SPARSE_BLOCK, BLOCK_N, PAGE_SIZE)
-        _load_tile(v_desc, v_bufs.index(0), v_bars.index(0), 0, n_off, idx_row, diag_start, bt_row, kv_head,
-                   SPARSE_BLOCK, BLOCK_N, PAGE_SIZE)
-        if n_tiles > 1:
-            _load_tile(k_desc, k_bufs.index(1), k_bars.index(1), 1, n_off, idx_row, diag_start, bt_row, kv_head,
-                       SPARSE_BLOCK, BLOCK_N, PAGE_SIZE)
+        for i in gl.static_range(STAGES):  # the rings' first fill: K of tiles 0..STAGES-1, V one behind
+            if i < n_tiles:
+                _load_tile(k_desc, k_bufs.index(i), k_bars.index(i), i, n_off, idx_row, diag_start, bt_row, kv_head,
+                           seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE)
+            if (i < STAGES - 1) & (i < n_tiles):
+                _load_tile(v_desc, v_bufs.index(i), v_bars.index(i), i, n_off, idx_row, diag_start, bt_row, kv_head,
+                           seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE)
 
         q_pos = pos_start + sub * BLOCK_Q + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout)) // GQA
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_M, HEAD_SIZE], gl.float32, o_layout)
-        p = gl.zeros([BLOCK_M, BLOCK_N], gl.bfloat16, p_layout)
 
-        # Tile 0: QK^T and softmax only (nothing to multiply by V yet).
-        mbarrier.wait(k_bars.index(0), 0)
-        s_tok = warpgroup_mma(q_smem, k_bufs.index(0).reshape([BLOCK_N, HEAD_SIZE]).permute((1, 0)), zero_s,
-                              use_acc=False, is_async=True)
+        # Tile 0: QK^T and softmax only (nothing to multiply by V yet); masked, whichever kind it is.
+        _wait_tile(k_bars, 0, STAGES)
+        s_tok = warpgroup_mma(q_smem, _tile(k_bufs, 0, BLOCK_N, HEAD_SIZE).permute((1, 0)),
+                              gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, 0, n_off, idx_row, diag_start, seq_len, q_pos, offs_n,
-                                                 sm_scale_log2, SPARSE_BLOCK, BLOCK_N)
+        key_start = _tile_position(0, n_off, idx_row, diag_start, SPARSE_BLOCK, BLOCK_N)
+        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, key_start, seq_len, q_pos, offs_n, sm_scale_log2, True)
         p = gl.convert_layout(p_f32.to(gl.bfloat16), p_layout)
         _after_softmax(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, 0, n_tiles, n_off, idx_row, diag_start,
-                       bt_row, kv_head, seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE, HEAD_SIZE, NUM_WARPS)
+                       bt_row, kv_head, seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE, HEAD_SIZE, NUM_WARPS, STAGES, True)
 
-        for t in range(1, n_tiles):
-            stage = t % 2
-            mbarrier.wait(k_bars.index(stage), (t // 2) & 1)
-            s_tok = warpgroup_mma(q_smem, k_bufs.index(stage).reshape([BLOCK_N, HEAD_SIZE]).permute((1, 0)), zero_s,
-                                  use_acc=False, is_async=True)
-            # PV of the previous tile, behind this tile's QK^T: it runs during this tile's softmax.
-            mbarrier.wait(v_bars.index(1 - stage), ((t - 1) // 2) & 1)
-            acc_tok = warpgroup_mma(p, v_bufs.index(1 - stage).reshape([BLOCK_N, HEAD_SIZE]), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
-            p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, t, n_off, idx_row, diag_start, seq_len, q_pos,
-                                                     offs_n, sm_scale_log2, SPARSE_BLOCK, BLOCK_N)
-            acc, p = warpgroup_mma_wait(num_outstanding=0, deps=[acc_tok, p])
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-            p = gl.convert_layout(p_f32.to(gl.bfloat16), p_layout)
-            _after_softmax(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, t, n_tiles, n_off, idx_row, diag_start,
-                           bt_row, kv_head, seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE, HEAD_SIZE, NUM_WARPS)
+        # The off-diagonal tiles need no mask; the diagonal ones (and the sequence end) do.
+        for t in range(1, n_off):
+            acc, p, m_i, l_i = _attend_tile(t, acc, p, m_i, l_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_bars,
+                                            v_bars, n_tiles, n_off, idx_row, diag_start, bt_row, kv_head, seq_len,
+                                            q_pos, offs_n, sm_scale_log2, SPARSE_BLOCK, BLOCK_M, BLOCK_N, PAGE_SIZE,
+                                            HEAD_SIZE, NUM_WARPS, STAGES, s_layout, o_layout, p_layout, False)
+        for t in range(gl.maximum(n_off, 1), n_tiles):
+            acc, p, m_i, l_i = _attend_tile(t, acc, p, m_i, l_i, q_smem, k_desc, v_desc, k_bufs, v_bufs, k_bars,
+                                            v_bars, n_tiles, n_off, idx_row, diag_start, bt_row, kv_head, seq_len,
+                                            q_pos, offs_n, sm_scale_log2, SPARSE_BLOCK, BLOCK_M, BLOCK_N, PAGE_SIZE,
+                                            HEAD_SIZE, NUM_WARPS, STAGES, s_layout, o_layout, p_layout, True)
 
-        last = (n_tiles - 1) % 2
-        mbarrier.wait(v_bars.index(last), ((n_tiles - 1) // 2) & 1)
-        acc = warpgroup_mma(p, v_bufs.index(last).reshape([BLOCK_N, HEAD_SIZE]), acc, is_async=True)
+        _wait_tile(v_bars, n_tiles - 1, STAGES)
+        acc = warpgroup_mma(p, _tile(v_bufs, (n_tiles - 1) % STAGES, BLOCK_N, HEAD_SIZE), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-        for i in gl.static_range(2):
+        for i in gl.static_range(STAGES):
             mbarrier.invalidate(k_bars.index(i))
             mbarrier.invalidate(v_bars.index(i))
 
@@ -207,13 +255,17 @@ def tile_layout(head_size: int):
 def sparse_prefill_attention(q, k_cache, v_cache, out, block_table, seq_lens, qblocks, kv_indices, kv_counts,
                              scale, sparse_block, config=None):
     """``kernels/attention.sparse_prefill_attention`` for bf16, head size 128, pages of 64; of ``config``
-    only ``num_warps`` (4 or 8) is read: the tile shape is fixed."""
+    only ``num_warps`` (4 or 8) and ``block_n`` (64 or 128) are read."""
     num_tokens, num_q_heads, head_size = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     gqa = num_q_heads // num_kv_heads
     if q.dtype != torch.bfloat16 or head_size != 128 or page_size != 64 or sparse_block % 64:
         raise ValueError("the Gluon experiment covers bf16, head size 128, pages of 64")
-    num_warps = (config or {}).get("num_warps", 4)
+    num_warps = (config or {}).get("num_warps", 8)
+    block_n = (config or {}).get("block_n", 128)
+    stages = (config or {}).get("stages", 2)
+    if sparse_block % block_n:
+        raise ValueError(f"block_n {block_n} must divide the sparse block {sparse_block}")
     block_q = 128 // triton.next_power_of_2(gqa)
     k_desc, v_desc = (TensorDescriptor(c, list(c.shape), list(c.stride()), [1, 64, 1, head_size],
                                        tile_layout(head_size)) for c in (k_cache, v_cache))
@@ -225,8 +277,8 @@ def sparse_prefill_attention(q, k_cache, v_cache, out, block_table, seq_lens, qb
         block_table.stride(0),
         kv_indices.stride(0), kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0,
         kv_counts.stride(0), kv_counts.stride(1) if kv_counts.shape[1] > 1 else 0,
-        GQA=gqa, BLOCK_Q=block_q, BLOCK_M=128, BLOCK_N=64, HEAD_SIZE=head_size, SPARSE_BLOCK=sparse_block,
-        PAGE_SIZE=64, NUM_WARPS=num_warps, num_warps=num_warps,
+        GQA=gqa, BLOCK_Q=block_q, BLOCK_M=128, BLOCK_N=block_n, HEAD_SIZE=head_size, SPARSE_BLOCK=sparse_block,
+        PAGE_SIZE=64, NUM_WARPS=num_warps, STAGES=stages, num_warps=num_warps,
     )
     return out
 
@@ -246,16 +298,21 @@ def main() -> None:
     from vllm_flashprefill.kernels.attention import sparse_prefill_attention as package_kernel
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default="32768:hybrid,131072:hybrid,16384:dense", help="tokens:pattern,...")
-    ap.add_argument("--warps", default="4,8", help="Gluon variants to run (num_warps)")
+    ap.add_argument("--cases", default="32800:hybrid,32768:hybrid,131072:hybrid,16384:dense", help="tokens:pattern,...")
+    ap.add_argument("--variants", default="8x128x2,8x128x3",
+                    help="Gluon variants to run: num_warps x block_n x stages, ...")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup-ms", type=int, default=1500)
     ap.add_argument("--rep-ms", type=int, default=600)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dump-cubins", type=Path, help="keep each compiled Gluon variant's binary here "
+                    "(for kernel_sass.py --cubin)")
     args = ap.parse_args()
     impls = {"triton": (package_kernel, None)}
-    for warps in map(int, args.warps.split(",")):
-        impls[f"gluon, {warps} warps"] = (sparse_prefill_attention, {"num_warps": warps})
+    for variant in args.variants.split(","):
+        warps, block_n, stages = map(int, variant.split("x"))
+        impls[f"gluon, {warps} warps, {block_n} keys, {stages} stages"] = (
+            sparse_prefill_attention, dict(num_warps=warps, block_n=block_n, stages=stages))
     rows = []
     for case in args.cases.split(","):
         seq_len, pattern = case.split(":")
@@ -281,10 +338,16 @@ def main() -> None:
             rows.append(dict(impl=name, seq_len=int(seq_len), pattern=pattern, density=p.density, ms=ms,
                              rounds_ms=times[name], tflops=flops / ms / 1e9, max_abs_diff_vs_triton=diffs[name]))
             print(rows[-1], flush=True)
+    if args.dump_cubins:
+        args.dump_cubins.mkdir(parents=True, exist_ok=True)
+        for cache in _gluon_sparse_prefill_kernel.device_caches.values():
+            for compiled in cache[0].values():
+                name = f"gluon-{compiled.metadata.num_warps}warps-{compiled.metadata.shared}B.cubin"
+                (args.dump_cubins / name).write_bytes(compiled.asm["cubin"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
-                           settings=vars(args), rows=rows), f, indent=1)
+                           settings=vars(args), rows=rows), f, indent=1, default=str)
         plot_result_file(args.out)
 
 
