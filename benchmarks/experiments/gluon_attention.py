@@ -248,6 +248,194 @@ def _gluon_sparse_prefill_kernel(
                  mask=gl.expand_dims(row_ok, 1))
 
 
+@gluon.jit
+def _produce_tile(desc, bufs, full, empty, t, n_off, idx_row, diag_start, bt_row, kv_head, seq_len,
+                  SPARSE_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, STAGES: gl.constexpr):
+    slot = t % STAGES
+    if t >= STAGES:  # both consumers have released the slot's previous tile
+        mbarrier.wait(empty.index(slot), (t // STAGES - 1) & 1)
+    _load_tile(desc, bufs.index(slot), full.index(slot), t, n_off, idx_row, diag_start, bt_row, kv_head, seq_len,
+               SPARSE_BLOCK, BLOCK_N, PAGE_SIZE)
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, n_tiles, n_off, idx_row,
+              diag_start, bt_row, kv_head, seq_len,
+              SPARSE_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: K of tile t, then V of tile t-1, the order in which the consumers need them."""
+    for t in range(n_tiles):
+        _produce_tile(k_desc, k_bufs, k_full, k_empty, t, n_off, idx_row, diag_start, bt_row, kv_head, seq_len,
+                      SPARSE_BLOCK, BLOCK_N, PAGE_SIZE, STAGES)
+        if t > 0:
+            _produce_tile(v_desc, v_bufs, v_full, v_empty, t - 1, n_off, idx_row, diag_start, bt_row, kv_head,
+                          seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE, STAGES)
+    if n_tiles > 0:
+        _produce_tile(v_desc, v_bufs, v_full, v_empty, n_tiles - 1, n_off, idx_row, diag_start, bt_row, kv_head,
+                      seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE, STAGES)
+
+
+@gluon.jit
+def _consume_tile(t, acc, p, m_i, l_i, q_smem, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, n_off, idx_row,
+                  diag_start, seq_len, q_pos, offs_n, sm_scale_log2,
+                  SPARSE_BLOCK: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_SIZE: gl.constexpr,
+                  STAGES: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr,
+                  MASKED: gl.constexpr):
+    """QK^T of tile t, then PV of tile t-1 behind it; each slot is released once its MMA is done."""
+    _wait_tile(k_full, t, STAGES)
+    s_tok = warpgroup_mma(q_smem, _tile(k_bufs, t % STAGES, BLOCK_N, HEAD_SIZE).permute((1, 0)),
+                          gl.zeros([ROWS, BLOCK_N], gl.float32, S_LAYOUT), use_acc=False, is_async=True)
+    _wait_tile(v_full, t - 1, STAGES)
+    acc_tok = warpgroup_mma(p, _tile(v_bufs, (t - 1) % STAGES, BLOCK_N, HEAD_SIZE), acc, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+    mbarrier.arrive(k_empty.index(t % STAGES))
+    key_start = 0
+    if MASKED:
+        key_start = _tile_position(t, n_off, idx_row, diag_start, SPARSE_BLOCK, BLOCK_N)
+    p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, key_start, seq_len, q_pos, offs_n, sm_scale_log2, MASKED)
+    acc, p = warpgroup_mma_wait(num_outstanding=0, deps=[acc_tok, p])
+    mbarrier.arrive(v_empty.index((t - 1) % STAGES))
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT)), 1)
+    p = gl.convert_layout(p_f32.to(gl.bfloat16), P_LAYOUT)
+    return acc, p, m_i, l_i
+
+
+@gluon.jit
+def _consumer(q_smem, row_base, q_ptr, out_ptr, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, row_start,
+              pos_start, num_rows, sub, kv_head, seq_len, n_tiles, n_off, idx_row, diag_start, sm_scale_log2,
+              stride_qt, stride_qh, stride_ot, stride_oh,
+              GQA: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_SIZE: gl.constexpr,
+              SPARSE_BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    """One warpgroup: 64 of the program's 128 query rows (from ``row_base``), over all of its tiles."""
+    ROWS: gl.constexpr = 64
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_SIZE, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+
+    offs_m = row_base + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io_layout))
+    offs_d = gl.arange(0, HEAD_SIZE, layout=gl.SliceLayout(0, io_layout))
+    token = sub * BLOCK_Q + offs_m // GQA
+    head = kv_head * GQA + offs_m % GQA
+    row_ok = (offs_m < BLOCK_Q * GQA) & (token < num_rows)
+    if n_tiles > 0:
+        q_off = (row_start + token).to(gl.int64) * stride_qt + head * stride_qh
+        q_smem.store(gl.load(q_ptr + gl.expand_dims(q_off, 1) + gl.expand_dims(offs_d, 0),
+                             mask=gl.expand_dims(row_ok, 1), other=0.0))
+        fence_async_shared()
+        gl.thread_barrier()
+
+        q_pos = pos_start + sub * BLOCK_Q + (row_base + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))) // GQA
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([ROWS, HEAD_SIZE], gl.float32, o_layout)
+
+        # Tile 0: QK^T and softmax only; masked, whichever kind it is.
+        _wait_tile(k_full, 0, STAGES)
+        s_tok = warpgroup_mma(q_smem, _tile(k_bufs, 0, BLOCK_N, HEAD_SIZE).permute((1, 0)),
+                              gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(0))
+        key_start = _tile_position(0, n_off, idx_row, diag_start, SPARSE_BLOCK, BLOCK_N)
+        p_f32, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, key_start, seq_len, q_pos, offs_n, sm_scale_log2, True)
+        p = gl.convert_layout(p_f32.to(gl.bfloat16), p_layout)
+
+        for t in range(1, n_off):
+            acc, p, m_i, l_i = _consume_tile(t, acc, p, m_i, l_i, q_smem, k_bufs, v_bufs, k_full, v_full, k_empty,
+                                             v_empty, n_off, idx_row, diag_start, seq_len, q_pos, offs_n,
+                                             sm_scale_log2, SPARSE_BLOCK, ROWS, BLOCK_N, HEAD_SIZE, STAGES, s_layout,
+                                             o_layout, p_layout, False)
+        for t in range(gl.maximum(n_off, 1), n_tiles):
+            acc, p, m_i, l_i = _consume_tile(t, acc, p, m_i, l_i, q_smem, k_bufs, v_bufs, k_full, v_full, k_empty,
+                                             v_empty, n_off, idx_row, diag_start, seq_len, q_pos, offs_n,
+                                             sm_scale_log2, SPARSE_BLOCK, ROWS, BLOCK_N, HEAD_SIZE, STAGES, s_layout,
+                                             o_layout, p_layout, True)
+
+        # The last tile is the only one that may reach past the sequence end: zero V there (P is 0 there,
+        # the rows may hold anything). Both consumers write the same zeros.
+        last = n_tiles - 1
+        _wait_tile(v_full, last, STAGES)
+        v_buf = _tile(v_bufs, last % STAGES, BLOCK_N, HEAD_SIZE)
+        rows = _tile_position(last, n_off, idx_row, diag_start, SPARSE_BLOCK, BLOCK_N)
+        rows += gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, io_layout))
+        v_buf.store(gl.where(gl.expand_dims(rows < seq_len, 1), v_buf.load(io_layout), 0.0))
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(p, v_buf, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+
+        out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+        out = gl.convert_layout(out.to(gl.bfloat16), io_layout)
+        o_off = (row_start + token).to(gl.int64) * stride_ot + head * stride_oh
+        gl.store(out_ptr + gl.expand_dims(o_off, 1) + gl.expand_dims(offs_d, 0), out,
+                 mask=gl.expand_dims(row_ok, 1))
+
+
+@gluon.jit
+def _gluon_ws_sparse_prefill_kernel(
+    q_ptr, out_ptr, k_desc, v_desc,
+    block_table_ptr, seq_lens_ptr, qblocks_ptr, kv_indices_ptr, kv_counts_ptr,
+    sm_scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_bt, stride_ii, stride_ih, stride_ci, stride_ch,
+    GQA: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    HEAD_SIZE: gl.constexpr, SPARSE_BLOCK: gl.constexpr, PAGE_SIZE: gl.constexpr, STAGES: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+):
+    """FA3's structure: a producer warp fills the K/V rings by TMA; two consumer warpgroups of 64 rows
+    each run the tile loop of ``_gluon_sparse_prefill_kernel`` independently, releasing ring slots
+    through mbarriers instead of a CTA-wide barrier per tile."""
+    SUB_TILES: gl.constexpr = SPARSE_BLOCK // BLOCK_Q
+    PAGES: gl.constexpr = BLOCK_N // PAGE_SIZE
+    pid = gl.num_programs(0) - 1 - gl.program_id(0)
+    kv_head = gl.program_id(1)
+    qblock = pid // SUB_TILES
+    sub = pid % SUB_TILES
+    req = gl.load(qblocks_ptr + qblock * 4)
+    row_start = gl.load(qblocks_ptr + qblock * 4 + 1)
+    pos_start = gl.load(qblocks_ptr + qblock * 4 + 2)
+    num_rows = gl.load(qblocks_ptr + qblock * 4 + 3)
+    seq_len = gl.load(seq_lens_ptr + req)
+    bt_row = block_table_ptr + req.to(gl.int64) * stride_bt
+    idx_row = kv_indices_ptr + qblock.to(gl.int64) * stride_ii + kv_head * stride_ih
+    count = gl.load(kv_counts_ptr + qblock * stride_ci + kv_head * stride_ch)
+    n_off = (count - 1) * (SPARSE_BLOCK // BLOCK_N)
+    diag_start = (pos_start // SPARSE_BLOCK) * SPARSE_BLOCK
+    last_pos = pos_start + gl.minimum(num_rows, (sub + 1) * BLOCK_Q) - 1
+    n_tiles = gl.where(sub * BLOCK_Q < num_rows, n_off + (last_pos - diag_start) // BLOCK_N + 1, 0)
+
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, HEAD_SIZE], gl.bfloat16)
+    q_smem0 = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M // 2, HEAD_SIZE], q_layout)
+    q_smem1 = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M // 2, HEAD_SIZE], q_layout)
+    k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, PAGES, PAGE_SIZE, 1, HEAD_SIZE], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, PAGES, PAGE_SIZE, 1, HEAD_SIZE], v_desc.layout)
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_consumer, (q_smem0, 0, q_ptr, out_ptr, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, row_start,
+                     pos_start, num_rows, sub, kv_head, seq_len, n_tiles, n_off, idx_row, diag_start, sm_scale_log2,
+                     stride_qt, stride_qh, stride_ot, stride_oh, GQA, BLOCK_Q, BLOCK_N, HEAD_SIZE, SPARSE_BLOCK,
+                     STAGES)),
+        (_consumer, (q_smem1, BLOCK_M // 2, q_ptr, out_ptr, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty,
+                     row_start, pos_start, num_rows, sub, kv_head, seq_len, n_tiles, n_off, idx_row, diag_start,
+                     sm_scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, GQA, BLOCK_Q, BLOCK_N, HEAD_SIZE,
+                     SPARSE_BLOCK, STAGES)),
+        (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, n_tiles, n_off, idx_row,
+                     diag_start, bt_row, kv_head, seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
 def tile_layout(head_size: int):
     return gl.NVMMASharedLayout.get_default_for([1, 64, 1, head_size], gl.bfloat16)
 
@@ -255,7 +443,8 @@ def tile_layout(head_size: int):
 def sparse_prefill_attention(q, k_cache, v_cache, out, block_table, seq_lens, qblocks, kv_indices, kv_counts,
                              scale, sparse_block, config=None):
     """``kernels/attention.sparse_prefill_attention`` for bf16, head size 128, pages of 64; of ``config``
-    only ``num_warps`` (4 or 8) and ``block_n`` (64 or 128) are read."""
+    only ``num_warps`` (4 or 8), ``block_n`` (64 or 128), ``stages`` and ``warp_specialized`` (a producer
+    warp and two consumer warpgroups; ``num_warps`` is then ignored) are read."""
     num_tokens, num_q_heads, head_size = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     gqa = num_q_heads // num_kv_heads
@@ -270,16 +459,18 @@ def sparse_prefill_attention(q, k_cache, v_cache, out, block_table, seq_lens, qb
     k_desc, v_desc = (TensorDescriptor(c, list(c.shape), list(c.stride()), [1, 64, 1, head_size],
                                        tile_layout(head_size)) for c in (k_cache, v_cache))
     grid = (qblocks.shape[0] * (sparse_block // block_q), num_kv_heads)
-    _gluon_sparse_prefill_kernel[grid](
-        q, out, k_desc, v_desc, block_table, seq_lens, qblocks, kv_indices, kv_counts,
-        scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        block_table.stride(0),
-        kv_indices.stride(0), kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0,
-        kv_counts.stride(0), kv_counts.stride(1) if kv_counts.shape[1] > 1 else 0,
-        GQA=gqa, BLOCK_Q=block_q, BLOCK_M=128, BLOCK_N=block_n, HEAD_SIZE=head_size, SPARSE_BLOCK=sparse_block,
-        PAGE_SIZE=64, NUM_WARPS=num_warps, STAGES=stages, num_warps=num_warps,
-    )
+    args = (q, out, k_desc, v_desc, block_table, seq_lens, qblocks, kv_indices, kv_counts,
+            scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            block_table.stride(0),
+            kv_indices.stride(0), kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0,
+            kv_counts.stride(0), kv_counts.stride(1) if kv_counts.shape[1] > 1 else 0)
+    shape = dict(GQA=gqa, BLOCK_Q=block_q, BLOCK_M=128, BLOCK_N=block_n, HEAD_SIZE=head_size,
+                 SPARSE_BLOCK=sparse_block, PAGE_SIZE=64, STAGES=stages)
+    if (config or {}).get("warp_specialized"):
+        _gluon_ws_sparse_prefill_kernel[grid](*args, **shape, CONSUMER_REGS=240, num_warps=4)
+    else:
+        _gluon_sparse_prefill_kernel[grid](*args, **shape, NUM_WARPS=num_warps, num_warps=num_warps)
     return out
 
 
@@ -299,8 +490,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="32800:hybrid,32768:hybrid,131072:hybrid,16384:dense", help="tokens:pattern,...")
-    ap.add_argument("--variants", default="8x128x2,8x128x3",
-                    help="Gluon variants to run: num_warps x block_n x stages, ...")
+    ap.add_argument("--variants", default="8x128x3,wsx128x2,wsx128x3",
+                    help="Gluon variants to run: num_warps x block_n x stages (num_warps 'ws': warp-specialized)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup-ms", type=int, default=1500)
     ap.add_argument("--rep-ms", type=int, default=600)
@@ -310,9 +501,11 @@ def main() -> None:
     args = ap.parse_args()
     impls = {"triton": (package_kernel, None)}
     for variant in args.variants.split(","):
-        warps, block_n, stages = map(int, variant.split("x"))
-        impls[f"gluon, {warps} warps, {block_n} keys, {stages} stages"] = (
-            sparse_prefill_attention, dict(num_warps=warps, block_n=block_n, stages=stages))
+        warps, block_n, stages = variant.split("x")
+        cfg = dict(block_n=int(block_n), stages=int(stages), warp_specialized=warps == "ws")
+        if warps != "ws":
+            cfg["num_warps"] = int(warps)
+        impls[f"gluon, {warps} warps, {block_n} keys, {stages} stages"] = (sparse_prefill_attention, cfg)
     rows = []
     for case in args.cases.split(","):
         seq_len, pattern = case.split(":")
@@ -340,9 +533,9 @@ def main() -> None:
             print(rows[-1], flush=True)
     if args.dump_cubins:
         args.dump_cubins.mkdir(parents=True, exist_ok=True)
-        for cache in _gluon_sparse_prefill_kernel.device_caches.values():
-            for compiled in cache[0].values():
-                name = f"gluon-{compiled.metadata.num_warps}warps-{compiled.metadata.shared}B.cubin"
+        for kernel in (_gluon_sparse_prefill_kernel, _gluon_ws_sparse_prefill_kernel):
+            for compiled in (c for cache in kernel.device_caches.values() for c in cache[0].values()):
+                name = f"{kernel.fn.__name__}-{compiled.metadata.num_warps}warps-{compiled.metadata.shared}B.cubin"
                 (args.dump_cubins / name).write_bytes(compiled.asm["cubin"])
     if args.out:
         with open(args.out, "w") as f:
