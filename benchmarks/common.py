@@ -19,6 +19,7 @@ importing vLLM replaces Triton with a placeholder, which would break the Triton 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -255,12 +256,20 @@ class Pipeline:
             self._static = mask_to_lists(self.mask())
         return self._static
 
-    def attend(self, lists, out: torch.Tensor) -> torch.Tensor:
-        from vllm_flashprefill.kernels.attention import sparse_prefill_attention
+    @functools.cached_property
+    def kernel(self):
+        """The attention kernel the backend would pick for this batch (``cfg.sparse_kernel``)."""
+        from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel
 
         b = self.b
+        return choose_sparse_kernel(
+            self.cfg.sparse_kernel, b.q.device, b.q.dtype, b.k_cache.dtype, self.head_size, b.k_cache.shape[1],
+            self.block_size, self.num_q_heads // self.num_kv_heads)[0]
+
+    def attend(self, lists, out: torch.Tensor) -> torch.Tensor:
+        b = self.b
         idx, cnt = lists
-        return sparse_prefill_attention(
+        return self.kernel(
             b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, self.qb.table, idx, cnt,
             self.scale, self.block_size,
         )

@@ -497,3 +497,47 @@ def test_settings_line_reaches_vllms_log(model_dir):
         vllm_log.removeHandler(handler)
         vllm_log.setLevel(level)
     assert any("local_blocks=13" in r.getMessage() for r in records)
+
+
+def test_sparse_rows_run_on_the_hopper_kernel_where_it_can(model_dir):
+    """``sparse_kernel: hopper``: the Hopper kernel computes the sparse rows on an sm_90 GPU; anywhere
+    else the portable kernel does, with a warning that says why. Either way the rows are right."""
+    import logging
+
+    from vllm_flashprefill import backend
+    from vllm_flashprefill.kernels import attention_hopper
+
+    backend.sparse_attention_kernel.cache_clear()  # (its log lines come once per shape)
+    query_lens, context_lens = [300, 200], [0, 190]
+    config = vllm_config(model_dir, pattern="hybrid", block_size=128, min_seq_len=0, sink_blocks=1,
+                         local_blocks=0, stride=2, dense_tail_blocks=0, sparse_kernel="hopper")
+    batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=3)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    vllm_log = logging.getLogger("vllm")  # where vLLM's handlers sit (vllm.flashprefill does not propagate)
+    vllm_log.addHandler(handler)
+    try:
+        _, meta = build(config, batch)
+        out = torch.full_like(batch.q, float("nan"))
+        make_impl(config).forward(LAYER, batch.q, None, None, batch.kv_cache, meta, out)
+    finally:
+        vllm_log.removeHandler(handler)
+    kernel = backend.sparse_attention_kernel("hopper", batch.q.device, batch.q.dtype, batch.k_cache.dtype, HEAD,
+                                             PAGE, 128, HQ // HKV)
+    lines = [r for r in records if "sparse rows" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    if DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0):
+        assert kernel is attention_hopper.sparse_prefill_attention
+        assert lines[0].levelno == logging.INFO and "Hopper kernel" in lines[0].getMessage()
+    else:
+        assert kernel is not attention_hopper.sparse_prefill_attention
+        assert lines[0].levelno == logging.WARNING and "sm_90" in lines[0].getMessage()
+    step = meta.sparse
+    mask = lists_to_mask(step.kv_indices, step.kv_counts, step.query_blocks.num_kv_blocks)
+    assert int(mask.sum()) < sum(pos // 128 + 1 for _, _, pos, _ in step.query_blocks.table_cpu), "nothing skipped"
+    ref = sparse_attention_reference(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
+        step.query_blocks.table, mask, HEAD**-0.5, 128,
+    )
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)

@@ -2,8 +2,8 @@
 
 Per step the builder splits the batch: decode rows, short prompts and whatever a layer cannot run
 sparse go through FlashAttention (FA3 on Hopper) exactly as FLASH_ATTN would run them; prefill
-rows of requests that reach ``min_seq_len`` go through the block-sparse Triton kernels, reading the
-same paged KV cache that vLLM's own cache write filled.
+rows of requests that reach ``min_seq_len`` go through our block-sparse kernels (Triton; on Hopper
+its Gluon dialect), reading the same paged KV cache that vLLM's own cache write filled.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from vllm_flashprefill.flash_sparse import FlashSparseRun, flash_sparse_attentio
 from vllm_flashprefill.kernels.attention import (
     SUPPORTED_HEAD_SIZES,
     preferred_page_size,
-    sparse_prefill_attention,
 )
 from vllm_flashprefill.kernels.block_tables import sparse_block_tables
+from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
 from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists, select_dynamic_lists
 from vllm_flashprefill.plan import QueryBlocks, build_query_blocks
@@ -156,17 +156,18 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             return True
         logger.warning_once(
             "FlashPrefill: sparse_kernel 'flash_attn' needs FlashAttention 3 (found %s) and KV pages "
-            "that divide block_size %d (found %d); the Triton kernel runs the sparse rows",
+            "that divide block_size %d (found %d); our kernels run the sparse rows",
             get_flash_attn_version(head_size=self.headdim), self.cfg.block_size, self.block_size,
         )
         return False
 
     def _compile_kernels(self) -> None:
         """Run the sparse path once on a tiny batch, so that Triton compiles its kernels at start-up
-        instead of during the first long request (vLLM's profiling run passes no metadata). With
-        ``sparse_kernel: flash_attn`` that includes one FA3 call (precompiled; it compiles nothing),
-        and the Triton attention kernel, which then runs only on layers whose FlashAttention
-        version is not 3, is left to compile on first use."""
+        instead of during the first long request (vLLM's profiling run passes no metadata), and the
+        log says which attention kernel runs the sparse rows. With ``sparse_kernel: flash_attn``
+        that includes one FA3 call (precompiled; it compiles nothing), and our attention kernel,
+        which then runs only on layers whose FlashAttention version is not 3, is left to compile
+        on first use."""
         if self.kv_cache_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return
         tokens, d = 2 * self.cfg.block_size, self.headdim
@@ -449,18 +450,36 @@ class FlashPrefillImpl(FlashAttentionImpl):
 def attend_sparse_rows(query, key_cache, value_cache, output, block_table, seq_lens, step: SparseStep,
                        cfg: FlashPrefillConfig, scale: float, on_fa3: bool) -> torch.Tensor:
     """Attention of the step's sparse rows into ``output``: FA3 over per-query-block block tables
-    when the step planned it and ``on_fa3``, else the Triton kernel. Returns the KV block counts."""
+    when the step planned it and ``on_fa3``, else our kernel for this shape. Returns the KV block
+    counts."""
     indices, counts = block_lists(query, key_cache, block_table, seq_lens, step, cfg, scale)
     if step.flash_runs is not None and on_fa3:
         tables, seqused = step.flash_tables or fa3_block_tables(
             step, block_table, indices, counts, key_cache.shape[1])
         flash_sparse_attention(query, key_cache, value_cache, output, step.flash_runs, tables, seqused, scale)
     else:
-        sparse_prefill_attention(
-            query, key_cache, value_cache, output, block_table, seq_lens,
-            step.query_blocks.table, indices, counts, scale, cfg.block_size,
-        )
+        kernel = sparse_attention_kernel(
+            cfg.sparse_kernel, query.device, query.dtype, key_cache.dtype, query.shape[2], key_cache.shape[1],
+            cfg.block_size, query.shape[1] // key_cache.shape[2])
+        kernel(query, key_cache, value_cache, output, block_table, seq_lens, step.query_blocks.table, indices,
+               counts, scale, cfg.block_size)
     return counts
+
+
+@functools.cache
+def sparse_attention_kernel(sparse_kernel: str, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype,
+                            head_size: int, page_size: int, sparse_block: int, gqa: int):
+    """``kernels.dispatch.choose_sparse_kernel``, logged once per shape (a warning when "hopper" was
+    asked for and cannot run)."""
+    kernel, reason = choose_sparse_kernel(sparse_kernel, device, dtype, kv_dtype, head_size, page_size,
+                                          sparse_block, gqa)
+    shape = f"d {head_size}, pages of {page_size}, GQA {gqa}"
+    if reason is None:
+        logger.info("FlashPrefill: sparse rows (%s) run on the Hopper kernel", shape)
+    else:
+        log = logger.warning if sparse_kernel == "hopper" else logger.info
+        log("FlashPrefill: sparse rows (%s) run on the portable Triton kernel: %s", shape, reason)
+    return kernel
 
 
 def block_lists(query, key_cache, block_table, seq_lens, step: SparseStep, cfg: FlashPrefillConfig,

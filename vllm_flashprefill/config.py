@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 PATTERNS = ("dense", "local", "strided", "hybrid", "dynamic")
-SPARSE_KERNELS = ("triton", "flash_attn")
+SPARSE_KERNELS = ("auto", "hopper", "triton", "flash_attn")
 STRING_KEYS = ("pattern", "sparse_kernel")
 ENV_PREFIX = "FLASHPREFILL_"
 CONFIG_KEY = "flashprefill"
@@ -47,9 +47,11 @@ class FlashPrefillConfig:
     # Layers that stay dense: an int N means the first N layers, a list names layer indices. The
     # first layers are the most sensitive to sparsity (RULER on Qwen2.5-Coder-0.5B, README).
     dense_layers: int | tuple[int, ...] = 4
-    # What computes the sparse rows: our Triton kernel, or (static patterns, FlashAttention 3 only)
-    # vLLM's FA3 over per-query-block block tables (vllm_flashprefill/flash_sparse.py).
-    sparse_kernel: str = "triton"
+    # What computes the sparse rows: "hopper", our Gluon kernel for sm_90 (kernels/attention_hopper.py);
+    # "triton", our portable Triton kernel (kernels/attention.py); "auto", the first where it can run
+    # these rows; "flash_attn", vLLM's FA3 over per-query-block block tables
+    # (vllm_flashprefill/flash_sparse.py; where FA3 cannot, "auto").
+    sparse_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(key: str, allowed: str) -> ValueError:

@@ -1,5 +1,9 @@
 """FlashPrefill Triton kernels on a GPU, bf16, 8K-64K tokens, over a shuffled paged cache.
 
+Attention tests run each case on both kernels: "triton" (kernels/attention.py) and "auto" (the
+Hopper kernel, kernels/attention_hopper.py, where it can run the case; skipped where "auto" picks
+the portable kernel too).
+
 * every pattern's output == kernels/reference.py (fp32) on a sample of query blocks;
 * the dense pattern == vLLM's FA3 (and the benchmark's vLLM baseline calls == the reference);
 * dynamic selection from the Triton block scores == selection from the reference scores, up to
@@ -115,9 +119,19 @@ def config(env, name: str):
     return env.common.make_config(**options)
 
 
-def run_pipeline(env, b, cfg):
+KERNELS = ["auto", "triton"]
+
+
+def pipeline(env, b, cfg, kernel: str):
+    pipe = env.common.Pipeline(b, dataclasses.replace(cfg, sparse_kernel=kernel))
+    if kernel != "triton" and pipe.kernel is sparse_prefill_attention:
+        pytest.skip(f"'{kernel}' runs the portable kernel here, as 'triton' does")
+    return pipe
+
+
+def run_pipeline(env, b, cfg, kernel: str):
     """(pipeline, mask, out) for one layer call; out starts as NaN so unwritten rows show."""
-    pipe = env.common.Pipeline(b, cfg)
+    pipe = pipeline(env, b, cfg, kernel)
     mask = pipe.mask()
     out = torch.full_like(b.q, float("nan"))
     pipe.attend(mask_to_lists(mask), out)
@@ -135,19 +149,20 @@ def reference_rows(env, b, pipe, mask, blocks):
     return rows, ref[rows]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("case", REFERENCE_CASES)
-def test_matches_reference(env, batches, note, case, pattern):
+def test_matches_reference(env, batches, note, case, pattern, kernel):
     if (case, pattern) in SKIP:
         pytest.skip("covered at other lengths")
     b = batches(case)
     cfg = config(env, pattern)
-    pipe, mask, out = run_pipeline(env, b, cfg)
+    pipe, mask, out = run_pipeline(env, b, cfg, kernel)
     assert not torch.isnan(out).any(), "rows left unwritten"
     density = env.common.mask_density(mask, pipe.qb)
     blocks = env.common.pick_blocks(pipe.qb.num_blocks, SAMPLE_BLOCKS, seed=len(pattern))
     rows, ref = reference_rows(env, b, pipe, mask, blocks)
-    env.check_close(out[rows], ref, f"{case}/{pattern} density={density:.3f} vs reference", note)
+    env.check_close(out[rows], ref, f"{case}/{pattern}/{kernel} density={density:.3f} vs reference", note)
     if cfg.pattern != "dense" and density < 0.9:
         # The sparse result must differ from dense attention, or the lists were ignored.
         dense = torch.ones_like(mask[:, :1])
@@ -163,44 +178,46 @@ def _fa3(env):
     return fn
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", ["multi8k", "long64k", "gqa7", "d256"])
-def test_dense_matches_fa3(env, note, case):
+def test_dense_matches_fa3(env, note, case, kernel):
     fa3 = _fa3(env)
     b = make(env, case)
     # The NaN this suite plants in the unused slots of a request's last page came out of FA3 as NaN
     # rows with pages of 128 (H200, 2026-11-27; not with pages of 16): it seems to read that page
     # whole and weight the slots past seq_len by zero (0 * NaN). vLLM's cache holds finite values.
     b.kv_cache.nan_to_num_(0.0)
-    _, _, out = run_pipeline(env, b, config(env, "dense"))
+    _, _, out = run_pipeline(env, b, config(env, "dense"), kernel)
     expected = torch.full_like(b.q, float("nan"))
     env.common.fa3_attention(fa3, b, expected, b.q.shape[-1] ** -0.5)
     assert torch.isfinite(expected).all(), "FA3 output has NaN/Inf: bad baseline call"
-    env.check_close(out, expected, f"{case}/dense vs fa3 (all {out.shape[0]} rows)", note)
+    env.check_close(out, expected, f"{case}/dense/{kernel} vs fa3 (all {out.shape[0]} rows)", note)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", ["long32k", "long64k"])
-def test_dense_matches_torch_sdpa(env, batches, note, case):
+def test_dense_matches_torch_sdpa(env, batches, note, case, kernel):
     """Whole-output check of the dense pattern that needs no vLLM: PyTorch SDPA (flash or cuDNN
     backend) over the same K/V gathered out of the paged cache."""
     b = batches(case)
     q4, k4, v4 = env.common.sdpa_inputs(b)
     scale = b.q.shape[-1] ** -0.5
     expected, reasons = None, []
-    for kernel in ("sdpa_flash", "sdpa_cudnn"):
-        fn, reason = env.common.sdpa_status(env.device, kernel)
+    for sdpa in ("sdpa_flash", "sdpa_cudnn"):
+        fn, reason = env.common.sdpa_status(env.device, sdpa)
         if fn is None:
-            reasons.append(f"{kernel}: {reason}")
+            reasons.append(f"{sdpa}: {reason}")
             continue
         try:
             expected = fn(q4, k4, v4, scale)[0].transpose(0, 1)
             break
         except RuntimeError as e:
-            reasons.append(f"{kernel}: {str(e)[:200]}")
+            reasons.append(f"{sdpa}: {str(e)[:200]}")
     if expected is None:
         pytest.skip("; ".join(reasons))
     del q4, k4, v4
-    _, _, out = run_pipeline(env, b, config(env, "dense"))
-    env.check_close(out, expected, f"{case}/dense vs torch {kernel} (all {out.shape[0]} rows)", note)
+    _, _, out = run_pipeline(env, b, config(env, "dense"), kernel)
+    env.check_close(out, expected, f"{case}/dense/{kernel} vs torch {sdpa} (all {out.shape[0]} rows)", note)
 
 
 @pytest.mark.parametrize("kernel", ["fa3", "triton_unified"])
@@ -276,15 +293,16 @@ def test_dynamic_selection_matches_reference(env, batches, note, case):
         assert 0 < picked < candidates, f"selection is trivial: {picked} of {candidates} picked"
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("pattern", ["dense", "hybrid", "dynamic"])
-def test_extreme_inputs(env, note, pattern):
+def test_extreme_inputs(env, note, pattern, kernel):
     """q and k x100 (logits ~1e4), V x1e4: finite output, the first row returns its own value."""
     b = make(env, "mha" if not ON_GPU else "multi8k", seed=7)
     b.q.mul_(100)
     b.k_cache.mul_(100)
     b.v_cache.mul_(1e4)
     cfg = config(env, pattern)
-    pipe, mask, out = run_pipeline(env, b, cfg)
+    pipe, mask, out = run_pipeline(env, b, cfg, kernel)
     assert torch.isfinite(out).all(), f"{int((~torch.isfinite(out)).sum())} non-finite outputs"
     # Request 0 has no context: its row 0 sees only key 0, so the output is exactly v[0].
     page0 = int(b.block_table[0, 0])
@@ -297,18 +315,19 @@ def test_extreme_inputs(env, note, pattern):
     scale = float(ref.abs().max())
     err = (out[rows].float() - ref).abs().amax(-1)  # [rows, Hq]
     off = int((err > 2e-2 * scale).sum())
-    note(f"extreme/{pattern}: |ref|max={scale:.3g}, {off} of {err.numel()} (row, head) outputs "
+    note(f"extreme/{pattern}/{kernel}: |ref|max={scale:.3g}, {off} of {err.numel()} (row, head) outputs "
          f"differ by > 2% of it")
     assert off <= max(2, err.numel() // 1000), f"{off} (row, head) outputs far from the reference"
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("pattern", ["local", "dynamic"])
-def test_reads_only_listed_blocks_and_writes_only_its_rows(env, note, pattern):
+def test_reads_only_listed_blocks_and_writes_only_its_rows(env, note, pattern, kernel):
     """NaN in every KV block that the last sparse query blocks' lists skip; rows of other query
     blocks must keep their previous contents."""
     b = make(env, "long64k" if not ON_GPU else "gqa7", seed=11)
     cfg = config(env, pattern)
-    pipe = env.common.Pipeline(b, cfg)
+    pipe = pipeline(env, b, cfg, kernel)
     mask = pipe.mask()
     n = pipe.qb.num_blocks
     # Request 0's last query blocks before its dense tail (which lists every causal block).
@@ -328,9 +347,9 @@ def test_reads_only_listed_blocks_and_writes_only_its_rows(env, note, pattern):
     sub = torch.from_numpy(pipe.qb.table_cpu[last]).to(b.q.device)
     lists = mask_to_lists(mask[last])
     out = torch.full_like(b.q, 123.0)
-    sparse_prefill_attention(b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, sub,
-                             *lists, pipe.scale, pipe.block_size)
-    env.check_close(out[rows], ref, f"{pattern}: last blocks with {len(skipped)} KV blocks poisoned",
+    pipe.kernel(b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, sub, *lists, pipe.scale,
+                pipe.block_size)
+    env.check_close(out[rows], ref, f"{pattern}/{kernel}: last blocks with {len(skipped)} KV blocks poisoned",
                 note)
     others = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
     others[rows] = False

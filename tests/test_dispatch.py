@@ -1,0 +1,80 @@
+"""Which of our kernels computes the sparse rows: kernels/dispatch.py and the shapes the Hopper kernel
+(kernels/attention_hopper.py) takes. The GPU suite runs both kernels; here the rules alone."""
+
+import pytest
+import torch
+
+from vllm_flashprefill.kernels import attention_hopper
+from vllm_flashprefill.kernels.attention import sparse_prefill_attention
+from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel
+
+GPU = torch.device("cuda", 0)
+SHAPE = dict(dtype=torch.bfloat16, head_size=128, page_size=64, sparse_block=128, gqa=4)
+
+
+@pytest.fixture
+def capability(monkeypatch):
+    def set_capability(major: int, minor: int = 0):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+
+    return set_capability
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({}, None),
+    (dict(dtype=torch.float16), None),
+    (dict(head_size=64), None),
+    (dict(page_size=16), None),
+    (dict(page_size=128), None),
+    (dict(page_size=512), None),  # a tile lies in one page
+    (dict(sparse_block=512), None),
+    (dict(gqa=1), None),
+    (dict(gqa=7), None),
+    (dict(dtype=torch.float32), "dtype torch.float32"),
+    (dict(head_size=256), "head size 256"),
+    (dict(head_size=80), "head size 80"),
+    (dict(sparse_block=64), "block_size 64"),
+    (dict(page_size=8), "pages of 8"),
+    (dict(page_size=48), "pages of 48"),
+    (dict(page_size=192), "pages of 192"),  # a 128-key tile would straddle two pages
+    (dict(gqa=256), "256 query heads"),
+])
+def test_hopper_kernel_shapes(capability, change, reason):
+    capability(9)
+    got = attention_hopper.unsupported_reason(GPU, **{**SHAPE, **change})
+    assert got == reason if reason is None else reason in got
+
+
+@pytest.mark.parametrize("major", [8, 10, 12])
+def test_hopper_kernel_needs_sm90(capability, major):
+    capability(major)
+    assert "sm_90" in attention_hopper.unsupported_reason(GPU, **SHAPE)
+    assert "sm_90" in attention_hopper.unsupported_reason(torch.device("cpu"), **SHAPE)
+
+
+@pytest.mark.parametrize("sparse_kernel", ["auto", "hopper", "flash_attn"])
+def test_hopper_kernel_is_chosen_where_it_runs(capability, sparse_kernel):
+    capability(9)
+    args = (GPU, torch.bfloat16, torch.bfloat16, 128, 64, 128, 4)
+    assert choose_sparse_kernel(sparse_kernel, *args) == (attention_hopper.sparse_prefill_attention, None)
+
+
+def test_portable_kernel_otherwise(capability):
+    capability(9)
+    kernel, reason = choose_sparse_kernel("triton", GPU, torch.bfloat16, torch.bfloat16, 128, 64, 128, 4)
+    assert kernel is sparse_prefill_attention and "'triton'" in reason
+    kernel, reason = choose_sparse_kernel("auto", GPU, torch.bfloat16, torch.float16, 128, 64, 128, 4)
+    assert kernel is sparse_prefill_attention and "KV cache dtype" in reason
+    kernel, reason = choose_sparse_kernel("hopper", GPU, torch.bfloat16, torch.bfloat16, 256, 64, 128, 4)
+    assert kernel is sparse_prefill_attention and "head size 256" in reason
+    capability(8)
+    kernel, reason = choose_sparse_kernel("auto", GPU, torch.bfloat16, torch.bfloat16, 128, 64, 128, 4)
+    assert kernel is sparse_prefill_attention and "sm_90" in reason
+
+
+def test_hopper_kernel_refuses_what_it_cannot_run():
+    q = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 64, 2, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="sm_90"):
+        attention_hopper.sparse_prefill_attention(q, cache, cache, q.clone(), None, None, None, None, None,
+                                                  1.0, 128)
