@@ -5,6 +5,9 @@ the instruction mix of each loop, from its SASS (Triton's bundled ``cuobjdump``/
     python3 benchmarks/experiments/kernel_sass.py --offline-sm 90 --out x.json  # no GPU needed
     python3 benchmarks/experiments/kernel_sass.py --cubin kernel.cubin          # a saved binary
 
+``--kernel hopper`` takes kernels/attention_hopper.py instead of kernels/attention.py (its loops:
+two consumer tile loops (off-diagonal, diagonal) per warpgroup's code path, and the producer's).
+
 On a GPU the kernel is launched once (hybrid, 16K tokens, pages of 64, the package's launch config
 for the given heads) and its binary taken from Triton's cache. ``--offline-sm`` compiles the kernel
 with the same constants and launch config for that architecture without a GPU, but with the local
@@ -45,26 +48,28 @@ PREDICATE = r"^@!?U?P\w+\s+"
 BRANCH = re.compile(PREDICATE + r"BRA\b.*?(\.L_x_\d+)")  # predicated: a loop's back edge
 
 
-def cubin_from_gpu(num_q_heads: int, num_kv_heads: int, head_size: int):
+def kernel_of(name: str):
+    """(module, JIT function) of our attention kernel ``name``: "triton" (kernels/attention.py) or
+    "hopper" (kernels/attention_hopper.py)."""
+    if name == "hopper":
+        from vllm_flashprefill.kernels import attention_hopper
+
+        return attention_hopper, attention_hopper._hopper_sparse_prefill_kernel
+    return attention, attention._sparse_prefill_kernel
+
+
+def cubin_from_gpu(kernel: str, num_q_heads: int, num_kv_heads: int, head_size: int):
+    module, fn = kernel_of(kernel)
     p = static_pattern_prompt(16384, num_q_heads, num_kv_heads, head_size, 64, "hybrid", 128, torch.bfloat16, "cuda")
     out = torch.empty_like(p.q)
-    attention.sparse_prefill_attention(p.q, p.k_cache, p.v_cache, out, p.block_table, p.seq_lens,
-                                       p.qblocks.table, p.kv_indices, p.kv_counts, head_size**-0.5, 128)
+    module.sparse_prefill_attention(p.q, p.k_cache, p.v_cache, out, p.block_table, p.seq_lens,
+                                    p.qblocks.table, p.kv_indices, p.kv_counts, head_size**-0.5, 128)
     torch.cuda.synchronize()
-    (compiled,) = [k for cache in attention._sparse_prefill_kernel.device_caches.values() for k in cache[0].values()]
+    (compiled,) = [k for cache in fn.device_caches.values() for k in cache[0].values()]
     return compiled.asm["cubin"], compiled.metadata.shared
 
 
-def cubin_offline(sm: int, num_q_heads: int, num_kv_heads: int, head_size: int):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    gqa = num_q_heads // num_kv_heads
-    cfg = attention.launch_config(head_size, gqa, 128, 64, tma=True)
-    fn = attention._sparse_prefill_kernel
-    constexprs = dict(GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=128, PAGE_SIZE=64,
-                      **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
-    tile = f"tensordesc<bf16[1, {cfg['BLOCK_N']}, 1, {head_size}]>"
+def _signature(fn, constexprs: dict, tile: str) -> dict[str, str]:
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -77,10 +82,35 @@ def cubin_offline(sm: int, num_q_heads: int, num_kv_heads: int, head_size: int):
             signature[name] = "*i32"
         else:
             signature[name] = "fp32" if name == "sm_scale_log2" else "i32"
-    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", sm, 32),
-                            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-    return kernel.asm["cubin"], kernel.metadata.shared
+    return signature
+
+
+def cubin_offline(kernel: str, sm: int, num_q_heads: int, num_kv_heads: int, head_size: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    gqa = num_q_heads // num_kv_heads
+    module, fn = kernel_of(kernel)
+    if kernel == "hopper":
+        from triton.experimental.gluon._runtime import GluonASTSource
+        from triton.runtime.jit import mangle_type
+
+        constexprs = dict(GQA=gqa, BLOCK_Q=module.BLOCK_M // triton.next_power_of_2(gqa), BLOCK_M=module.BLOCK_M,
+                          BLOCK_N=module.BLOCK_N, HEAD_SIZE=head_size, SPARSE_BLOCK=128, PAGE_SIZE=64,
+                          STAGES=module.STAGES)
+        tile = mangle_type(module.cache_descriptor(torch.empty(1, 64, num_kv_heads, head_size, dtype=torch.bfloat16)))
+        src = GluonASTSource(fn, _signature(fn, constexprs, tile), constexprs)
+        options = dict(num_warps=4)
+    else:
+        cfg = attention.launch_config(head_size, gqa, 128, 64, tma=True)
+        constexprs = dict(GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=128, PAGE_SIZE=64,
+                          **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
+        tile = f"tensordesc<bf16[1, {cfg['BLOCK_N']}, 1, {head_size}]>"
+        src = ASTSource(fn, _signature(fn, constexprs, tile),
+                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    compiled = triton.compile(src, target=GPUTarget("cuda", sm, 32), options=options)
+    return compiled.asm["cubin"], compiled.metadata.shared
 
 
 def analyse(cubin: Path) -> dict:
@@ -114,6 +144,8 @@ def main() -> None:
     source = ap.add_mutually_exclusive_group()
     source.add_argument("--cubin", type=Path, help="analyse this binary")
     source.add_argument("--offline-sm", type=int, help="compile for this architecture (e.g. 90) without a GPU")
+    ap.add_argument("--kernel", choices=("triton", "hopper"), default="triton",
+                    help="kernels/attention.py or kernels/attention_hopper.py")
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head size")
     ap.add_argument("--dump-cubin", type=Path)
     ap.add_argument("--out", type=Path)
@@ -124,15 +156,16 @@ def main() -> None:
         path, origin = args.cubin, f"file {args.cubin}"
     else:
         if args.offline_sm:
-            binary, launch_shared = cubin_offline(args.offline_sm, hq, hkv, d)
+            binary, launch_shared = cubin_offline(args.kernel, args.offline_sm, hq, hkv, d)
             origin = f"offline, sm_{args.offline_sm}"
         else:
-            binary, launch_shared = cubin_from_gpu(hq, hkv, d)
+            binary, launch_shared = cubin_from_gpu(args.kernel, hq, hkv, d)
             origin = f"JIT on {torch.cuda.get_device_name()}"
         path = args.dump_cubin or Path(tempfile.mkdtemp()) / "attention.cubin"
         path.write_bytes(binary)
-    result = dict(kernel="_sparse_prefill_kernel", heads=args.heads, origin=origin, triton=triton.__version__,
-                  commit=git_commit(), source_digest=source_digest(), launch_shared_bytes=launch_shared,
+    result = dict(kernel=kernel_of(args.kernel)[1].fn.__name__, heads=args.heads, origin=origin,
+                  triton=triton.__version__, commit=git_commit(), source_digest=source_digest(),
+                  launch_shared_bytes=launch_shared,
                   **analyse(path))
     r = result["resources"]
     print(f"{origin}: {r.get('reg')} registers, {r.get('stack')} B stack, {r.get('local')} B local, "

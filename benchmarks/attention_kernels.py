@@ -1,0 +1,70 @@
+"""One layer call of each of our attention kernels on the same inputs: the portable Triton kernel
+(kernels/attention.py, ``sparse_kernel: triton``) and the Hopper one (kernels/attention_hopper.py,
+what ``auto`` runs on sm_90). Checks that they agree, then times them interleaved (``--rounds``), the
+card held at its power limit first as inside a long prefill. No vLLM needed.
+
+    python3 benchmarks/attention_kernels.py --out benchmarks/results/attention-kernels-h200-DATE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import triton
+from common import bootstrap, causal_flops, static_pattern_prompt
+from plotting import plot_result_file
+from tqdm import tqdm
+
+bootstrap()
+from vllm_flashprefill.kernels import attention, attention_hopper  # noqa: E402
+
+KERNELS = {"triton": attention.sparse_prefill_attention, "hopper": attention_hopper.sparse_prefill_attention}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="32800:hybrid,131072:hybrid,16384:dense",
+                    help="tokens:pattern,... (32800: a last tile with one page past the end)")
+    ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head size")
+    ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup-ms", type=int, default=1500)
+    ap.add_argument("--rep-ms", type=int, default=600)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    hq, hkv, d = map(int, args.heads.split(","))
+    rows = []
+    for case in tqdm(args.cases.split(","), desc="cases"):
+        seq_len, pattern = int(case.split(":")[0]), case.split(":")[1]
+        p = static_pattern_prompt(seq_len, hq, hkv, d, args.page_size, pattern, 128, torch.bfloat16, "cuda")
+        call = (p.block_table, p.seq_lens, p.qblocks.table, p.kv_indices, p.kv_counts, d**-0.5, 128)
+        outputs = {}
+        for name, kernel in KERNELS.items():
+            outputs[name] = torch.full_like(p.q, float("nan"))
+            kernel(p.q, p.k_cache, p.v_cache, outputs[name], *call)
+        diff = float((outputs["hopper"].float() - outputs["triton"].float()).abs().nan_to_num(float("inf")).max())
+        out = outputs["triton"]
+        times = {name: [] for name in KERNELS}
+        for _ in range(args.rounds):
+            for name, kernel in KERNELS.items():
+                times[name].append(triton.testing.do_bench(
+                    lambda kernel=kernel: kernel(p.q, p.k_cache, p.v_cache, out, *call),
+                    warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
+        flops = p.density * causal_flops(hq, d, seq_len)
+        for name in KERNELS:
+            ms = statistics.median(times[name])
+            rows.append(dict(impl=name, seq_len=seq_len, pattern=pattern, density=p.density, ms=ms,
+                             rounds_ms=times[name], tflops=flops / ms / 1e9, max_abs_diff_hopper_vs_triton=diff))
+            tqdm.write(f"{case} {name}: {ms:.3f} ms, {rows[-1]['tflops']:.0f} TF/s, max |hopper - triton| {diff:.2e}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
+                           settings=vars(args), rows=rows), f, indent=1)
+        plot_result_file(args.out)
+
+
+if __name__ == "__main__":
+    main()
