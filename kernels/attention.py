@@ -215,6 +215,18 @@ def launch_config(
                 TMA=use_tma)
 
 
+def check_head_dim_contiguous(*tensors: torch.Tensor) -> None:
+    if any(t.stride(-1) != 1 for t in tensors):
+        raise ValueError("the head dimension must be contiguous")
+
+
+def list_strides(kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of the block lists by query block and KV head; 0 across heads for lists that all
+    heads share (shape [n, 1, ...])."""
+    return (kv_indices.stride(0), kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0,
+            kv_counts.stride(0), kv_counts.stride(1) if kv_counts.shape[1] > 1 else 0)
+
+
 def sparse_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -244,9 +256,7 @@ def sparse_prefill_attention(
         raise ValueError(f"unsupported dtypes q={q.dtype} kv={k_cache.dtype}")
     if page_size % 16:
         raise ValueError(f"page size {page_size} is not a multiple of 16")
-    for t in (q, out, k_cache, v_cache):
-        if t.stride(-1) != 1:
-            raise ValueError("the head dimension must be contiguous")
+    check_head_dim_contiguous(q, out, k_cache, v_cache)
     cfg = dict(config or launch_config(head_size, gqa, sparse_block, page_size, tma_supported(q.device)))
     if sparse_block % cfg["BLOCK_Q"] or sparse_block % cfg["BLOCK_N"]:
         raise ValueError(f"tile shape {cfg} does not divide the sparse block {sparse_block}")
@@ -272,8 +282,7 @@ def sparse_prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0),
-        kv_indices.stride(0), kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0,
-        kv_counts.stride(0), kv_counts.stride(1) if kv_counts.shape[1] > 1 else 0,
+        *list_strides(kv_indices, kv_counts),
         GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size,
         **cfg,
     )

@@ -24,6 +24,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from vllm_flashprefill.kernels.attention import check_head_dim_contiguous, list_strides
+
 # Gluon's API moves between Triton releases; the two names this kernel needs differ between 3.6 (the
 # GPU image's, with vLLM 0.26) and 3.9 (vLLM 0.32+). Inside a warp-specialized partition the
 # barrier synchronises that partition's warps only.
@@ -331,9 +333,7 @@ def sparse_prefill_attention(
     reason = unsupported_reason(q.device, q.dtype, head_size, page_size, sparse_block, gqa)
     if reason or k_cache.dtype != q.dtype:
         raise ValueError(f"the Hopper kernel cannot run these rows: {reason or 'KV dtype differs from q'}")
-    for t in (q, out, k_cache, v_cache):
-        if t.stride(-1) != 1:
-            raise ValueError("the head dimension must be contiguous")
+    check_head_dim_contiguous(q, out, k_cache, v_cache)
     num_qblocks = qblocks.shape[0]
     if num_qblocks == 0:
         return out
@@ -345,8 +345,7 @@ def sparse_prefill_attention(
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_table.stride(0),
-        kv_indices.stride(0), kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0,
-        kv_counts.stride(0), kv_counts.stride(1) if kv_counts.shape[1] > 1 else 0,
+        *list_strides(kv_indices, kv_counts),
         GQA=gqa, BLOCK_Q=block_q, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_SIZE=head_size,
         SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size, STAGES=STAGES, num_warps=4,
     )
