@@ -3,15 +3,16 @@
 Same inputs and result as ``kernels/attention.sparse_prefill_attention`` (query blocks, KV block
 lists, paged cache; see there), with FlashAttention 3's structure, which ``tl.dot`` cannot express:
 
-- a producer warp copies K and V tiles of 128 keys (whole pages, by TMA) into rings of shared memory;
+- a producer warp copies K and V tiles of 128 keys (by TMA, one copy per page or part of a page)
+  into rings of shared memory;
 - two consumer warpgroups, 64 of the program's 128 rows each, run the tile loop independently and
   hand ring slots back through mbarriers (no CTA-wide barrier per tile), so one group's softmax
   overlaps the other's matrix multiplies;
 - within a group, the QK^T of tile j is issued before the PV of tile j-1, so the softmax of tile j
   runs while PV is on the tensor cores (``warpgroup_mma_wait(num_outstanding=1)``).
 
-On an H200 (``benchmarks/results/gluon-attention-h200-2026-11-29-ws.json``, bf16, d 128, GQA 4) it
-took 24.1 ms where the ``tl.dot`` kernel took 30.5 for a 131K hybrid prefill layer.
+On an H200 (``benchmarks/results/attention-kernels-h200-2026-11-29.json``, bf16, d 128, GQA 4) it
+took 24.5 ms where the ``tl.dot`` kernel took 31.0 for a 131K hybrid prefill layer.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ HEAD_SIZES = (64, 128)
 DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
-def unsupported_reason(device: torch.device, dtype: torch.dtype, head_size: int, page_size: int,
-                       sparse_block: int, gqa: int) -> str | None:
+def unsupported_reason(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, head_size: int,
+                       page_size: int, sparse_block: int, gqa: int) -> str | None:
     """Why this kernel cannot run these rows (None: it can)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return "it needs an sm_90 GPU (wgmma)"
     if dtype not in DTYPES:
         return f"dtype {dtype} (it takes {list(DTYPES)})"
+    if kv_dtype != dtype:
+        return f"KV cache dtype {kv_dtype} differs from the query's {dtype}"
     if head_size not in HEAD_SIZES:
         return f"head size {head_size} (it takes {HEAD_SIZES})"
     if sparse_block % BLOCK_N:
@@ -327,12 +330,14 @@ def sparse_prefill_attention(
     sparse_block: int,
 ) -> torch.Tensor:
     """``kernels/attention.sparse_prefill_attention`` on Hopper: same arguments and result."""
-    num_tokens, num_q_heads, head_size = q.shape
+    _, num_q_heads, head_size = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     gqa = num_q_heads // num_kv_heads
-    reason = unsupported_reason(q.device, q.dtype, head_size, page_size, sparse_block, gqa)
-    if reason or k_cache.dtype != q.dtype:
-        raise ValueError(f"the Hopper kernel cannot run these rows: {reason or 'KV dtype differs from q'}")
+    reason = unsupported_reason(q.device, q.dtype, k_cache.dtype, head_size, page_size, sparse_block, gqa)
+    if reason is None and not v_cache.dtype == out.dtype == q.dtype:
+        reason = f"V cache dtype {v_cache.dtype} or output dtype {out.dtype} differs from the query's {q.dtype}"
+    if reason:
+        raise ValueError(f"the Hopper kernel cannot run these rows: {reason}")
     check_head_dim_contiguous(q, out, k_cache, v_cache)
     num_qblocks = qblocks.shape[0]
     if num_qblocks == 0:

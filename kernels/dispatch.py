@@ -8,6 +8,16 @@ import torch
 
 from vllm_flashprefill.kernels.attention import sparse_prefill_attention
 
+# Why the Hopper kernel may not run in this process any more (it failed to build or run), or None.
+_hopper_failure: str | None = None
+
+
+def disable_hopper_kernel(reason: str) -> None:
+    """The portable kernel from now on, in this process: the Hopper kernel failed (e.g. a Triton
+    release whose Gluon API it does not know)."""
+    global _hopper_failure
+    _hopper_failure = reason
+
 
 def choose_sparse_kernel(sparse_kernel: str, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype,
                          head_size: int, page_size: int, sparse_block: int,
@@ -18,13 +28,13 @@ def choose_sparse_kernel(sparse_kernel: str, device: torch.device, dtype: torch.
     portable one. Both take the same arguments."""
     if sparse_kernel == "triton":
         return sparse_prefill_attention, "sparse_kernel 'triton' asks for the portable kernel"
+    if _hopper_failure is not None:
+        return sparse_prefill_attention, _hopper_failure
     try:
         from vllm_flashprefill.kernels import attention_hopper
     except (ImportError, AttributeError) as e:  # a Triton without Gluon, or with another Gluon API
         return sparse_prefill_attention, f"this Triton's Gluon cannot build it ({type(e).__name__}: {e})"
-    reason = attention_hopper.unsupported_reason(device, dtype, head_size, page_size, sparse_block, gqa)
-    if reason is None and kv_dtype != dtype:
-        reason = f"KV cache dtype {kv_dtype} differs from the query's {dtype}"
+    reason = attention_hopper.unsupported_reason(device, dtype, kv_dtype, head_size, page_size, sparse_block, gqa)
     if reason is None:
         return attention_hopper.sparse_prefill_attention, None
     return sparse_prefill_attention, reason

@@ -541,3 +541,44 @@ def test_sparse_rows_run_on_the_hopper_kernel_where_it_can(model_dir):
         step.query_blocks.table, mask, HEAD**-0.5, 128,
     )
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_a_hopper_kernel_that_fails_at_start_up_leaves_the_portable_one(model_dir, monkeypatch):
+    """If the Hopper kernel cannot build or run (e.g. a Triton release whose Gluon API it does not
+    know), the builder's start-up run says so in a warning and the portable kernel takes the rows."""
+    import logging
+
+    from vllm_flashprefill import backend
+    from vllm_flashprefill.kernels import attention_hopper, dispatch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such Gluon builtin")
+
+    monkeypatch.setattr(dispatch, "_hopper_failure", None)
+    monkeypatch.setattr(attention_hopper, "unsupported_reason", lambda *args: None)  # as on an H100/H200
+    monkeypatch.setattr(attention_hopper, "sparse_prefill_attention", broken)
+    backend.sparse_attention_kernel.cache_clear()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("vllm").addHandler(handler)
+    try:
+        config = vllm_config(model_dir, pattern="hybrid", block_size=128, min_seq_len=0, local_blocks=0,
+                             stride=2, dense_tail_blocks=0)
+        batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=4)
+        _, meta = build(config, batch)
+        out = torch.full_like(batch.q, float("nan"))
+        make_impl(config).forward(LAYER, batch.q, None, None, batch.kv_cache, meta, out)
+    finally:
+        logging.getLogger("vllm").removeHandler(handler)
+        backend.sparse_attention_kernel.cache_clear()
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("Hopper kernel failed its start-up run (RuntimeError: no such Gluon builtin)" in w
+               for w in warnings), warnings
+    step = meta.sparse
+    mask = lists_to_mask(step.kv_indices, step.kv_counts, step.query_blocks.num_kv_blocks)
+    ref = sparse_attention_reference(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
+        step.query_blocks.table, mask, HEAD**-0.5, 128,
+    )
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)

@@ -4,12 +4,15 @@
 import pytest
 import torch
 
-from vllm_flashprefill.kernels import attention_hopper
+from vllm_flashprefill.kernels import dispatch
 from vllm_flashprefill.kernels.attention import sparse_prefill_attention
 from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel
 
+attention_hopper = pytest.importorskip("vllm_flashprefill.kernels.attention_hopper",
+                                       reason="this Triton has no Gluon (or another Gluon API)")
+
 GPU = torch.device("cuda", 0)
-SHAPE = dict(dtype=torch.bfloat16, head_size=128, page_size=64, sparse_block=128, gqa=4)
+SHAPE = dict(dtype=torch.bfloat16, kv_dtype=torch.bfloat16, head_size=128, page_size=64, sparse_block=128, gqa=4)
 
 
 @pytest.fixture
@@ -22,7 +25,7 @@ def capability(monkeypatch):
 
 @pytest.mark.parametrize("change,reason", [
     ({}, None),
-    (dict(dtype=torch.float16), None),
+    (dict(dtype=torch.float16, kv_dtype=torch.float16), None),
     (dict(head_size=64), None),
     (dict(page_size=16), None),
     (dict(page_size=128), None),
@@ -30,7 +33,8 @@ def capability(monkeypatch):
     (dict(sparse_block=512), None),
     (dict(gqa=1), None),
     (dict(gqa=7), None),
-    (dict(dtype=torch.float32), "dtype torch.float32"),
+    (dict(dtype=torch.float32, kv_dtype=torch.float32), "dtype torch.float32"),
+    (dict(kv_dtype=torch.float8_e4m3fn), "KV cache dtype torch.float8_e4m3fn"),
     (dict(head_size=256), "head size 256"),
     (dict(head_size=80), "head size 80"),
     (dict(sparse_block=64), "block_size 64"),
@@ -72,9 +76,32 @@ def test_portable_kernel_otherwise(capability):
     assert kernel is sparse_prefill_attention and "sm_90" in reason
 
 
-def test_hopper_kernel_refuses_what_it_cannot_run():
+def test_hopper_kernel_refuses_what_it_cannot_run(capability, monkeypatch):
     q = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
     cache = torch.zeros(2, 64, 2, 128, dtype=torch.bfloat16)
+
+    def call(q=q, k=cache, v=cache, out=q.clone(), sparse_block=128):
+        attention_hopper.sparse_prefill_attention(q, k, v, out, None, None, None, None, None, 1.0, sparse_block)
+
     with pytest.raises(ValueError, match="sm_90"):
-        attention_hopper.sparse_prefill_attention(q, cache, cache, q.clone(), None, None, None, None, None,
-                                                  1.0, 128)
+        call()
+    capability(9)
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: GPU))  # checks only, nothing launches
+    with pytest.raises(ValueError, match="KV cache dtype"):
+        call(k=cache.half())
+    with pytest.raises(ValueError, match="V cache dtype"):
+        call(v=cache.half())
+    with pytest.raises(ValueError, match="output dtype"):
+        call(out=q.half())
+    with pytest.raises(ValueError, match="block_size 64"):
+        call(sparse_block=64)
+
+
+def test_a_failed_hopper_kernel_leaves_the_portable_one(capability, monkeypatch):
+    capability(9)
+    monkeypatch.setattr(dispatch, "_hopper_failure", None)
+    args = (GPU, torch.bfloat16, torch.bfloat16, 128, 64, 128, 4)
+    assert choose_sparse_kernel("auto", *args)[1] is None
+    dispatch.disable_hopper_kernel("it failed its start-up run (CompilationError: ...)")
+    assert choose_sparse_kernel("auto", *args) == (sparse_prefill_attention,
+                                                   "it failed its start-up run (CompilationError: ...)")

@@ -35,7 +35,7 @@ from vllm_flashprefill.kernels.attention import (
     preferred_page_size,
 )
 from vllm_flashprefill.kernels.block_tables import sparse_block_tables
-from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel
+from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel, disable_hopper_kernel
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
 from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists, select_dynamic_lists
 from vllm_flashprefill.plan import QueryBlocks, build_query_blocks
@@ -105,7 +105,7 @@ class SparseStep:
     kv_counts: torch.Tensor | None
     dense_runs: list[DenseRun]
     workspace: "DynamicWorkspace | None"
-    # sparse_kernel "flash_attn": the FA3 calls that replace the Triton kernel, and for static
+    # sparse_kernel "flash_attn": the FA3 calls that replace our kernel, and for static
     # patterns their block tables and key counts (dynamic: the workspace's, per layer).
     flash_runs: list[FlashSparseRun] | None = None
     flash_tables: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -179,8 +179,21 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         seq_lens = torch.tensor([tokens], dtype=torch.int32, device=self.device)
         step = self._sparse_step(np.array([0, tokens]), np.array([tokens]), [0], [], block_table)
         key_cache, value_cache = kv[..., :d], kv[..., d:]
-        attend_sparse_rows(q, key_cache, value_cache, torch.empty_like(q), block_table, seq_lens, step,
-                           self.cfg, d**-0.5, on_fa3=self.flash_sparse)
+        args = (q, key_cache, value_cache, torch.empty_like(q), block_table, seq_lens, step, self.cfg, d**-0.5)
+        try:
+            attend_sparse_rows(*args, on_fa3=self.flash_sparse)
+        except Exception as e:
+            _, why_not_hopper = choose_sparse_kernel(
+                self.cfg.sparse_kernel, q.device, q.dtype, kv.dtype, d, self.block_size, self.cfg.block_size,
+                self.num_heads_q // self.num_heads_kv)
+            if why_not_hopper is not None:
+                raise
+            # E.g. a Triton release whose Gluon API the Hopper kernel does not know.
+            reason = f"the Hopper kernel failed its start-up run ({type(e).__name__}: {str(e)[:300]})"
+            logger.warning("FlashPrefill: %s; the portable Triton kernel runs the sparse rows", reason)
+            disable_hopper_kernel(reason)
+            sparse_attention_kernel.cache_clear()
+            attend_sparse_rows(*args, on_fa3=self.flash_sparse)
 
     def build(
         self,
