@@ -33,6 +33,7 @@ from vllm_flashprefill.flash_sparse import FlashSparseRun, flash_sparse_attentio
 from vllm_flashprefill.kernels.attention import (
     SUPPORTED_HEAD_SIZES,
     preferred_page_size,
+    sparse_prefill_attention,
 )
 from vllm_flashprefill.kernels.block_tables import sparse_block_tables
 from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel, disable_hopper_kernel
@@ -183,10 +184,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         try:
             attend_sparse_rows(*args, on_fa3=self.flash_sparse)
         except Exception as e:
-            _, why_not_hopper = choose_sparse_kernel(
-                self.cfg.sparse_kernel, q.device, q.dtype, kv.dtype, d, self.block_size, self.cfg.block_size,
-                self.num_heads_q // self.num_heads_kv)
-            if why_not_hopper is not None:
+            if sparse_kernel_for(self.cfg, q, key_cache) is sparse_prefill_attention:
                 raise
             # E.g. a Triton release whose Gluon API the Hopper kernel does not know.
             reason = f"the Hopper kernel failed its start-up run ({type(e).__name__}: {str(e)[:300]})"
@@ -471,12 +469,17 @@ def attend_sparse_rows(query, key_cache, value_cache, output, block_table, seq_l
             step, block_table, indices, counts, key_cache.shape[1])
         flash_sparse_attention(query, key_cache, value_cache, output, step.flash_runs, tables, seqused, scale)
     else:
-        kernel = sparse_attention_kernel(
-            cfg.sparse_kernel, query.device, query.dtype, key_cache.dtype, query.shape[2], key_cache.shape[1],
-            cfg.block_size, query.shape[1] // key_cache.shape[2])
-        kernel(query, key_cache, value_cache, output, block_table, seq_lens, step.query_blocks.table, indices,
-               counts, scale, cfg.block_size)
+        sparse_kernel_for(cfg, query, key_cache)(
+            query, key_cache, value_cache, output, block_table, seq_lens, step.query_blocks.table, indices,
+            counts, scale, cfg.block_size)
     return counts
+
+
+def sparse_kernel_for(cfg: FlashPrefillConfig, query: torch.Tensor, key_cache: torch.Tensor):
+    """Our attention kernel for these rows (``sparse_attention_kernel`` of their shape)."""
+    return sparse_attention_kernel(
+        cfg.sparse_kernel, query.device, query.dtype, key_cache.dtype, query.shape[2], key_cache.shape[1],
+        cfg.block_size, query.shape[1] // key_cache.shape[2])
 
 
 @functools.cache
