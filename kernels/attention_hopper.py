@@ -165,13 +165,13 @@ def _consume(t, acc, p, m_i, l_i, q_smem, k_bufs, v_bufs, k_full, v_full, k_empt
 
 
 @gluon.jit
-def _consumer(q_smem, row_base, q_ptr, out_ptr, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, row_start,
-              pos_start, num_rows, sub, kv_head, seq_len, n_tiles, n_off, idx_row, diag_start, sm_scale_log2,
+def _consumer(q_smem, row_base: gl.constexpr, q_ptr, out_ptr, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty,
+              row_start, pos_start, num_rows, sub, kv_head, seq_len, n_tiles, n_off, idx_row, diag_start, sm_scale_log2,
               stride_qt, stride_qh, stride_ot, stride_oh,
-              GQA: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_SIZE: gl.constexpr,
-              SPARSE_BLOCK: gl.constexpr, STAGES: gl.constexpr):
-    """One warpgroup: the program's rows [row_base, row_base + 64) over all of its tiles."""
-    ROWS: gl.constexpr = 64
+              v_zeroed, GQA: gl.constexpr, BLOCK_Q: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+              HEAD_SIZE: gl.constexpr, SPARSE_BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    """One warpgroup (4 warps, 64 rows: one wgmma row block): the program's rows [row_base,
+    row_base + ROWS) over all of its tiles."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -222,16 +222,22 @@ def _consumer(q_smem, row_base, q_ptr, out_ptr, k_bufs, v_bufs, k_full, v_full, 
                                         p_layout, True)
 
         # Only the last tile can reach past the sequence end. Its V rows there may hold anything
-        # (NaN too) while P is 0 there: zero them. Both consumers store the same values, so their
-        # stores and the other group's MMA reads cannot disagree.
+        # (NaN too) while P is 0 there: zero them, each group half of the tile's rows, and let
+        # neither group multiply before both halves are written.
         last = n_tiles - 1
         _slot_wait(v_full, last, STAGES)
         v_tile = _ring_tile(v_bufs, last % STAGES, BLOCK_N, HEAD_SIZE)
-        keys = _tile_start(last, n_off, idx_row, diag_start, SPARSE_BLOCK, BLOCK_N)
-        keys += gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, io_layout))
-        v_tile.store(gl.where(gl.expand_dims(keys < seq_len, 1), v_tile.load(io_layout), 0.0))
-        fence_async_shared()
-        _partition_barrier()
+        key_start = _tile_start(last, n_off, idx_row, diag_start, SPARSE_BLOCK, BLOCK_N)
+        if key_start + BLOCK_N > seq_len:
+            half: gl.constexpr = BLOCK_N // 2
+            first: gl.constexpr = row_base // ROWS * half
+            v_half = v_tile.slice(first, half)
+            keys = key_start + first + gl.arange(0, half, layout=gl.SliceLayout(1, io_layout))
+            v_half.store(gl.where(gl.expand_dims(keys < seq_len, 1), v_half.load(io_layout), 0.0))
+            fence_async_shared()
+            _partition_barrier()
+            mbarrier.arrive(v_zeroed)
+            mbarrier.wait(v_zeroed, 0)
         acc = warpgroup_mma(p, v_tile, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
 
@@ -268,7 +274,9 @@ def _hopper_sparse_prefill_kernel(
     bt_row = block_table_ptr + req.to(gl.int64) * stride_bt
     idx_row = kv_indices_ptr + qblock.to(gl.int64) * stride_ii + kv_head * stride_ih
     count = gl.load(kv_counts_ptr + qblock * stride_ci + kv_head * stride_ch)
-    n_off = (count - 1) * (SPARSE_BLOCK // BLOCK_N)
+    # The list ends with the diagonal block, which the tiles after n_off cover (an empty list: the
+    # diagonal alone, as in kernels/attention.py).
+    n_off = gl.maximum(count - 1, 0) * (SPARSE_BLOCK // BLOCK_N)
     diag_start = (pos_start // SPARSE_BLOCK) * SPARSE_BLOCK
     last_pos = pos_start + gl.minimum(num_rows, (sub + 1) * BLOCK_Q) - 1
     # A program past the query block's last row has no tiles (its partitions return at once).
@@ -285,6 +293,8 @@ def _hopper_sparse_prefill_kernel(
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_zeroed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(v_zeroed, count=2)  # one arrival per consumer
     for i in gl.static_range(STAGES):
         mbarrier.init(k_full.index(i), count=1)
         mbarrier.init(v_full.index(i), count=1)
@@ -296,12 +306,12 @@ def _hopper_sparse_prefill_kernel(
     gl.warp_specialize([
         (_consumer, (q_smem0, 0, q_ptr, out_ptr, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, row_start,
                      pos_start, num_rows, sub, kv_head, seq_len, n_tiles, n_off, idx_row, diag_start, sm_scale_log2,
-                     stride_qt, stride_qh, stride_ot, stride_oh, GQA, BLOCK_Q, BLOCK_N, HEAD_SIZE, SPARSE_BLOCK,
-                     STAGES)),
+                     stride_qt, stride_qh, stride_ot, stride_oh, v_zeroed, GQA, BLOCK_Q, BLOCK_M // 2, BLOCK_N,
+                     HEAD_SIZE, SPARSE_BLOCK, STAGES)),
         (_consumer, (q_smem1, BLOCK_M // 2, q_ptr, out_ptr, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty,
                      row_start, pos_start, num_rows, sub, kv_head, seq_len, n_tiles, n_off, idx_row, diag_start,
-                     sm_scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, GQA, BLOCK_Q, BLOCK_N, HEAD_SIZE,
-                     SPARSE_BLOCK, STAGES)),
+                     sm_scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, v_zeroed, GQA, BLOCK_Q, BLOCK_M // 2,
+                     BLOCK_N, HEAD_SIZE, SPARSE_BLOCK, STAGES)),
         (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_full, v_full, k_empty, v_empty, n_tiles, n_off, idx_row,
                      diag_start, bt_row, kv_head, seq_len, SPARSE_BLOCK, BLOCK_N, PAGE_SIZE, STAGES)),
     ], [4, 1], [240, 24])

@@ -354,3 +354,27 @@ def test_reads_only_listed_blocks_and_writes_only_its_rows(env, note, pattern, k
     others = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
     others[rows] = False
     assert (out[others] == 123.0).all(), "wrote rows outside its query blocks"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_an_empty_list_attends_to_the_diagonal_block_alone(env, batches, note, kernel):
+    """kv_counts 0 (no pattern makes it: every list holds its diagonal) must neither hang nor read
+    stray blocks: both kernels then visit the diagonal block, as a list holding only it would."""
+    b = batches("multi8k")
+    cfg = config(env, "hybrid")
+    pipe = pipeline(env, b, cfg, kernel)
+    mask = pipe.mask()
+    indices, counts = mask_to_lists(mask)
+    emptied = torch.arange(0, pipe.qb.num_blocks, 3, device=counts.device)
+    counts = counts.clone()
+    counts[emptied] = 0
+    diagonal_only = mask.clone()
+    diagonal_only[emptied] = False
+    qb = pipe.qb.block_index.long()[emptied]
+    diagonal_only[emptied, :, qb] = True
+    out = torch.full_like(b.q, float("nan"))
+    pipe.attend((indices, counts), out)
+    assert not torch.isnan(out).any(), "rows left unwritten"
+    blocks = emptied[: SAMPLE_BLOCKS].tolist()
+    rows, ref = reference_rows(env, b, pipe, diagonal_only, blocks)
+    env.check_close(out[rows], ref, f"empty lists/{kernel}", note)
