@@ -49,3 +49,26 @@ def test_ttft_script_writes_rows_with_provenance_and_density(tmp_path):
     assert row["prompt_len"] == 128 and len(row["runs"]) == 2 and row["ttft_s"] > 0
     assert row["sparse_layer_calls"] == 0 and row["density"] is None and "density_error" not in row
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_counts_every_package_kernel_as_attention():
+    """benchmarks/profile_prefill.py groups device time by kernel name: each Triton/Gluon kernel in
+    kernels/ must land in "attention" (the Hopper kernel once landed in "other")."""
+    import importlib
+
+    from profile_prefill import kernel_group
+
+    modules = ["attention", "scoring", "selection", "block_tables"]
+    try:
+        import triton.experimental.gluon  # noqa: F401
+        modules.append("attention_hopper")
+    except ImportError:
+        pass
+    launched = [
+        name
+        for module in modules
+        for name, obj in vars(importlib.import_module(f"vllm_flashprefill.kernels.{module}")).items()
+        if name.endswith("_kernel") and hasattr(obj, "fn")  # @triton.jit / @gluon.jit, interpreted or not
+    ]
+    assert "_sparse_prefill_kernel" in launched and len(launched) >= 5, launched
+    assert {name: kernel_group(name) for name in launched} == {name: "attention" for name in launched}

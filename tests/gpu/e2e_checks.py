@@ -21,7 +21,8 @@ Checks:
   tp          tensor parallelism (needs 2 GPUs): FLASHPREFILL (--sparse) with tensor_parallel_size 2,
               multiprocessing and Ray executors, == the same at size 1; FLASH_ATTN 1 vs 2 beside it
               (how far sharding alone moves the numbers). Needs real or seeded weights
-              (tests/gpu/random_model.py): dummy weights differ per shard layout.
+              (tests/gpu/random_model.py): dummy weights differ per shard layout. --tp-runs picks
+              a subset of the five engines.
 L is --max-len (default 32768).
 """
 
@@ -171,6 +172,8 @@ def check_tp(args) -> dict:
         "fp_tp2_ray": base_engine(args, **fp(**args.sparse), tensor_parallel_size=2,
                                   distributed_executor_backend="ray", **kw),
     }
+    if args.tp_runs:
+        runs = {name: runs[name] for name in args.tp_runs.split(",")}
     outs, errors = {}, {}
     for name, engine in runs.items():
         try:
@@ -200,6 +203,8 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help="load the model's weights (default: dummy)")
     ap.add_argument("--sparse", type=json.loads, default={},
                     help="extra FlashPrefill options for the chunking/prefix checks (pattern dynamic)")
+    ap.add_argument("--tp-runs", default="",
+                    help="tp: a comma-separated subset of fa_tp1,fa_tp2,fp_tp1,fp_tp2_mp,fp_tp2_ray (default: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.sparse = {"pattern": "dynamic", **args.sparse}
