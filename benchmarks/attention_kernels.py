@@ -10,14 +10,20 @@ limit first as inside a long prefill. No vLLM needed.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import triton
 from common import bootstrap, causal_flops, static_pattern_prompt
 from plotting import plot_result_file
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "accuracy"))
+from suite import git_commit, source_digest  # noqa: E402  (provenance)
 
 bootstrap()
 from vllm_flashprefill.kernels import attention, attention_hopper  # noqa: E402
@@ -62,8 +68,9 @@ def main() -> None:
             tqdm.write(f"{case} {name}: {ms:.3f} ms, {rows[-1]['tflops']:.0f} TF/s, max |hopper - triton| {diff:.2e}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
-                           settings=vars(args), rows=rows), f, indent=1)
+            json.dump(dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                           commit=git_commit(), source_digest=source_digest(), triton=triton.__version__,
+                           torch=torch.__version__, settings=vars(args), rows=rows), f, indent=1)
         plot_result_file(args.out)
 
 
