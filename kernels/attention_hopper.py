@@ -172,6 +172,7 @@ def _consumer(q_smem, row_base: gl.constexpr, q_ptr, out_ptr, k_bufs, v_bufs, k_
               HEAD_SIZE: gl.constexpr, SPARSE_BLOCK: gl.constexpr, STAGES: gl.constexpr):
     """One warpgroup (4 warps, 64 rows: one wgmma row block): the program's rows [row_base,
     row_base + ROWS) over all of its tiles."""
+    gl.static_assert(ROWS == 64, "the layouts below are one warpgroup's: 4 warps, wgmma M = 64")
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],

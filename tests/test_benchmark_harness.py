@@ -60,20 +60,18 @@ def test_profile_counts_every_package_kernel_as_attention():
     """benchmarks/profile_prefill.py groups device time by kernel name: each Triton/Gluon kernel in
     kernels/ must land in "attention" (the Hopper kernel once landed in "other")."""
     import importlib
+    import pkgutil
 
+    import vllm_flashprefill.kernels as kernels
     from profile_prefill import kernel_group
 
-    modules = ["attention", "scoring", "selection", "block_tables"]
-    try:
-        import triton.experimental.gluon  # noqa: F401
-        modules.append("attention_hopper")
-    except ImportError:
-        pass
-    launched = [
-        name
-        for module in modules
-        for name, obj in vars(importlib.import_module(f"vllm_flashprefill.kernels.{module}")).items()
-        if name.endswith("_kernel") and hasattr(obj, "fn")  # @triton.jit / @gluon.jit, interpreted or not
-    ]
+    launched = []
+    for module in pkgutil.iter_modules(kernels.__path__):
+        try:
+            objects = vars(importlib.import_module(f"{kernels.__name__}.{module.name}"))
+        except ImportError:  # attention_hopper on a Triton without Gluon
+            continue
+        # @triton.jit / @gluon.jit functions, interpreted or not; helpers are not launched.
+        launched += [name for name, obj in objects.items() if name.endswith("_kernel") and hasattr(obj, "fn")]
     assert "_sparse_prefill_kernel" in launched and len(launched) >= 5, launched
     assert {name: kernel_group(name) for name in launched} == {name: "attention" for name in launched}

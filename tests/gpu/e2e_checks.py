@@ -182,7 +182,9 @@ def check_tp(args) -> dict:
             errors[name] = repr(exc)
     pairs = [("fa_tp1", "fa_tp2"), ("fp_tp1", "fp_tp2_mp"), ("fp_tp1", "fp_tp2_ray"), ("fa_tp1", "fp_tp1")]
     result = {f"{a}_vs_{b}": compare(outs[a], outs[b]) for a, b in pairs if a in outs and b in outs}
-    return dict(lengths=lengths, **result, **({"errors": errors} if errors else {}))
+    if not result:
+        errors["compare"] = f"no pair of {pairs} ran: nothing compared"
+    return dict(lengths=lengths, engines=list(runs), **result, **({"errors": errors} if errors else {}))
 
 
 CHECKS = dict(
