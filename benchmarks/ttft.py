@@ -12,7 +12,7 @@ Per configuration (child process):
     attention_backend=..., additional_config={"flashprefill": {...}})``;
   * one global warmup, then per length: ``--warmup`` untimed runs and ``--runs`` timed runs, more
     (up to ``--max-runs``) until the timed runs add up to ``--min-timed-s`` (a 4K prompt takes
-    0.1 s on an H200 and its median of 3 moved by ~3% between runs, more than the 0.98x target
+    0.1 s on an H200 and its median of 3 moved by ~4% between runs, more than the 0.98x target
     allows; 131K prompts stay at ``--runs``); each run is a fresh random token-id prompt (the same
     sequence of prompts for every configuration), and TTFT = wall time of ``llm.generate([prompt], max_tokens=1)``;
     FLASHPREFILL rows also carry the density of their timed runs' sparse layer calls;
