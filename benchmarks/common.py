@@ -259,12 +259,9 @@ class Pipeline:
     @functools.cached_property
     def kernel(self):
         """The attention kernel the backend would pick for this batch (``cfg.sparse_kernel``)."""
-        from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel
+        from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel, kernel_shape
 
-        b = self.b
-        return choose_sparse_kernel(
-            self.cfg.sparse_kernel, b.q.device, b.q.dtype, b.k_cache.dtype, self.head_size, b.k_cache.shape[1],
-            self.block_size, self.num_q_heads // self.num_kv_heads)[0]
+        return choose_sparse_kernel(self.cfg.sparse_kernel, *kernel_shape(self.b.q, self.b.k_cache, self.block_size))[0]
 
     def attend(self, lists, out: torch.Tensor) -> torch.Tensor:
         b = self.b

@@ -26,6 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from vllm_flashprefill.kernels.attention import check_head_dim_contiguous, list_strides
+from vllm_flashprefill.kernels.dispatch import kernel_shape
 
 # Gluon's API moves between Triton releases; the two names this kernel needs differ between 3.6 (the
 # GPU image's, with vLLM 0.26) and 3.9 (vLLM 0.32+). Inside a warp-specialized partition the
@@ -344,7 +345,7 @@ def sparse_prefill_attention(
     _, num_q_heads, head_size = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     gqa = num_q_heads // num_kv_heads
-    reason = unsupported_reason(q.device, q.dtype, k_cache.dtype, head_size, page_size, sparse_block, gqa)
+    reason = unsupported_reason(*kernel_shape(q, k_cache, sparse_block))
     if reason is None and not v_cache.dtype == out.dtype == q.dtype:
         reason = f"V cache dtype {v_cache.dtype} or output dtype {out.dtype} differs from the query's {q.dtype}"
     if reason:

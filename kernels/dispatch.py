@@ -19,6 +19,14 @@ def disable_hopper_kernel(reason: str) -> None:
     _hopper_failure = reason
 
 
+def kernel_shape(query: torch.Tensor, key_cache: torch.Tensor, sparse_block: int) -> tuple:
+    """What the choice depends on, from the rows' tensors (query [tokens, Hq, D], key cache [pages,
+    page_size, Hkv, D]): the arguments of ``choose_sparse_kernel`` after ``sparse_kernel``, and of
+    ``attention_hopper.unsupported_reason``."""
+    return (query.device, query.dtype, key_cache.dtype, query.shape[2], key_cache.shape[1], sparse_block,
+            query.shape[1] // key_cache.shape[2])
+
+
 def choose_sparse_kernel(sparse_kernel: str, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype,
                          head_size: int, page_size: int, sparse_block: int,
                          gqa: int) -> tuple[Callable, str | None]:

@@ -36,7 +36,7 @@ from vllm_flashprefill.kernels.attention import (
     sparse_prefill_attention,
 )
 from vllm_flashprefill.kernels.block_tables import sparse_block_tables
-from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel, disable_hopper_kernel
+from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel, disable_hopper_kernel, kernel_shape
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
 from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists, select_dynamic_lists
 from vllm_flashprefill.plan import QueryBlocks, build_query_blocks
@@ -477,9 +477,7 @@ def attend_sparse_rows(query, key_cache, value_cache, output, block_table, seq_l
 
 def sparse_kernel_for(cfg: FlashPrefillConfig, query: torch.Tensor, key_cache: torch.Tensor):
     """Our attention kernel for these rows (``sparse_attention_kernel`` of their shape)."""
-    return sparse_attention_kernel(
-        cfg.sparse_kernel, query.device, query.dtype, key_cache.dtype, query.shape[2], key_cache.shape[1],
-        cfg.block_size, query.shape[1] // key_cache.shape[2])
+    return sparse_attention_kernel(cfg.sparse_kernel, *kernel_shape(query, key_cache, cfg.block_size))
 
 
 @functools.cache
