@@ -200,6 +200,7 @@ class Pipeline:
             cfg.block_size,
             self.device,
             blocks_per_group(self.num_q_heads // self.num_kv_heads),
+            cfg if cfg.pattern == "dynamic" else None,
         )
         self._static = None
 

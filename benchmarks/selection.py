@@ -102,7 +102,8 @@ def main() -> None:
         for rows, warps in itertools.product(map(int, args.pool_rows.split(",")), (4, 8)):
             config = dict(ROWS=rows, num_warps=warps)
             candidates[f"pool only {json.dumps(config)}"] = functools.partial(
-                scoring.pool_queries, q, qb.table, pooled, B, config)
+                scoring.pool_queries, q, qb.table, qb.score_groups, pooled, B,
+                scoring.blocks_per_group(hq // hkv), config)
     reference, pooled_reference, max_diff = None, None, {}
     for name, fn in candidates.items():  # compiles each, and checks it against the package
         out, keep = (pooled, slice(None)) if name.startswith("pool only") else (scores, causal)
@@ -133,7 +134,9 @@ def main() -> None:
         rate = f"{row['gb_s']:.0f} GB/s" if "gb_s" in row else f"{row['tflops']:.0f} TF/s"
         print(f"  {row['ms']:.3f} ms {rate} {row['name']}")
 
-    for name, fn in (("pool queries (in scores)", lambda: scoring.pool_queries(q, qb.table, pooled, B)),
+    pool = functools.partial(scoring.pool_queries, q, qb.table, qb.score_groups, pooled, B,
+                             scoring.blocks_per_group(hq // hkv))
+    for name, fn in (("pool queries (in scores)", pool),
                      ("select (torch)", select_torch), ("select (fused)", select),
                      ("scores + select", lambda: (candidates["package"](), select()))):
         ms = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")

@@ -17,12 +17,15 @@ from .attention import tma_block_n, tma_supported
 
 @triton.jit
 def _pool_queries_kernel(
-    q_ptr, pooled_ptr, qblocks_ptr,
+    q_ptr, pooled_ptr, qblocks_ptr, groups_ptr,
     stride_qt, stride_qh, stride_pi, stride_ph,
     ROWS: tl.constexpr, HEAD_SIZE: tl.constexpr,
 ):
-    qblock = tl.program_id(0)
     head = tl.program_id(1)
+    member = tl.program_id(2)
+    if member >= tl.load(groups_ptr + tl.program_id(0) * 2 + 1):
+        return
+    qblock = tl.load(groups_ptr + tl.program_id(0) * 2) + member
     row_start = tl.load(qblocks_ptr + qblock * 4 + 1)
     num_rows = tl.load(qblocks_ptr + qblock * 4 + 3)
     offs_r = tl.arange(0, ROWS)
@@ -109,19 +112,20 @@ def _block_scores_kernel(
 
 
 def pool_queries(
-    q: torch.Tensor, qblocks: torch.Tensor, pooled: torch.Tensor, sparse_block: int,
-    config: dict[str, int] | None = None,
+    q: torch.Tensor, qblocks: torch.Tensor, groups: torch.Tensor, pooled: torch.Tensor, sparse_block: int,
+    blocks_per_group: int, config: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """pooled[i, h] = mean of q over the rows of query block i (fp32)."""
-    num_qblocks, head_size = qblocks.shape[0], q.shape[2]
+    """pooled[i, h] = mean of q over the rows of query block i (fp32), for the query blocks of
+    ``groups`` ([g, 2] (first query block, count <= blocks_per_group)); other rows stay untouched."""
+    head_size = q.shape[2]
     # A whole block's rows in one load where registers allow: with a loop over 16-row slices the
     # loads of a program wait on each other, and pooling took as long as scoring at 131K tokens
     # (1.23 of 2.39 ms, H200, benchmarks/results/selection-h200-2026-11-28-*.json).
     cfg = dict(ROWS=min(triton.next_power_of_2(sparse_block), max(16, 16384 // head_size)), num_warps=4)
     cfg.update(config or {})
-    if num_qblocks:
-        _pool_queries_kernel[(num_qblocks, q.shape[1])](
-            q, pooled, qblocks, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
+    if groups.shape[0]:
+        _pool_queries_kernel[(groups.shape[0], q.shape[1], blocks_per_group)](
+            q, pooled, qblocks, groups, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
             HEAD_SIZE=head_size, **cfg,
         )
     return pooled
@@ -145,10 +149,11 @@ def block_scores(
     sparse_block: int,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """Fill ``scores[i, h, :qb_i + 1]`` (see the module docstring).
+    """Fill ``scores[i, h, :qb_i + 1]`` (see the module docstring) for the query blocks of ``groups``.
 
     groups: [g, 2] int32 (first query block, count) of consecutive query blocks of one request,
-    at most ``blocks_per_group(gqa)`` each. pooled: an fp32 workspace [n >= num qblocks, Hq, D].
+    at most ``blocks_per_group(gqa)`` each; the rows of other query blocks stay untouched.
+    pooled: an fp32 workspace [n >= num qblocks, Hq, D].
     """
     num_q_heads, head_size = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -156,7 +161,7 @@ def block_scores(
     per_group = blocks_per_group(gqa)
     if groups.shape[0] == 0:
         return scores
-    pool_queries(q, qblocks, pooled, sparse_block)
+    pool_queries(q, qblocks, groups, pooled, sparse_block, per_group)
     block_m = max(16, triton.next_power_of_2(per_group * gqa))
     # Tiles from benchmarks/selection.py --sweep on an H200 (131K tokens, d 64 and 128, page 16).
     cfg = dict(

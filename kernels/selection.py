@@ -3,7 +3,8 @@
 Same rule as ``vllm_flashprefill.patterns.select_dynamic`` followed by ``mask_to_lists`` (the torch
 definition the tests compare against), fused so that a layer pays one small launch instead of
 about twenty torch operations: per query block and KV head, each query head's causal scores
-relative to that head's maximum, the union over the heads of the group, the threshold, optional
+relative to that head's maximum and to its candidates' mean, the union over the heads of the group
+of the blocks that pass both, optional
 min/max budgets on the content-selected blocks, the forced sink/local/strided/diagonal blocks
 (every causal block for query blocks below ``min_seq_len`` or in the chunk's dense tail), and the
 kept block indices written in ascending order with their count.
@@ -39,12 +40,12 @@ def _kth_largest(values, K: tl.constexpr):
 @triton.jit(do_not_specialize=["num_kv_blocks", "stride_si", "stride_ii", "stride_ci"])
 def _select_blocks_kernel(
     scores_ptr, qblocks_ptr, seq_lens_ptr, indices_ptr, counts_ptr,
-    num_kv_blocks, log_threshold,
+    num_kv_blocks, log_threshold, log_above_mean,
     stride_si, stride_sh, stride_ii, stride_ih, stride_ci, stride_ch,
     GQA: tl.constexpr, WIDTH: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
     SINK_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, STRIDE: tl.constexpr,
     MIN_SEQ_LEN: tl.constexpr, DENSE_TAIL_BLOCKS: tl.constexpr,
-    MIN_BUDGET: tl.constexpr, MAX_BUDGET: tl.constexpr,
+    MIN_BUDGET: tl.constexpr, MAX_BUDGET: tl.constexpr, ABOVE_MEAN: tl.constexpr,
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -58,14 +59,23 @@ def _select_blocks_kernel(
     dense = (qb * SPARSE_BLOCK < MIN_SEQ_LEN) | (qb > last_block - DENSE_TAIL_BLOCKS)
     forced = tl.where(dense, causal, pinned)
 
+    candidate = causal & ~forced
+    num_candidates = tl.maximum(tl.sum(candidate.to(tl.int32), 0), 1).to(tl.float32)
     rel = tl.full([WIDTH], float("-inf"), dtype=tl.float32)
+    keep = tl.zeros([WIDTH], dtype=tl.int1)
     row = scores_ptr + qblock.to(tl.int64) * stride_si + kv_head * GQA * stride_sh
     for g in tl.static_range(GQA):
         s = tl.load(row + g * stride_sh + kb, mask=causal, other=float("-inf"))
-        rel = tl.maximum(rel, s - tl.max(s, 0))
+        rel_g = s - tl.max(s, 0)
+        passes = rel_g >= log_threshold
+        if ABOVE_MEAN:  # exp(s) >= above_mean * the mean of exp(s) over the candidates
+            top = tl.max(tl.where(candidate, s, float("-inf")), 0)
+            spread = tl.sum(tl.where(candidate, tl.exp(s - top), 0.0), 0)
+            passes = passes & (s - top - tl.log(spread / num_candidates) >= log_above_mean)
+        keep = keep | passes
+        rel = tl.maximum(rel, rel_g)
     rel = tl.where(forced, float("-inf"), rel)
 
-    keep = rel >= log_threshold
     if MIN_BUDGET > 0:
         keep = keep | (rel >= _kth_largest(rel, MIN_BUDGET))
     if MAX_BUDGET > 0:
@@ -88,6 +98,7 @@ def select_blocks(
     *,
     sparse_block: int,
     threshold: float,
+    above_mean: float,
     sink_blocks: int,
     local_blocks: int,
     stride: int,
@@ -121,12 +132,13 @@ def select_blocks(
     _select_blocks_kernel[(n, num_kv_heads)](
         scores, qblocks, seq_lens, indices, counts,
         num_kv_blocks, math.log(threshold) if threshold > 0 else float("-inf"),
+        math.log(above_mean) if above_mean > 0 else 0.0,
         scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1),
         counts.stride(0), counts.stride(1),
         GQA=num_q_heads // num_kv_heads, WIDTH=triton.next_power_of_2(width),
         SPARSE_BLOCK=sparse_block, SINK_BLOCKS=sink_blocks, LOCAL_BLOCKS=local_blocks,
         STRIDE=stride, MIN_SEQ_LEN=min_seq_len, DENSE_TAIL_BLOCKS=dense_tail_blocks,
-        MIN_BUDGET=min_budget, MAX_BUDGET=max_budget,
+        MIN_BUDGET=min_budget, MAX_BUDGET=max_budget, ABOVE_MEAN=above_mean > 0,
         num_warps=4,
     )
     return indices, counts

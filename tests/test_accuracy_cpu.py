@@ -120,7 +120,7 @@ def test_min_seq_len_and_dense_layers_stay_dense(model, ids):
 def test_dynamic_threshold_zero_is_dense_and_threshold_one_is_forced(model, ids):
     dense = logits(model, ids, "sdpa")
     base = {"pattern": "dynamic", "block_size": BS, "sink_blocks": 0, "local_blocks": 0, "min_seq_len": 0,
-            "dense_tail_blocks": 0, "dense_layers": 0}
+            "dense_tail_blocks": 0, "dense_layers": 0, "above_mean": 0.0}
     out = logits(model, ids, hf_reference.ATTN_NAME, FlashPrefillConfig(**base, threshold=0.0))
     torch.testing.assert_close(out, dense, atol=2e-4, rtol=1e-4)
     hf_reference.STATS.reset()

@@ -57,6 +57,7 @@ def test_every_field_can_be_set():
         "local_blocks": 4,
         "stride": 8,
         "threshold": 1,  # an int is a number
+        "above_mean": "1.5",  # the env/CLI spelling
         "min_budget": 2,
         "max_budget": 32,
         "min_seq_len": 0,
@@ -73,6 +74,7 @@ def test_every_field_can_be_set():
         local_blocks=4,
         stride=8,
         threshold=1.0,
+        above_mean=1.5,
         min_budget=2,
         max_budget=32,
         min_seq_len=0,
@@ -116,6 +118,10 @@ BAD_CONFIGS = [
     ({"threshold": -0.1}, "threshold", "-0.1"),
     ({"threshold": "high"}, "threshold", "'high'"),
     ({"threshold": False}, "threshold", "False"),
+    ({"above_mean": -1}, "above_mean", "-1"),
+    ({"above_mean": "Infinity"}, "above_mean", "inf"),
+    ({"above_mean": "NaN"}, "above_mean", "nan"),
+    ({"above_mean": [2]}, "above_mean", "[2]"),
     ({"min_budget": -1}, "min_budget", "-1"),
     ({"min_budget": 8, "max_budget": 4}, "max_budget", "4"),
     ({"min_seq_len": -1}, "min_seq_len", "-1"),

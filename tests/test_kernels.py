@@ -73,7 +73,7 @@ def case_mask(pattern, case):
     )
     options = dict(sink_blocks=1, local_blocks=1, stride=3, threshold=1.0)
     if pattern == "dynamic":
-        options.update(sink_blocks=0, local_blocks=0, stride=0)
+        options.update(sink_blocks=0, local_blocks=0, stride=0, above_mean=0.0)
     cfg = FlashPrefillConfig(pattern=pattern, block_size=BLOCK, min_seq_len=0, dense_tail_blocks=0, **options)
     scale = head_size**-0.5
     qblocks = plan(batch, hq // hkv)
@@ -210,10 +210,15 @@ def test_block_scores_split_over_programs(config, page_size):
 def test_pool_queries_means_each_blocks_own_rows(config):
     batch = make_paged_batch([150, 37], [70, 300], 4, 2, 64, 16, torch.float32, seed=2)
     qblocks = plan(batch, 2)
+    # Groups of up to 2 blocks that leave out query block 2 (first request) and 4 (second).
+    groups = torch.tensor([[0, 2], [3, 1]], dtype=torch.int32)
     pooled = torch.full((qblocks.num_blocks + 1, 4, 64), float("nan"))
-    pool_queries(batch.q, qblocks.table, pooled, BLOCK, config)
+    pool_queries(batch.q, qblocks.table, groups, pooled, BLOCK, 2, config)
     for i, (_, first_row, _, rows) in enumerate(qblocks.table_cpu.tolist()):
-        torch.testing.assert_close(pooled[i], batch.q[first_row:first_row + rows].mean(0), atol=1e-6, rtol=1e-5)
+        if i in (2, 4):
+            assert pooled[i].isnan().all(), "a block outside the groups stays untouched"
+        else:
+            torch.testing.assert_close(pooled[i], batch.q[first_row:first_row + rows].mean(0), atol=1e-6, rtol=1e-5)
     assert pooled[-1].isnan().all(), "rows past the query blocks stay untouched"
 
 
@@ -263,7 +268,8 @@ def test_forced_blocks(pattern):
 def test_budgets_bound_content_selection():
     scores = torch.randn(6, 2, 10)
     block_index = torch.arange(4, 10)
-    base = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=0, min_seq_len=0, dense_tail_blocks=0)
+    base = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=0, min_seq_len=0, dense_tail_blocks=0,
+                above_mean=0.0)
     forced = forced_block_mask(block_index, 9, 10, FlashPrefillConfig(**base))
     free = select_dynamic(scores, block_index, 9, 1, FlashPrefillConfig(**base, threshold=0.0))
     capped = select_dynamic(scores, block_index, 9, 1, FlashPrefillConfig(**base, threshold=0.0, max_budget=2))
@@ -272,6 +278,52 @@ def test_budgets_bound_content_selection():
     atleast = select_dynamic(scores, block_index, 9, 1, FlashPrefillConfig(**base, threshold=1.0, min_budget=3))
     candidates = (free & ~forced).sum(-1)
     assert torch.equal((atleast & ~forced).sum(-1), candidates.clamp(max=3))
+
+
+def test_above_mean_adds_nothing_on_flat_scores_and_keeps_what_stands_out():
+    """Scores within a few percent of each other pass any threshold; above_mean keeps only a
+    block that stands out from the other candidates, per query head (a block that is near the
+    max in one head of a GQA group and above the mean only in another is not kept)."""
+    nkb, block_index = 12, torch.tensor([11, 11])
+    base = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=1, stride=0, min_seq_len=0,
+                dense_tail_blocks=0, threshold=0.1)
+    forced = forced_block_mask(block_index, 11, nkb, FlashPrefillConfig(**base))[:, 0]
+    flat = torch.rand(2, 2, nkb, generator=torch.Generator().manual_seed(0)) * 0.05
+    without = select_dynamic(flat, block_index, 11, 1, FlashPrefillConfig(**base, above_mean=0.0))[:, 0]
+    assert torch.equal(without, torch.ones_like(without)), "flat scores pass the threshold everywhere"
+    gated = select_dynamic(flat, block_index, 11, 1, FlashPrefillConfig(**base, above_mean=2.0))[:, 0]
+    assert torch.equal(gated, forced), "nothing stands out: the forced blocks alone"
+
+    peaked = flat.clone()
+    peaked[0, 0, 5] = 3.0  # row 0, head 0: block 5 stands out (and is the row max)
+    # Row 1, block 3: in head 0 it is 2.2x the candidates' mean but e^-7 of the row max (the sink
+    # block's 8.0); in head 1 it is the row max but only 1.5x the mean. Neither head passes both.
+    peaked[1, 0, 0] = 8.0
+    peaked[1, 0, 3] = 1.0
+    peaked[1, 1, 3] = 0.5
+    gated = select_dynamic(peaked, block_index, 11, 1, FlashPrefillConfig(**base, above_mean=2.0))[:, 0]
+    assert torch.equal(gated[0], forced[0] | (torch.arange(nkb) == 5))
+    assert torch.equal(gated[1], forced[1])
+    kept_by_mean_alone = select_dynamic(peaked, block_index, 11, 1, FlashPrefillConfig(
+        **{**base, "threshold": 0.0}, above_mean=1.5))[:, 0]
+    assert kept_by_mean_alone[1, 3], "without the threshold, head 0 keeps block 3"
+
+
+def test_score_groups_cover_only_blocks_content_selection_can_add_to():
+    """Query blocks that keep every causal block anyway (below min_seq_len, in a chunk's dense
+    tail, or within sink + local of the start) get no scores; the rest are cut into runs of one
+    request of at most blocks_per_score_group."""
+    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=2,
+                             min_seq_len=5 * BLOCK, dense_tail_blocks=1)
+    # Request 0: blocks 0..12 in one chunk; request 1: a chunk of blocks 6..9 after a cached prefix.
+    query_start_loc = torch.tensor([0, 13 * BLOCK, 17 * BLOCK])
+    seq_lens = torch.tensor([13 * BLOCK, 10 * BLOCK])
+    qblocks = build_query_blocks(query_start_loc, seq_lens, [0, 1], BLOCK, "cpu", 3, cfg)
+    block_index = qblocks.block_index.tolist()
+    groups = [[block_index[first + i] for i in range(count)] for first, count in qblocks.score_groups.tolist()]
+    assert groups == [[5, 6, 7], [8, 9, 10], [11], [6, 7, 8]]
+    every = build_query_blocks(query_start_loc, seq_lens, [0, 1], BLOCK, "cpu", 3)
+    assert every.score_groups.tolist() == [[0, 3], [3, 3], [6, 3], [9, 3], [12, 1], [13, 3], [16, 1]]
 
 
 # (GQA group, options over dynamic defaults)
@@ -286,6 +338,9 @@ SELECTION_CASES = [
     (1, dict(threshold=0.1, dense_tail_blocks=1, min_seq_len=4 * BLOCK, max_budget=2)),
     (4, dict(threshold=0.3, stride=3, max_budget=4)),
     (1, dict(threshold=1.0, min_budget=100)),  # more than the padded row holds: keep every block
+    (4, dict(threshold=0.0, above_mean=0.0)),  # threshold and mean tests off: every candidate
+    (4, dict(threshold=0.2, above_mean=1.2, max_budget=3)),
+    (7, dict(threshold=0.01, above_mean=8.0, min_budget=1)),
 ]
 
 

@@ -234,6 +234,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         qblocks = build_query_blocks(
             qsl, seq_lens, requests, self.cfg.block_size, self.device,
             blocks_per_group(self.num_heads_q // self.num_heads_kv),
+            self.cfg if self.cfg.pattern == "dynamic" else None,
         )
         step = SparseStep(
             query_blocks=qblocks, kv_indices=None, kv_counts=None, dense_runs=dense_runs,

@@ -15,6 +15,7 @@ from typing import Any
 PATTERNS = ("dense", "local", "strided", "hybrid", "dynamic")
 SPARSE_KERNELS = ("auto", "hopper", "triton", "flash_attn")
 STRING_KEYS = ("pattern", "sparse_kernel")
+NUMBER_KEYS = ("threshold", "above_mean")
 ENV_PREFIX = "FLASHPREFILL_"
 CONFIG_KEY = "flashprefill"
 
@@ -34,6 +35,10 @@ class FlashPrefillConfig:
     stride: int = 16
     # dynamic: keep a block whose score is >= threshold * the row's max score.
     threshold: float = 0.1
+    # dynamic: ... and >= above_mean * the mean score of the row's candidate (not forced) blocks
+    # (scores as exp(logit), per query head; 0 = no such test). Where no candidate stands out
+    # (flat scores), content selection then adds nothing and the forced blocks stand alone.
+    above_mean: float = 2.0
     # dynamic: at least / at most this many KV blocks per query block (0 = no cap).
     min_budget: int = 0
     max_budget: int = 0
@@ -75,6 +80,8 @@ class FlashPrefillConfig:
                       "for the other patterns)")
         if not 0.0 <= self.threshold <= 1.0:
             raise bad("threshold", "a number in [0, 1]")
+        if not 0.0 <= self.above_mean < float("inf"):
+            raise bad("above_mean", "a finite number >= 0 (0 = off)")
         if self.max_budget and self.max_budget < self.min_budget:
             raise bad("max_budget", f"0 (no cap) or >= min_budget ({self.min_budget})")
         if self.min_seq_len < 0:
@@ -159,7 +166,7 @@ def _coerce(key: str, value: Any) -> Any:
     expected = {
         "pattern": "a string",
         "sparse_kernel": "a string",
-        "threshold": "a number",
+        **{k: "a number" for k in NUMBER_KEYS},
         "dense_layers": "an integer or a list of integers",
     }.get(key, "an integer")
 
@@ -177,7 +184,7 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise fail()
         return value.lower()
-    if key == "threshold":
+    if key in NUMBER_KEYS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail()
         return float(value)

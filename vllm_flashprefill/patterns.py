@@ -3,7 +3,7 @@
 A pattern is a boolean mask over (query block, KV head, KV block), always causal and always
 holding the diagonal block. Static patterns depend on block indices only (one mask row shared by
 every head); ``dynamic`` keeps sink, local and strided blocks and adds the blocks whose score passes
-a threshold relative to the row maximum.
+a threshold relative to the row maximum and stands out from the other candidates' mean.
 Query blocks that start below ``min_seq_len``, and the last ``dense_tail_blocks`` query blocks of
 a chunk, keep every causal block (dense).
 """
@@ -22,9 +22,16 @@ def dense_query_blocks(
 ) -> torch.Tensor:
     """[n] bool: query blocks that attend densely (below ``min_seq_len`` or in the chunk's tail).
 
-    last_block: the absolute index of the last block of the chunk each query block belongs to."""
-    qb = block_index.long()
-    return (qb * cfg.block_size < cfg.min_seq_len) | (qb > last_block - cfg.dense_tail_blocks)
+    last_block: the absolute index of the last block of the chunk each query block belongs to.
+    Tensors or numpy arrays."""
+    return (block_index * cfg.block_size < cfg.min_seq_len) | (block_index > last_block - cfg.dense_tail_blocks)
+
+
+def content_selectable(block_index, last_block, cfg: FlashPrefillConfig):
+    """[n] bool: query blocks where ``dynamic`` content selection can add a block; every other one
+    keeps all its causal blocks anyway (dense, or sink and local window cover them), so its scores
+    are not needed. Tensors or numpy arrays (see :func:`dense_query_blocks`)."""
+    return ~dense_query_blocks(block_index, last_block, cfg) & (block_index > cfg.sink_blocks + cfg.local_blocks)
 
 
 def forced_block_mask(
@@ -59,23 +66,29 @@ def select_dynamic(
 ) -> torch.Tensor:
     """[n, Hkv, nkb] mask from block scores [n, Hq, nkb] (max logit of the pooled query per block).
 
-    Per query head the scores are taken relative to that head's maximum (so ``threshold`` is a
-    fraction of the row's top score, ``exp(s - max) >= threshold``); the heads sharing a KV head
-    keep the union of their blocks (query head h belongs to KV head h // (Hq / Hkv), as in vLLM).
-    ``min_budget``/``max_budget`` bound how many blocks content selection adds on top of the
-    forced blocks of :func:`forced_block_mask` (``forced``: that mask, if the caller already has
-    it; ``last_block``: see :func:`dense_query_blocks`).
+    Per query head a candidate (causal, not forced) block passes when ``exp(s - max) >= threshold``
+    (``max`` over the head's causal blocks) and ``exp(s) >= above_mean * mean(exp(s))`` over the
+    head's candidates; the heads sharing a KV head keep the union of the blocks that pass (query
+    head h belongs to KV head h // (Hq / Hkv), as in vLLM). ``min_budget``/``max_budget`` bound how
+    many blocks content selection adds on top of the forced blocks of :func:`forced_block_mask`,
+    ranked by their best ``s - max`` over the group (``forced``: that mask, if the caller already
+    has it; ``last_block``: see :func:`dense_query_blocks`).
     """
     n, num_q_heads, nkb = scores.shape
+    gqa = num_q_heads // num_kv_heads
     if forced is None:
         forced = forced_block_mask(block_index, last_block, nkb, cfg)
     causal = torch.arange(nkb, device=scores.device)[None, None, :] <= block_index[:, None, None]
     s = scores.masked_fill(~causal, float("-inf"))
     rel = s - s.amax(-1, keepdim=True)
-    rel = rel.view(n, num_kv_heads, num_q_heads // num_kv_heads, nkb).amax(2)
-    rel = rel.masked_fill(forced, float("-inf"))
-    log_threshold = math.log(cfg.threshold) if cfg.threshold > 0 else float("-inf")
-    keep = rel >= log_threshold
+    passes = rel >= (math.log(cfg.threshold) if cfg.threshold > 0 else float("-inf"))
+    if cfg.above_mean > 0:
+        candidate = causal & ~forced.repeat_interleave(gqa if forced.shape[1] > 1 else 1, 1)
+        mean = torch.logsumexp(s.masked_fill(~candidate, float("-inf")), -1, keepdim=True) - torch.log(
+            candidate.sum(-1, keepdim=True).clamp(min=1))
+        passes &= s - mean >= math.log(cfg.above_mean)
+    keep = passes.view(n, num_kv_heads, gqa, nkb).any(2)
+    rel = rel.view(n, num_kv_heads, gqa, nkb).amax(2).masked_fill(forced, float("-inf"))
     if cfg.min_budget:
         kth = rel.topk(min(cfg.min_budget, nkb), dim=-1).values[..., -1:]
         keep |= rel >= kth
@@ -104,7 +117,8 @@ def select_dynamic_lists(
 
     return select_blocks(
         scores, qblocks, seq_lens, num_kv_heads, num_kv_blocks,
-        sparse_block=cfg.block_size, threshold=cfg.threshold, sink_blocks=cfg.sink_blocks,
+        sparse_block=cfg.block_size, threshold=cfg.threshold, above_mean=cfg.above_mean,
+        sink_blocks=cfg.sink_blocks,
         local_blocks=cfg.local_blocks, stride=cfg.stride, min_seq_len=cfg.min_seq_len,
         dense_tail_blocks=cfg.dense_tail_blocks, min_budget=cfg.min_budget,
         max_budget=cfg.max_budget, indices=indices, counts=counts,

@@ -14,6 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from vllm_flashprefill.config import FlashPrefillConfig
+from vllm_flashprefill.patterns import content_selectable
+
 
 @dataclasses.dataclass
 class QueryBlocks:
@@ -25,7 +28,8 @@ class QueryBlocks:
     block_index: torch.Tensor
     # [n] absolute block index of the last block of the chunk each query block belongs to (device).
     last_block: torch.Tensor
-    # [g, 2] int32 (first query block, count): runs of one request for the scoring kernel.
+    # [g, 2] int32 (first query block, count): runs of one request's query blocks for the scoring
+    # kernel (with a dynamic config, only blocks where content selection can add a block).
     score_groups: torch.Tensor
     # KV blocks the longest request spans (the width of block masks and lists).
     num_kv_blocks: int
@@ -49,7 +53,9 @@ def build_query_blocks(
     block_size: int,
     device: torch.device | str,
     blocks_per_score_group: int = 16,
+    cfg: FlashPrefillConfig | None = None,
 ) -> QueryBlocks:
+    """``cfg``: the config whose dynamic selection the score groups serve (None: every block)."""
     qsl = np.asarray(query_start_loc_cpu, dtype=np.int64)
     seq_lens = np.asarray(seq_lens_cpu, dtype=np.int64)
     rows, groups = [], []
@@ -68,8 +74,13 @@ def build_query_blocks(
                 [np.full_like(starts, r), q_start + starts - context, starts, ends - starts], axis=1
             )
         )
-        for g in range(0, len(starts), blocks_per_score_group):
-            groups.append((base + g, min(blocks_per_score_group, len(starts) - g)))
+        scored = np.ones(len(starts), dtype=bool)
+        if cfg is not None:
+            scored = content_selectable(np.arange(first_block, last_block + 1), last_block, cfg)
+        scored_blocks = np.flatnonzero(scored)
+        for run in np.split(scored_blocks, np.flatnonzero(np.diff(scored_blocks) != 1) + 1):
+            for g in range(0, len(run), blocks_per_score_group):
+                groups.append((base + run[g], min(blocks_per_score_group, len(run) - g)))
         num_kv_blocks = max(num_kv_blocks, int(last_block) + 1)
     table_cpu = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
     groups_cpu = np.asarray(groups, dtype=np.int32).reshape(-1, 2)

