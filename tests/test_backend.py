@@ -361,6 +361,26 @@ def test_metadata_is_built_for_every_kv_cache_group(model_dir):
     assert builder.supports_update_block_table is False
 
 
+def test_start_up_run_scores_its_blocks_so_the_scoring_kernels_compile(model_dir, monkeypatch):
+    """The start-up run's two blocks lie below the default min_seq_len, where a real step scores
+    nothing; it scores them all the same, or the pooling and scoring kernels would compile during
+    the first long prompt (vLLM's JIT monitor warned so on an H200)."""
+    from vllm_flashprefill import backend
+
+    scored = []
+    real = backend.block_scores
+
+    def spy(query, key_cache, block_table, seq_lens, qblocks, groups, *args):
+        scored.append(int(groups[:, 1].sum()))
+        return real(query, key_cache, block_table, seq_lens, qblocks, groups, *args)
+
+    monkeypatch.setattr(backend, "block_scores", spy)
+    batch = make_paged_batch([64], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    builder, _ = build(vllm_config(model_dir, pattern="dynamic"), batch)
+    assert builder.cfg.min_seq_len > 2 * BLOCK
+    assert scored == [2]
+
+
 def test_dynamic_workspace_comes_with_the_model(model_dir):
     """The dynamic workspace is allocated when the first attention layer is built (inside vLLM's
     model load, whose memory vLLM counts before sizing the KV cache), and the builder, created

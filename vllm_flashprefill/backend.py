@@ -178,7 +178,10 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         q = torch.randn(tokens, self.num_heads_q, d, device=self.device).to(self.kv_cache_dtype)
         block_table = torch.arange(pages, dtype=torch.int32, device=self.device)[None]
         seq_lens = torch.tensor([tokens], dtype=torch.int32, device=self.device)
-        step = self._sparse_step(np.array([0, tokens]), np.array([tokens]), [0], [], block_table)
+        # Its two blocks need no scores (they lie below min_seq_len); scored anyway, so that the
+        # scoring kernels compile here too.
+        step = self._sparse_step(np.array([0, tokens]), np.array([tokens]), [0], [], block_table,
+                                 score_every_block=True)
         key_cache, value_cache = kv[..., :d], kv[..., d:]
         args = (q, key_cache, value_cache, torch.empty_like(q), block_table, seq_lens, step, self.cfg, d**-0.5)
         try:
@@ -230,11 +233,12 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             qsl, seq_lens, sparse, self._dense_runs(cm, fa, set(sparse), qsl, seq_lens), fa.block_table
         )
 
-    def _sparse_step(self, qsl, seq_lens, requests, dense_runs, block_table) -> SparseStep:
+    def _sparse_step(self, qsl, seq_lens, requests, dense_runs, block_table,
+                     score_every_block: bool = False) -> SparseStep:
         qblocks = build_query_blocks(
             qsl, seq_lens, requests, self.cfg.block_size, self.device,
             blocks_per_group(self.num_heads_q // self.num_heads_kv),
-            self.cfg if self.cfg.pattern == "dynamic" else None,
+            self.cfg if self.cfg.pattern == "dynamic" and not score_every_block else None,
         )
         step = SparseStep(
             query_blocks=qblocks, kv_indices=None, kv_counts=None, dense_runs=dense_runs,
