@@ -1,7 +1,8 @@
 """Block scores for dynamic selection (Triton): mean-pooled query block x every key, max per KV block.
 
 ``scores[i, h, kb]`` = max over keys j in KV block kb of ``scale * mean_q(i, h) . k_j`` (query
-block i, query head h), for kb <= the query block's own block; later entries are left unwritten.
+block i, query head h), for kb <= the query block's own block and for the query blocks of the
+score groups; other entries are left unwritten.
 Only the query block's own rows and the keys before them enter, never the chunk around them.
 """
 

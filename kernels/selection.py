@@ -112,7 +112,9 @@ def select_blocks(
     """Block lists from block scores.
 
     scores: [n, Hq, W] fp32 (W >= num_kv_blocks; entries after a query block's own block are
-    ignored, so a workspace may hold stale values there); qblocks: the [n, 4] query-block table;
+    ignored, and so are the rows of query blocks whose causal blocks are all forced (see
+    ``patterns.content_selectable``), so a workspace may hold stale values there); qblocks: the
+    [n, 4] query-block table;
     seq_lens: [num requests] int32, each request's length after its chunk.
     Returns indices [n, Hkv, W] int32 (the first ``counts`` of each row are valid, ascending) and
     counts [n, Hkv] int32, written into ``indices``/``counts`` when given. The kernel is compiled

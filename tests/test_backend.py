@@ -209,7 +209,7 @@ def test_impl_forward_sparse_batch_matches_reference(
     query_lens, context_lens = [200, 130], [0, 190]
     config = vllm_config(
         model_dir, pattern=pattern, min_seq_len=0, sink_blocks=0, local_blocks=local_blocks, stride=2,
-        threshold=1.0, dense_tail_blocks=0, sparse_kernel=sparse_kernel,
+        threshold=1.0, above_mean=0.0, dense_tail_blocks=0, sparse_kernel=sparse_kernel,
     )
     fa3_calls = []
     if DEVICE == "cpu":

@@ -12,6 +12,7 @@ from vllm_flashprefill.kernels.reference import (
 )
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group, pool_queries
 from vllm_flashprefill.patterns import (
+    content_selectable,
     forced_block_mask,
     lists_to_mask,
     mask_to_lists,
@@ -162,7 +163,7 @@ def test_block_scores_match_reference_and_give_same_selection(page_size):
     qblocks = plan(batch, 4)
     scale = 0.125
     cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.97,
-                             min_seq_len=0, dense_tail_blocks=0)
+                             above_mean=0.0, min_seq_len=0, dense_tail_blocks=0)
     scores, mask = dynamic_mask(batch, qblocks, cfg, scale)
     ref_scores = block_scores_reference(
         batch.q, batch.k_cache, batch.block_table, batch.seq_lens, qblocks.table, scale, BLOCK,
@@ -228,7 +229,7 @@ def test_selection_ignores_the_chunk_around_a_block():
     whole = make_paged_batch([512], [0], 4, 2, 64, 16, torch.float32, seed=3)
     cfg = FlashPrefillConfig(
         pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.95,
-        min_seq_len=0, dense_tail_blocks=0,
+        above_mean=0.0, min_seq_len=0, dense_tail_blocks=0,
     )
     qb_whole = plan(whole, 2)
     _, mask_whole = dynamic_mask(whole, qb_whole, cfg, 0.125)
@@ -364,6 +365,8 @@ def test_fused_selection_matches_torch_selection(case):
     for i, qb in enumerate(block_index.tolist()):
         scores[i, :, qb + 1:] = float("nan")  # stale workspace entries past the diagonal
     last_block = (seq_lens[request] - 1) // BLOCK
+    # Query blocks where content selection cannot add a block are not scored: stale rows.
+    scores[~content_selectable(block_index, last_block, cfg)] = float("nan")
     ref = select_dynamic(scores[..., :nkb], block_index, last_block, num_kv_heads, cfg)
     indices, counts = select_dynamic_lists(scores, table, seq_lens, num_kv_heads, nkb, cfg)
     assert torch.equal(counts, ref.sum(-1, dtype=torch.int32))

@@ -36,8 +36,9 @@ class FlashPrefillConfig:
     # dynamic: keep a block whose score is >= threshold * the row's max score.
     threshold: float = 0.1
     # dynamic: ... and >= above_mean * the mean score of the row's candidate (not forced) blocks
-    # (scores as exp(logit), per query head; 0 = no such test). Where no candidate stands out
-    # (flat scores), content selection then adds nothing and the forced blocks stand alone.
+    # (scores as exp(logit), per query head; 0 = no such test; the mean includes the block itself,
+    # so with 2.0 a row of two candidates or fewer adds none). Where no candidate stands out (flat
+    # scores), content selection then adds nothing and the forced blocks stand alone.
     above_mean: float = 2.0
     # dynamic: at least / at most this many KV blocks per query block (0 = no cap).
     min_budget: int = 0

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from vllm_flashprefill.config import FlashPrefillConfig
 
 
 def dense_query_blocks(
-    block_index: torch.Tensor, last_block: torch.Tensor | int, cfg: FlashPrefillConfig
-) -> torch.Tensor:
+    block_index: torch.Tensor | np.ndarray, last_block: torch.Tensor | np.ndarray | int, cfg: FlashPrefillConfig
+) -> torch.Tensor | np.ndarray:
     """[n] bool: query blocks that attend densely (below ``min_seq_len`` or in the chunk's tail).
 
     last_block: the absolute index of the last block of the chunk each query block belongs to.
@@ -27,7 +28,9 @@ def dense_query_blocks(
     return (block_index * cfg.block_size < cfg.min_seq_len) | (block_index > last_block - cfg.dense_tail_blocks)
 
 
-def content_selectable(block_index, last_block, cfg: FlashPrefillConfig):
+def content_selectable(
+    block_index: torch.Tensor | np.ndarray, last_block: torch.Tensor | np.ndarray | int, cfg: FlashPrefillConfig
+) -> torch.Tensor | np.ndarray:
     """[n] bool: query blocks where ``dynamic`` content selection can add a block; every other one
     keeps all its causal blocks anyway (dense, or sink and local window cover them), so its scores
     are not needed. Tensors or numpy arrays (see :func:`dense_query_blocks`)."""

@@ -56,6 +56,8 @@ def build_query_blocks(
     cfg: FlashPrefillConfig | None = None,
 ) -> QueryBlocks:
     """``cfg``: the config whose dynamic selection the score groups serve (None: every block)."""
+    if cfg is not None and cfg.block_size != block_size:
+        raise ValueError(f"block_size {block_size} differs from the config's {cfg.block_size}")
     qsl = np.asarray(query_start_loc_cpu, dtype=np.int64)
     seq_lens = np.asarray(seq_lens_cpu, dtype=np.int64)
     rows, groups = [], []

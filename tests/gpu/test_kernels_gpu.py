@@ -267,7 +267,8 @@ def _boundary_distance(scores, block_index, last_block, num_kv_heads, cfg):
 @pytest.mark.parametrize("case", ["multi8k", "long32k", "gqa7", "d256"])
 def test_dynamic_selection_matches_reference(env, batches, note, case):
     b = batches(case)
-    cfg = dataclasses.replace(config(env, "dynamic"), dense_tail_blocks=0)  # tails are never scored
+    # Without a dense tail more blocks are scored (the CPU's small d256 case has none otherwise).
+    cfg = dataclasses.replace(config(env, "dynamic"), dense_tail_blocks=0)
     pipe = env.common.Pipeline(b, cfg)
     scores = pipe.scores()
     # Scores exist where content selection can add a block (the others keep every causal block).
