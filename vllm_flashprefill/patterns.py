@@ -59,6 +59,26 @@ def forced_block_mask(
     return (keep & causal)[:, None, :]
 
 
+def relative_scores(
+    scores: torch.Tensor, block_index: torch.Tensor, forced: torch.Tensor, to_mean: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block scores [n, Hq, nkb] per query head, in log units: relative to the head's maximum over
+    its causal blocks (-inf past the diagonal), and, with ``to_mean``, relative to the log of the
+    mean ``exp(score)`` over the head's candidates (causal, not ``forced`` [n, 1 or Hkv, nkb]) —
+    what ``threshold`` and ``above_mean`` of :func:`select_dynamic` are compared with."""
+    n, num_q_heads, nkb = scores.shape
+    causal = torch.arange(nkb, device=scores.device)[None, None, :] <= block_index[:, None, None]
+    s = scores.masked_fill(~causal, float("-inf"))
+    to_max = s - s.amax(-1, keepdim=True)
+    if not to_mean:
+        return to_max, None
+    gqa = num_q_heads // forced.shape[1] if forced.shape[1] > 1 else 1
+    candidate = causal & ~forced.repeat_interleave(gqa, 1)
+    log_mean = torch.logsumexp(s.masked_fill(~candidate, float("-inf")), -1, keepdim=True) - torch.log(
+        candidate.sum(-1, keepdim=True).clamp(min=1))
+    return to_max, s - log_mean
+
+
 def select_dynamic(
     scores: torch.Tensor,
     block_index: torch.Tensor,
@@ -81,15 +101,10 @@ def select_dynamic(
     gqa = num_q_heads // num_kv_heads
     if forced is None:
         forced = forced_block_mask(block_index, last_block, nkb, cfg)
-    causal = torch.arange(nkb, device=scores.device)[None, None, :] <= block_index[:, None, None]
-    s = scores.masked_fill(~causal, float("-inf"))
-    rel = s - s.amax(-1, keepdim=True)
+    rel, to_mean = relative_scores(scores, block_index, forced, cfg.above_mean > 0)
     passes = rel >= (math.log(cfg.threshold) if cfg.threshold > 0 else float("-inf"))
-    if cfg.above_mean > 0:
-        candidate = causal & ~forced.repeat_interleave(gqa if forced.shape[1] > 1 else 1, 1)
-        mean = torch.logsumexp(s.masked_fill(~candidate, float("-inf")), -1, keepdim=True) - torch.log(
-            candidate.sum(-1, keepdim=True).clamp(min=1))
-        passes &= s - mean >= math.log(cfg.above_mean)
+    if to_mean is not None:
+        passes &= to_mean >= math.log(cfg.above_mean)
     keep = passes.view(n, num_kv_heads, gqa, nkb).any(2)
     rel = rel.view(n, num_kv_heads, gqa, nkb).amax(2).masked_fill(forced, float("-inf"))
     if cfg.min_budget:

@@ -34,7 +34,7 @@ from vllm_flashprefill.kernels.reference import (  # noqa: E402 - after the skip
     sparse_attention_reference,
 )
 from vllm_flashprefill.patterns import (  # noqa: E402
-    content_selectable, forced_block_mask, mask_to_lists, select_dynamic)
+    content_selectable, forced_block_mask, mask_to_lists, relative_scores, select_dynamic)
 
 BLOCK = 128 if ON_GPU else 64  # must match conftest.env().block
 
@@ -250,16 +250,11 @@ def _boundary_distance(scores, block_index, last_block, num_kv_heads, cfg):
     log(above_mean); the smallest over the heads of the KV head. Also returns the KV head's best
     score relative to the row max (-inf non-causal)."""
     n, hq, nkb = scores.shape
-    causal = torch.arange(nkb, device=scores.device)[None, None, :] <= block_index[:, None, None]
-    s = scores.masked_fill(~causal, float("-inf"))
-    rel = s - s.amax(-1, keepdim=True)
+    forced = forced_block_mask(block_index, last_block, nkb, cfg)
+    rel, to_mean = relative_scores(scores, block_index, forced, cfg.above_mean > 0)
     dist = (rel - (math.log(cfg.threshold) if cfg.threshold > 0 else float("-inf"))).abs()
-    if cfg.above_mean > 0:
-        forced = forced_block_mask(block_index, last_block, nkb, cfg)
-        candidate = causal & ~forced
-        mean = torch.logsumexp(s.masked_fill(~candidate, float("-inf")), -1, keepdim=True) - torch.log(
-            candidate.sum(-1, keepdim=True).clamp(min=1))
-        dist = torch.minimum(dist, (s - mean - math.log(cfg.above_mean)).abs().nan_to_num(float("inf")))
+    if to_mean is not None:
+        dist = torch.minimum(dist, (to_mean - math.log(cfg.above_mean)).abs().nan_to_num(float("inf")))
     group = (n, num_kv_heads, hq // num_kv_heads, nkb)
     return dist.view(group).amin(2), rel.view(group).amax(2)
 
