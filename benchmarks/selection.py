@@ -6,11 +6,12 @@ prompt over a shuffled paged cache (bf16).
         [--sweep] [--rounds 3] [--alt-scoring OLD.py] [--out results.json]
 
 ``--sweep`` times the scoring kernel over the product of its launch axes (KV blocks per program,
-warps, stages) and query pooling alone over rows per load x warps. ``--alt-scoring FILE`` (repeatable)
-times another version of ``kernels/scoring.py`` (e.g. ``git show REV:kernels/scoring.py``) on the
-same inputs, interleaved with the package's in every round, and checks that it gives the same
-scores (printed, not enforced: a different summation order moves them by ~1e-6). TFLOP/s counts the
-causal pairs scored, 2 x Hq x d per (query block, key) pair, over the time of pooling + scores.
+warps, stages) and query pooling alone over rows per load x heads per program x warps.
+``--alt-scoring FILE`` (repeatable) times another version of ``kernels/scoring.py`` (e.g.
+``git show REV:kernels/scoring.py``) on the same inputs, interleaved with the package's in every
+round, and checks that it gives the same scores (printed, not enforced: a different summation order
+moves them by ~1e-6). TFLOP/s counts the causal pairs scored, 2 x Hq x d per (query block, key)
+pair, over the time of pooling + scores.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import functools
 import itertools
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -32,6 +35,9 @@ from vllm_flashprefill.plan import build_query_blocks
 from common import load_kernel_file  # benchmarks/common.py (the script's folder)
 from plotting import plot_result_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "accuracy"))
+from suite import git_commit, source_digest  # noqa: E402  (provenance)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -39,7 +45,8 @@ def main() -> None:
     ap.add_argument("--heads", default="32,8,128")
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--sweep", action="store_true", help="also sweep the scoring kernel's launch shapes")
-    sweep_axes = (("kv-blocks", "16,32,64"), ("warps", "4,8"), ("stages", "2,3,4"), ("pool-rows", "16,32,64,128"))
+    sweep_axes = (("kv-blocks", "16,32,64"), ("warps", "4,8"), ("stages", "2,3,4"), ("pool-rows", "16,32,64,128"),
+                  ("pool-heads", "1,2,4,8"))
     for axis, default in sweep_axes:
         ap.add_argument(f"--{axis}", default=default, help="comma-separated values to sweep")
     ap.add_argument("--alt-scoring", action="append", default=[], metavar="FILE",
@@ -99,8 +106,9 @@ def main() -> None:
         for kvp, warps, stages in itertools.product(*axes):
             config = dict(KV_BLOCKS_PER_PROGRAM=kvp, num_warps=warps, num_stages=stages)
             candidates[json.dumps(config)] = scorer(config=config)
-        for rows, warps in itertools.product(map(int, args.pool_rows.split(",")), (4, 8)):
-            config = dict(ROWS=rows, num_warps=warps)
+        pool_axes = (map(int, args.pool_rows.split(",")), map(int, args.pool_heads.split(",")), (4, 8))
+        for rows, heads, warps in itertools.product(*pool_axes):
+            config = dict(ROWS=rows, HEADS=heads, num_warps=warps)
             candidates[f"pool only {json.dumps(config)}"] = functools.partial(
                 scoring.pool_queries, q, qb.table, qb.score_groups, pooled, B,
                 scoring.blocks_per_group(hq // hkv), config)
@@ -144,7 +152,8 @@ def main() -> None:
         rows.append(dict(name=name, ms=ms))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
+            json.dump(dict(card=torch.cuda.get_device_name(), commit=git_commit(), source_digest=source_digest(),
+                           triton=triton.__version__, torch=torch.__version__,
                            settings=vars(args), scoring_tflop=flops / 1e12, rows=rows), f, indent=1)
         plot_result_file(args.out)
 

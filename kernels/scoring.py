@@ -8,6 +8,8 @@ Only the query block's own rows and the keys before them enter, never the chunk 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -20,24 +22,28 @@ from .attention import tma_block_n, tma_supported
 def _pool_queries_kernel(
     q_ptr, pooled_ptr, qblocks_ptr, groups_ptr,
     stride_qt, stride_qh, stride_pi, stride_ph,
-    ROWS: tl.constexpr, HEAD_SIZE: tl.constexpr,
+    ROWS: tl.constexpr, HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr,
 ):
-    head = tl.program_id(1)
+    first_head = tl.program_id(0) * HEADS
     member = tl.program_id(2)
-    if member >= tl.load(groups_ptr + tl.program_id(0) * 2 + 1):
+    if member >= tl.load(groups_ptr + tl.program_id(1) * 2 + 1):
         return
-    qblock = tl.load(groups_ptr + tl.program_id(0) * 2) + member
+    qblock = tl.load(groups_ptr + tl.program_id(1) * 2) + member
     row_start = tl.load(qblocks_ptr + qblock * 4 + 1)
     num_rows = tl.load(qblocks_ptr + qblock * 4 + 3)
     offs_r = tl.arange(0, ROWS)
-    offs_d = tl.arange(0, HEAD_SIZE)
-    total = tl.zeros([HEAD_SIZE], dtype=tl.float32)
+    # The columns of HEADS consecutive heads: with q's heads packed in a token's row, each row
+    # is one contiguous run of HEADS x HEAD_SIZE values.
+    offs_c = tl.arange(0, HEADS * HEAD_SIZE)
+    head_c, dim_c = offs_c // HEAD_SIZE, offs_c % HEAD_SIZE
+    total = tl.zeros([HEADS * HEAD_SIZE], dtype=tl.float32)
     for r in range(0, num_rows, ROWS):
         rows = r + offs_r
-        ptrs = q_ptr + (row_start + rows).to(tl.int64)[:, None] * stride_qt + head * stride_qh
-        x = tl.load(ptrs + offs_d[None, :], mask=(rows < num_rows)[:, None], other=0.0)
+        ptrs = q_ptr + (row_start + rows).to(tl.int64)[:, None] * stride_qt + first_head * stride_qh
+        x = tl.load(ptrs + (head_c * stride_qh + dim_c)[None, :], mask=(rows < num_rows)[:, None], other=0.0)
         total += tl.sum(x.to(tl.float32), 0)
-    tl.store(pooled_ptr + qblock * stride_pi + head * stride_ph + offs_d, total / num_rows)
+    out = pooled_ptr + qblock * stride_pi + (first_head + head_c) * stride_ph + dim_c
+    tl.store(out, total / num_rows)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -118,14 +124,20 @@ def pool_queries(
 ) -> torch.Tensor:
     """pooled[i, h] = mean of q over the rows of query block i (fp32), for the query blocks of
     ``groups`` ([g, 2] (first query block, count <= blocks_per_group)); other rows stay untouched."""
-    head_size = q.shape[2]
-    # A whole block's rows in one load where registers allow: with a loop over 16-row slices the
-    # loads of a program wait on each other, and pooling took as long as scoring at 131K tokens
-    # (1.23 of 2.39 ms, H200, benchmarks/results/selection-h200-2026-11-28-*.json).
-    cfg = dict(ROWS=min(triton.next_power_of_2(sparse_block), max(16, 16384 // head_size)), num_warps=4)
+    num_heads, head_size = q.shape[1], q.shape[2]
+    # A program takes several heads, so that what it reads of each row is one longer contiguous
+    # run (4 heads, d 128: 1 KB instead of 256 B), and loads ROWS x HEADS x head_size at once.
+    # Pooling + scores with 4 heads took 0.208 ms at 32K and 1.48 ms at 131K tokens, against 0.233
+    # and 1.56 with 1 (H200, Hq 32, d 128, benchmarks/results/selection-h200-2026-11-29-pool-heads-*.json;
+    # with 1 head, a whole block's rows in one load had already halved the time of a 16-row loop).
+    heads = math.gcd(num_heads, 4)
+    cfg = dict(ROWS=min(triton.next_power_of_2(sparse_block), max(16, 16384 // (heads * head_size))),
+               HEADS=heads, num_warps=4)
     cfg.update(config or {})
+    if num_heads % cfg["HEADS"]:
+        raise ValueError(f"pooling takes HEADS heads per program: {cfg['HEADS']} does not divide {num_heads}")
     if groups.shape[0]:
-        _pool_queries_kernel[(groups.shape[0], q.shape[1], blocks_per_group)](
+        _pool_queries_kernel[(num_heads // cfg["HEADS"], groups.shape[0], blocks_per_group)](
             q, pooled, qblocks, groups, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
             HEAD_SIZE=head_size, **cfg,
         )

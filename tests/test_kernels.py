@@ -207,20 +207,37 @@ def test_block_scores_split_over_programs(config, page_size):
     assert torch.equal(torch.isfinite(scores), causal), "only causal entries are written"
 
 
-@pytest.mark.parametrize("config", [None, dict(ROWS=16, num_warps=4)], ids=["one-load", "16-row-loop"])
-def test_pool_queries_means_each_blocks_own_rows(config):
+@pytest.mark.parametrize(
+    "config, q_in_qkv",
+    [(None, False), (None, True), (dict(ROWS=16, HEADS=1), False), (dict(ROWS=16, HEADS=2), True)],
+    ids=["one-load-4-heads", "one-load-4-heads-qkv-view", "16-row-loop-1-head", "16-row-loop-2-heads-qkv-view"],
+)
+def test_pool_queries_means_each_blocks_own_rows(config, q_in_qkv):
     batch = make_paged_batch([150, 37], [70, 300], 4, 2, 64, 16, torch.float32, seed=2)
+    q = batch.q
+    if q_in_qkv:  # as vLLM passes it: a view into the fused QKV projection's output
+        qkv = torch.randn(q.shape[0], 8 * 64)
+        qkv[:, :4 * 64] = q.flatten(1)
+        q = qkv[:, :4 * 64].view(-1, 4, 64)
     qblocks = plan(batch, 2)
     # Groups of up to 2 blocks that leave out query block 2 (first request) and 4 (second).
     groups = torch.tensor([[0, 2], [3, 1]], dtype=torch.int32)
     pooled = torch.full((qblocks.num_blocks + 1, 4, 64), float("nan"))
-    pool_queries(batch.q, qblocks.table, groups, pooled, BLOCK, 2, config)
+    pool_queries(q, qblocks.table, groups, pooled, BLOCK, 2, config)
     for i, (_, first_row, _, rows) in enumerate(qblocks.table_cpu.tolist()):
         if i in (2, 4):
             assert pooled[i].isnan().all(), "a block outside the groups stays untouched"
         else:
             torch.testing.assert_close(pooled[i], batch.q[first_row:first_row + rows].mean(0), atol=1e-6, rtol=1e-5)
     assert pooled[-1].isnan().all(), "rows past the query blocks stay untouched"
+
+
+def test_pool_queries_rejects_heads_per_program_that_do_not_divide_the_heads():
+    batch = make_paged_batch([150], [0], 4, 2, 64, 16, torch.float32, seed=2)
+    qblocks = plan(batch, 2)
+    pooled = torch.empty(qblocks.num_blocks, 4, 64)
+    with pytest.raises(ValueError, match="3 does not divide 4"):
+        pool_queries(batch.q, qblocks.table, qblocks.score_groups, pooled, BLOCK, 2, dict(HEADS=3))
 
 
 def test_selection_ignores_the_chunk_around_a_block():
