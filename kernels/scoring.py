@@ -8,8 +8,6 @@ Only the query block's own rows and the keys before them enter, never the chunk 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -125,17 +123,18 @@ def pool_queries(
     """pooled[i, h] = mean of q over the rows of query block i (fp32), for the query blocks of
     ``groups`` ([g, 2] (first query block, count <= blocks_per_group)); other rows stay untouched."""
     num_heads, head_size = q.shape[1], q.shape[2]
-    # A program takes several heads, so that what it reads of each row is one longer contiguous
-    # run (4 heads, d 128: 1 KB instead of 256 B), and loads ROWS x HEADS x head_size at once.
-    # Pooling + scores with 4 heads took 0.208 ms at 32K and 1.48 ms at 131K tokens, against 0.233
-    # and 1.56 with 1 (H200, Hq 32, d 128, benchmarks/results/selection-h200-2026-11-29-pool-heads-*.json;
-    # with 1 head, a whole block's rows in one load had already halved the time of a 16-row loop).
-    heads = math.gcd(num_heads, 4)
-    cfg = dict(ROWS=min(triton.next_power_of_2(sparse_block), max(16, 16384 // (heads * head_size))),
-               HEADS=heads, num_warps=4)
+    # A program takes the heads that make each row's read one contiguous kilobyte (d 128, bf16:
+    # 4 heads) and loads ROWS x HEADS x head_size at once. H200, pooling + scores at 32K / 131K
+    # tokens: Hq 32, d 128: 0.208 / 1.48 ms with 4 heads against 0.233 / 1.56 with 1. Qwen2.5's
+    # Hq 14, d 64 cannot take 1 KB in whole programs; 2 heads there pooled 6% slower than 1
+    # (benchmarks/results/selection-h200-2026-11-29-pool-*.json).
+    heads = max(1, 1024 // (head_size * q.element_size()))
+    cfg = dict(HEADS=heads if num_heads % heads == 0 else 1, num_warps=4)
     cfg.update(config or {})
-    if num_heads % cfg["HEADS"]:
-        raise ValueError(f"pooling takes HEADS heads per program: {cfg['HEADS']} does not divide {num_heads}")
+    heads = cfg["HEADS"]
+    if heads & (heads - 1) or num_heads % heads:
+        raise ValueError(f"pooling takes a power of two of heads per program that divides {num_heads}, not {heads}")
+    cfg.setdefault("ROWS", min(triton.next_power_of_2(sparse_block), max(16, 16384 // (heads * head_size))))
     if groups.shape[0]:
         _pool_queries_kernel[(num_heads // cfg["HEADS"], groups.shape[0], blocks_per_group)](
             q, pooled, qblocks, groups, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),

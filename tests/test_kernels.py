@@ -210,7 +210,7 @@ def test_block_scores_split_over_programs(config, page_size):
 @pytest.mark.parametrize(
     "config, q_in_qkv",
     [(None, False), (None, True), (dict(ROWS=16, HEADS=1), False), (dict(ROWS=16, HEADS=2), True)],
-    ids=["one-load-4-heads", "one-load-4-heads-qkv-view", "16-row-loop-1-head", "16-row-loop-2-heads-qkv-view"],
+    ids=["default-4-heads", "default-4-heads-qkv-view", "16-row-loop-1-head", "16-row-loop-2-heads-qkv-view"],
 )
 def test_pool_queries_means_each_blocks_own_rows(config, q_in_qkv):
     batch = make_paged_batch([150, 37], [70, 300], 4, 2, 64, 16, torch.float32, seed=2)
@@ -232,12 +232,13 @@ def test_pool_queries_means_each_blocks_own_rows(config, q_in_qkv):
     assert pooled[-1].isnan().all(), "rows past the query blocks stay untouched"
 
 
-def test_pool_queries_rejects_heads_per_program_that_do_not_divide_the_heads():
+@pytest.mark.parametrize("heads", [3, 8])
+def test_pool_queries_rejects_heads_per_program_that_are_no_power_of_two_or_do_not_divide(heads):
     batch = make_paged_batch([150], [0], 4, 2, 64, 16, torch.float32, seed=2)
     qblocks = plan(batch, 2)
     pooled = torch.empty(qblocks.num_blocks, 4, 64)
-    with pytest.raises(ValueError, match="3 does not divide 4"):
-        pool_queries(batch.q, qblocks.table, qblocks.score_groups, pooled, BLOCK, 2, dict(HEADS=3))
+    with pytest.raises(ValueError, match=f"divides 4, not {heads}"):
+        pool_queries(batch.q, qblocks.table, qblocks.score_groups, pooled, BLOCK, 2, dict(HEADS=heads))
 
 
 def test_selection_ignores_the_chunk_around_a_block():
