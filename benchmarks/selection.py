@@ -74,7 +74,8 @@ def main() -> None:
     def plan(per_group: int):
         return build_query_blocks(torch.tensor([0, S]), seq_lens.cpu(), [0], B, dev, per_group)
 
-    qb = plan(scoring.blocks_per_group(hq // hkv))
+    per_group = scoring.blocks_per_group(hq // hkv)
+    qb = plan(per_group)
     plans = {}
     scores = torch.empty(qb.num_blocks, hq, max(args.width, qb.num_kv_blocks), device=dev)
     pooled = torch.empty(qb.num_blocks, hq, d, device=dev)
@@ -110,8 +111,7 @@ def main() -> None:
         for rows, heads, warps in itertools.product(*pool_axes):
             config = dict(ROWS=rows, HEADS=heads, num_warps=warps)
             candidates[f"pool only {json.dumps(config)}"] = functools.partial(
-                scoring.pool_queries, q, qb.table, qb.score_groups, pooled, B,
-                scoring.blocks_per_group(hq // hkv), config)
+                scoring.pool_queries, q, qb.table, qb.score_groups, pooled, B, per_group, config)
     reference, pooled_reference, max_diff = None, None, {}
     for name, fn in candidates.items():  # compiles each, and checks it against the package
         out, keep = (pooled, slice(None)) if name.startswith("pool only") else (scores, causal)
@@ -142,8 +142,7 @@ def main() -> None:
         rate = f"{row['gb_s']:.0f} GB/s" if "gb_s" in row else f"{row['tflops']:.0f} TF/s"
         print(f"  {row['ms']:.3f} ms {rate} {row['name']}")
 
-    pool = functools.partial(scoring.pool_queries, q, qb.table, qb.score_groups, pooled, B,
-                             scoring.blocks_per_group(hq // hkv))
+    pool = functools.partial(scoring.pool_queries, q, qb.table, qb.score_groups, pooled, B, per_group)
     for name, fn in (("pool queries (in scores)", pool),
                      ("select (torch)", select_torch), ("select (fused)", select),
                      ("scores + select", lambda: (candidates["package"](), select()))):
