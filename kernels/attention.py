@@ -1,7 +1,7 @@
 """Block-sparse causal prefill attention over vLLM's paged KV cache (Triton).
 
 The work unit is a *query block*: the rows of one request that fall in one absolute block of
-``block_size`` positions (see ``vllm_flashprefill.plan.QueryBlocks``). For each query block and KV
+``sparse_block`` positions (see ``vllm_flashprefill.plan.QueryBlocks``). For each query block and KV
 head, ``kv_indices[i, h, :kv_counts[i, h]]`` lists the KV blocks to visit in ascending order; the
 last one is the diagonal block, the only one that needs the causal element mask.
 

@@ -37,7 +37,7 @@ def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists, fake_
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, page, torch.float32, seed=3, device=DEVICE)
     qblocks = build_query_blocks(batch.query_start_loc.cpu(), batch.seq_lens.cpu(), [0, 2], BLOCK, DEVICE)
     if lists == "shared":  # a static pattern: one list for all heads
-        cfg = FlashPrefillConfig(pattern="hybrid", block_size=BLOCK, min_seq_len=0, sink_blocks=1,
+        cfg = FlashPrefillConfig(pattern="hybrid", sparse_block=BLOCK, min_seq_len=0, sink_blocks=1,
                                  local_blocks=1, stride=3, dense_tail_blocks=1)
         mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
     else:  # dynamic selection: one list per KV head

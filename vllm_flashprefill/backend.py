@@ -133,6 +133,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.cfg = flashprefill_config(vllm_config)
+        self.page_size = kv_cache_spec.block_size  # vLLM's KV page, in tokens
         # Micro-batches (DBO) would run their sparse rows concurrently on one shared workspace.
         self.micro_batched = vllm_config.parallel_config.use_ubatching
         if self.micro_batched and not self.cfg.is_dense:
@@ -141,7 +142,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         self.workspace = (
             DynamicWorkspace.shared(
                 vllm_config, self.cfg, self.num_heads_q, self.num_heads_kv, self.headdim, device,
-                self.block_size if self.flash_sparse else None,
+                self.page_size if self.flash_sparse else None,
             )
             if self.cfg.pattern == "dynamic"
             else None
@@ -153,12 +154,12 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def _flash_sparse_usable(self) -> bool:
         if self.cfg.sparse_kernel != "flash_attn" or self.cfg.is_dense:
             return False
-        if fa3_sparse_usable(self.cfg, self.block_size, self.headdim):
+        if fa3_sparse_usable(self.cfg, self.page_size, self.headdim):
             return True
         logger.warning_once(
             "FlashPrefill: sparse_kernel 'flash_attn' needs FlashAttention 3 (found %s) and KV pages "
             "that divide block_size %d (found %d); our kernels run the sparse rows",
-            get_flash_attn_version(head_size=self.headdim), self.cfg.block_size, self.block_size,
+            get_flash_attn_version(head_size=self.headdim), self.cfg.sparse_block, self.page_size,
         )
         return False
 
@@ -171,9 +172,9 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         on first use."""
         if self.kv_cache_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return
-        tokens, d = 2 * self.cfg.block_size, self.headdim
-        pages = -(-tokens // self.block_size)
-        kv = torch.randn(pages, self.block_size, self.num_heads_kv, 2 * d, device=self.device)
+        tokens, d = 2 * self.cfg.sparse_block, self.headdim
+        pages = -(-tokens // self.page_size)
+        kv = torch.randn(pages, self.page_size, self.num_heads_kv, 2 * d, device=self.device)
         kv = kv.to(self.kv_cache_dtype)
         q = torch.randn(tokens, self.num_heads_q, d, device=self.device).to(self.kv_cache_dtype)
         block_table = torch.arange(pages, dtype=torch.int32, device=self.device)[None]
@@ -221,7 +222,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         )
         qsl = cm.query_start_loc_cpu.numpy()
         seq_lens = compat.seq_lens_cpu(cm).numpy()
-        bs = self.cfg.block_size
+        bs = self.cfg.sparse_block
         sparse = [
             r
             for r in range(num_decodes, cm.num_reqs)
@@ -236,7 +237,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
     def _sparse_step(self, qsl, seq_lens, requests, dense_runs, block_table,
                      score_every_block: bool = False) -> SparseStep:
         qblocks = build_query_blocks(
-            qsl, seq_lens, requests, self.cfg.block_size, self.device,
+            qsl, seq_lens, requests, self.cfg.sparse_block, self.device,
             blocks_per_group(self.num_heads_q // self.num_heads_kv),
             self.cfg if self.cfg.pattern == "dynamic" and not score_every_block else None,
         )
@@ -253,7 +254,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             step.flash_runs = plan_runs(qblocks.table_cpu, self.device)
             if step.kv_indices is not None:
                 step.flash_tables = fa3_block_tables(
-                    step, block_table, step.kv_indices, step.kv_counts, self.block_size)
+                    step, block_table, step.kv_indices, step.kv_counts, self.page_size)
         return step
 
     @staticmethod
@@ -316,8 +317,8 @@ class DynamicWorkspace:
         larger tables to the same workspace, which vLLM has not counted: it says so."""
         device = torch.empty(0, device=device).device  # "cuda" and "cuda:0" name one device
         sched = vllm_config.scheduler_config
-        rows = sched.max_num_batched_tokens // cfg.block_size + 2 * sched.max_num_seqs
-        width = -(-vllm_config.model_config.max_model_len // cfg.block_size)
+        rows = sched.max_num_batched_tokens // cfg.sparse_block + 2 * sched.max_num_seqs
+        width = -(-vllm_config.model_config.max_model_len // cfg.sparse_block)
         key = (device, num_q_heads, num_kv_heads, head_size)
         workspace = _WORKSPACES.get(key)
         if workspace is None or workspace.scores.shape[0] < rows or workspace.scores.shape[2] < width:
@@ -329,7 +330,7 @@ class DynamicWorkspace:
             )
             _WORKSPACES[key] = workspace
         if fa3_page_size:
-            workspace._add_fa3_tables(cfg.block_size // fa3_page_size)
+            workspace._add_fa3_tables(cfg.sparse_block // fa3_page_size)
         return workspace
 
     def _add_fa3_tables(self, pages_per_block: int) -> None:
@@ -476,13 +477,13 @@ def attend_sparse_rows(query, key_cache, value_cache, output, block_table, seq_l
     else:
         sparse_kernel_for(cfg, query, key_cache)(
             query, key_cache, value_cache, output, block_table, seq_lens, step.query_blocks.table, indices,
-            counts, scale, cfg.block_size)
+            counts, scale, cfg.sparse_block)
     return counts
 
 
 def sparse_kernel_for(cfg: FlashPrefillConfig, query: torch.Tensor, key_cache: torch.Tensor):
     """Our attention kernel for these rows (``sparse_attention_kernel`` of their shape)."""
-    return sparse_attention_kernel(cfg.sparse_kernel, *kernel_shape(query, key_cache, cfg.block_size))
+    return sparse_attention_kernel(cfg.sparse_kernel, *kernel_shape(query, key_cache, cfg.sparse_block))
 
 
 @functools.cache
@@ -511,7 +512,7 @@ def block_lists(query, key_cache, block_table, seq_lens, step: SparseStep, cfg: 
     scores, pooled, indices, counts = step.workspace.views(qblocks.num_blocks)
     block_scores(
         query, key_cache, block_table, seq_lens, qblocks.table, qblocks.score_groups,
-        scores, pooled, scale, qblocks.block_size,
+        scores, pooled, scale, qblocks.sparse_block,
     )
     select_dynamic_lists(
         scores, qblocks.table, seq_lens, key_cache.shape[2], qblocks.num_kv_blocks, cfg,
@@ -526,7 +527,7 @@ def fa3_block_tables(step: SparseStep, block_table, indices, counts, page_size: 
     qblocks = step.query_blocks
     buffers = step.workspace.fa3_views(qblocks.num_blocks) if step.kv_indices is None else (None, None)
     return sparse_block_tables(
-        qblocks.table, block_table, indices, counts, qblocks.block_size, page_size, *buffers)
+        qblocks.table, block_table, indices, counts, qblocks.sparse_block, page_size, *buffers)
 
 
 def fa3_sparse_usable(cfg: FlashPrefillConfig, page_size: int | None, head_size: int) -> bool:
@@ -535,7 +536,7 @@ def fa3_sparse_usable(cfg: FlashPrefillConfig, page_size: int | None, head_size:
     in the per-query-block block tables); ``page_size`` None: not known yet, leave that check out."""
     return (cfg.sparse_kernel == "flash_attn" and not cfg.is_dense
             and get_flash_attn_version(head_size=head_size) == 3
-            and (page_size is None or cfg.block_size % page_size == 0))
+            and (page_size is None or cfg.sparse_block % page_size == 0))
 
 
 def _expected_fa3_page_size(vllm_config, cfg: FlashPrefillConfig, head_size: int) -> int | None:

@@ -25,7 +25,7 @@ def dense_query_blocks(
 
     last_block: the absolute index of the last block of the chunk each query block belongs to.
     Tensors or numpy arrays."""
-    return (block_index * cfg.block_size < cfg.min_seq_len) | (block_index > last_block - cfg.dense_tail_blocks)
+    return (block_index * cfg.sparse_block < cfg.min_seq_len) | (block_index > last_block - cfg.dense_tail_blocks)
 
 
 def content_selectable(
@@ -135,7 +135,7 @@ def select_dynamic_lists(
 
     return select_blocks(
         scores, qblocks, seq_lens, num_kv_heads, num_kv_blocks,
-        sparse_block=cfg.block_size, threshold=cfg.threshold, above_mean=cfg.above_mean,
+        sparse_block=cfg.sparse_block, threshold=cfg.threshold, above_mean=cfg.above_mean,
         sink_blocks=cfg.sink_blocks,
         local_blocks=cfg.local_blocks, stride=cfg.stride, min_seq_len=cfg.min_seq_len,
         dense_tail_blocks=cfg.dense_tail_blocks, min_budget=cfg.min_budget,

@@ -33,7 +33,7 @@ class QueryBlocks:
     score_groups: torch.Tensor
     # KV blocks the longest request spans (the width of block masks and lists).
     num_kv_blocks: int
-    block_size: int
+    sparse_block: int
 
     @property
     def num_blocks(self) -> int:
@@ -43,21 +43,21 @@ class QueryBlocks:
     def causal_pairs(self) -> int:
         """(query block, KV block) pairs a dense pass visits: block i sees blocks 0..i (computed
         once per step; every sparse layer records it)."""
-        return int((self.table_cpu[:, 2] // self.block_size + 1).sum())
+        return int((self.table_cpu[:, 2] // self.sparse_block + 1).sum())
 
 
 def build_query_blocks(
     query_start_loc_cpu: torch.Tensor | np.ndarray,
     seq_lens_cpu: torch.Tensor | np.ndarray,
     requests: Sequence[int],
-    block_size: int,
+    sparse_block: int,
     device: torch.device | str,
     blocks_per_score_group: int = 16,
     cfg: FlashPrefillConfig | None = None,
 ) -> QueryBlocks:
     """``cfg``: the config whose dynamic selection the score groups serve (None: every block)."""
-    if cfg is not None and cfg.block_size != block_size:
-        raise ValueError(f"block_size {block_size} differs from the config's {cfg.block_size}")
+    if cfg is not None and cfg.sparse_block != sparse_block:
+        raise ValueError(f"sparse_block {sparse_block} differs from the config's {cfg.sparse_block}")
     qsl = np.asarray(query_start_loc_cpu, dtype=np.int64)
     seq_lens = np.asarray(seq_lens_cpu, dtype=np.int64)
     rows, groups = [], []
@@ -67,9 +67,9 @@ def build_query_blocks(
         if q_len <= 0:
             continue
         context = seq_len - q_len
-        first_block, last_block = context // block_size, (seq_len - 1) // block_size
-        starts = np.maximum(np.arange(first_block, last_block + 1) * block_size, context)
-        ends = np.minimum(np.arange(first_block + 1, last_block + 2) * block_size, seq_len)
+        first_block, last_block = context // sparse_block, (seq_len - 1) // sparse_block
+        starts = np.maximum(np.arange(first_block, last_block + 1) * sparse_block, context)
+        ends = np.minimum(np.arange(first_block + 1, last_block + 2) * sparse_block, seq_len)
         base = sum(len(x) for x in rows)
         rows.append(
             np.stack(
@@ -87,13 +87,13 @@ def build_query_blocks(
     table_cpu = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
     groups_cpu = np.asarray(groups, dtype=np.int32).reshape(-1, 2)
     table = torch.from_numpy(table_cpu).to(device, non_blocking=True)
-    last_block_cpu = ((seq_lens[table_cpu[:, 0]] - 1) // block_size).astype(np.int32)
+    last_block_cpu = ((seq_lens[table_cpu[:, 0]] - 1) // sparse_block).astype(np.int32)
     return QueryBlocks(
         table=table,
         table_cpu=table_cpu,
-        block_index=table[:, 2] // block_size,
+        block_index=table[:, 2] // sparse_block,
         last_block=torch.from_numpy(last_block_cpu).to(device, non_blocking=True),
         score_groups=torch.from_numpy(groups_cpu).to(device, non_blocking=True),
         num_kv_blocks=num_kv_blocks,
-        block_size=block_size,
+        sparse_block=sparse_block,
     )
