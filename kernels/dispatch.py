@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from vllm_flashprefill.kernels.attention import sparse_prefill_attention
+from .attention import sparse_prefill_attention
 
 # Why the Hopper kernel may not run in this process any more (it failed to build or run), or None.
 _hopper_failure: str | None = None
@@ -17,14 +17,6 @@ def disable_hopper_kernel(reason: str) -> None:
     release whose Gluon API it does not know)."""
     global _hopper_failure
     _hopper_failure = reason
-
-
-def kernel_shape(query: torch.Tensor, key_cache: torch.Tensor, sparse_block: int) -> tuple:
-    """What the choice depends on, from the rows' tensors (query [tokens, Hq, D], key cache [pages,
-    page_size, Hkv, D]): the arguments of ``choose_sparse_kernel`` after ``sparse_kernel``, and of
-    ``attention_hopper.unsupported_reason``."""
-    return (query.device, query.dtype, key_cache.dtype, query.shape[2], key_cache.shape[1], sparse_block,
-            query.shape[1] // key_cache.shape[2])
 
 
 def choose_sparse_kernel(sparse_kernel: str, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype,
@@ -39,7 +31,7 @@ def choose_sparse_kernel(sparse_kernel: str, device: torch.device, dtype: torch.
     if _hopper_failure is not None:
         return sparse_prefill_attention, _hopper_failure
     try:
-        from vllm_flashprefill.kernels import attention_hopper
+        from . import attention_hopper
     except (ImportError, AttributeError) as e:  # a Triton without Gluon, or with another Gluon API
         return sparse_prefill_attention, f"this Triton's Gluon cannot build it ({type(e).__name__}: {e})"
     reason = attention_hopper.unsupported_reason(device, dtype, kv_dtype, head_size, page_size, sparse_block, gqa)

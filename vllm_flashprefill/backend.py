@@ -36,7 +36,8 @@ from vllm_flashprefill.kernels.attention import (
     sparse_prefill_attention,
 )
 from vllm_flashprefill.kernels.block_tables import sparse_block_tables
-from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel, disable_hopper_kernel, kernel_shape
+from vllm_flashprefill.kernels.common import kernel_shape
+from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel, disable_hopper_kernel
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
 from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists, select_dynamic_lists
 from vllm_flashprefill.plan import QueryBlocks, build_query_blocks

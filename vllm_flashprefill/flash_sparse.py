@@ -18,6 +18,8 @@ import itertools
 import numpy as np
 import torch
 
+from .kernels.common import QB_FIRST_POS, QB_FIRST_ROW, QB_ROWS
+
 
 @dataclasses.dataclass
 class FlashSparseRun:
@@ -35,15 +37,15 @@ class FlashSparseRun:
 
 def plan_runs(qblocks_cpu: np.ndarray, device: torch.device | str) -> list[FlashSparseRun]:
     """One run per stretch of query blocks whose rows follow each other in the batch, from the
-    host-side [n, 4] query-block table (request, first row, first position, rows) alone."""
-    first_row, rows = qblocks_cpu[:, 1].astype(np.int64), qblocks_cpu[:, 3].astype(np.int64)
+    host-side query-block table alone."""
+    first_row, rows = qblocks_cpu[:, QB_FIRST_ROW].astype(np.int64), qblocks_cpu[:, QB_ROWS].astype(np.int64)
     breaks = np.flatnonzero(first_row[1:] != first_row[:-1] + rows[:-1]) + 1
     bounds = np.concatenate([[0], breaks, [len(qblocks_cpu)]])
     runs = []
     for lo, hi in itertools.pairwise(bounds):
         t0 = int(first_row[lo])
         cu = np.concatenate([first_row[lo:hi] - t0, [first_row[hi - 1] + rows[hi - 1] - t0]])
-        last_pos = qblocks_cpu[lo:hi, 2].astype(np.int64) + rows[lo:hi] - 1
+        last_pos = qblocks_cpu[lo:hi, QB_FIRST_POS].astype(np.int64) + rows[lo:hi] - 1
         runs.append(FlashSparseRun(
             token_start=t0,
             token_end=int(t0 + cu[-1]),
