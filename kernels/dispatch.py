@@ -8,28 +8,19 @@ import torch
 
 from .attention import sparse_prefill_attention
 
-# Why the Hopper kernel may not run in this process any more (it failed to build or run), or None.
-_hopper_failure: str | None = None
-
-
-def disable_hopper_kernel(reason: str) -> None:
-    """The portable kernel from now on, in this process: the Hopper kernel failed (e.g. a Triton
-    release whose Gluon API it does not know)."""
-    global _hopper_failure
-    _hopper_failure = reason
-
 
 def choose_sparse_kernel(sparse_kernel: str, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype,
-                         head_size: int, page_size: int, sparse_block: int,
-                         gqa: int) -> tuple[Callable, str | None]:
+                         head_size: int, page_size: int, sparse_block: int, gqa: int,
+                         hopper_failure: str | None = None) -> tuple[Callable, str | None]:
     """(kernel, why it is not the Hopper one): for ``sparse_kernel`` "auto" and "hopper" (and
     "flash_attn" where FA3 cannot take the rows) the Hopper kernel (kernels/attention_hopper.py)
     where it can run these rows, else the portable one (kernels/attention.py); "triton": always the
-    portable one. Both take the same arguments."""
+    portable one. Both take the same arguments. ``hopper_failure``: why the Hopper kernel failed in
+    this process (it then runs no more), or None."""
     if sparse_kernel == "triton":
         return sparse_prefill_attention, "sparse_kernel 'triton' asks for the portable kernel"
-    if _hopper_failure is not None:
-        return sparse_prefill_attention, _hopper_failure
+    if hopper_failure is not None:
+        return sparse_prefill_attention, hopper_failure
     try:
         from . import attention_hopper
     except (ImportError, AttributeError) as e:  # a Triton without Gluon, or with another Gluon API

@@ -1,6 +1,6 @@
 """Dynamic block selection (Triton): block scores -> the attention kernel's block lists, in one pass.
 
-Same rule as ``vllm_flashprefill.patterns.select_dynamic`` followed by ``mask_to_lists`` (the torch
+Same rule as ``vllm_flashprefill.patterns.select_dynamic`` followed by ``BlockLists.from_mask`` (the torch
 definition the tests compare against), fused so that a layer pays one small launch instead of
 about twenty torch operations: per query block and KV head, each query head's causal scores
 relative to that head's maximum and to its candidates' mean, the union over the heads of the group
