@@ -406,8 +406,15 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A SIGTERM (a job scheduler, `timeout`) stops the servers too, as Ctrl-C does: they run in
+    # their own sessions and would outlive this process.
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         summary = run_demo(args)
     except DemoError as e:
@@ -420,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nThe demo stopped on an unexpected error ({type(e).__name__}: {e}). Please report it with "
               f"the logs under {args.out}.", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(report(summary))
     return 0
 
