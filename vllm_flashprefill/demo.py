@@ -33,9 +33,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from vllm_flashprefill import __version__
-from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.registration import BACKEND_NAME
+from . import __version__
+from .config import FlashPrefillConfig
+from .registration import BACKEND_NAME
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 BASELINE = "FLASH_ATTN"
