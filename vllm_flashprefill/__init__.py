@@ -1,9 +1,11 @@
 """vllm-flashprefill: block-sparse prefill attention as a vLLM V1 attention backend."""
 
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
+
 import os as _os
 
 # kernels/ and patches/ sit at the repository top level and are installed as subpackages of this
-# one (setup.py package_dir). Run from a source checkout (its root first on sys.path, as with
+# one (pyproject.toml's package-dir). Run from a source checkout (its root first on sys.path, as with
 # `python -m` or a script started from there), find them in the checkout too.
 _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(
@@ -14,4 +16,4 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 from .config import FlashPrefillConfig  # noqa: E402
 from .registration import BACKEND_NAME, register  # noqa: E402
 
-__all__ = ["BACKEND_NAME", "FlashPrefillConfig", "register"]
+__all__ = ["BACKEND_NAME", "FlashPrefillConfig", "__version__", "register"]
