@@ -10,10 +10,11 @@ two consumer tile loops (off-diagonal, diagonal) per warpgroup's code path, and 
 
 On a GPU the kernel is launched once (hybrid, 16K tokens, pages of 64, the package's launch config
 for the given heads) and its binary taken from Triton's cache. ``--offline-sm`` compiles the kernel
-with the same constants and launch config for that architecture without a GPU, but with the local
-Triton version and with aligned pointers and strides assumed rather than seen
-(kernels/offline_build.py), so its register and stack figures may differ from the GPU build's; the
-instruction mix of the tile loop is what it checks. ``--dump-cubin`` keeps the binary. A loop is a predicated backward
+with the same constants and the launch config the launcher picks for that architecture
+(``limits.limits_for``) without a GPU, but with the local Triton version and with aligned pointers
+and strides assumed rather than seen (kernels/offline_build.py), so its register and stack figures
+may differ from the GPU build's; the instruction mix of the tile loop is what it checks.
+``--dump-cubin`` keeps the binary. A loop is a predicated backward
 branch (the unconditional ones jump back from the out-of-line barrier-wait paths); the innermost
 loop with wgmma and TMA loads is the off-diagonal loop, one iteration per KV tile of ``BLOCK_N`` keys.
 """
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "accuracy"))
 from suite import git_commit, source_digest  # noqa: E402  (provenance)
 
 from vllm_flashprefill.kernels import attention  # noqa: E402
+from vllm_flashprefill.kernels.limits import limits_for  # noqa: E402
 from vllm_flashprefill.kernels.offline_build import compile_offline  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -82,7 +84,7 @@ def cubin_offline(kernel: str, sm: int, num_q_heads: int, num_kv_heads: int, hea
         tile = mangle_type(module.cache_descriptor(torch.empty(1, 64, num_kv_heads, head_size, dtype=torch.bfloat16)))
         options = dict(num_warps=4)
     else:
-        cfg = attention.launch_config(head_size, gqa, 128, 64, tma=True)
+        cfg = attention.launch_config(head_size, gqa, 128, 64, limits_for(sm))
         options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
         constexprs = dict(GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=128, PAGE_SIZE=64, **cfg)
         tile = f"tensordesc<bf16[1, {cfg['BLOCK_N']}, 1, {head_size}]>"
