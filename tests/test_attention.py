@@ -7,7 +7,8 @@ import torch
 from tests.paged import dynamic_mask, make_paged_batch, query_blocks_of
 from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention, tma_supported
+from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention
+from vllm_flashprefill.kernels.limits import device_limits
 from vllm_flashprefill.kernels.reference import sparse_attention_reference
 from vllm_flashprefill.patterns import forced_block_mask
 
@@ -95,7 +96,7 @@ def test_tma_tiles_match_gathered_tiles(head_size):
     indices, counts = BlockLists.from_mask(
         forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
     )
-    tma = launch_config(head_size, 4, BLOCK, page_size=64, tma=tma_supported(batch.q.device))
+    tma = launch_config(head_size, 4, BLOCK, 64, device_limits(batch.q.device), batch.q.element_size())
     assert tma["TMA"]
     outs = []
     for config in (tma, {**tma, "TMA": False}):

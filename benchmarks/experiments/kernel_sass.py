@@ -10,10 +10,11 @@ two consumer tile loops (off-diagonal, diagonal) per warpgroup's code path, and 
 
 On a GPU the kernel is launched once (hybrid, 16K tokens, pages of 64, the package's launch config
 for the given heads) and its binary taken from Triton's cache. ``--offline-sm`` compiles the kernel
-with the same constants and launch config for that architecture without a GPU, but with the local
-Triton version and without the argument specialisation (alignment, strides equal to 1) a launch
-adds, so its register and stack figures differ from the GPU build's; the instruction mix of the
-tile loop is what it checks. ``--dump-cubin`` keeps the binary. A loop is a predicated backward
+with the same constants and the launch config the launcher picks for that architecture
+(``limits.limits_for``) without a GPU, but with the local Triton version and with aligned pointers
+and strides assumed rather than seen (kernels/offline_build.py), so its register and stack figures
+may differ from the GPU build's; the instruction mix of the tile loop is what it checks.
+``--dump-cubin`` keeps the binary. A loop is a predicated backward
 branch (the unconditional ones jump back from the out-of-line barrier-wait paths); the innermost
 loop with wgmma and TMA loads is the off-diagonal loop, one iteration per KV tile of ``BLOCK_N`` keys.
 """
@@ -40,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "accuracy"))
 from suite import git_commit, source_digest  # noqa: E402  (provenance)
 
 from vllm_flashprefill.kernels import attention  # noqa: E402
+from vllm_flashprefill.kernels.limits import limits_for  # noqa: E402
+from vllm_flashprefill.kernels.offline_build import compile_offline  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -69,47 +72,27 @@ def cubin_from_gpu(kernel: str, num_q_heads: int, num_kv_heads: int, head_size: 
     return compiled.asm["cubin"], compiled.metadata.shared
 
 
-def _signature(fn, constexprs: dict, tile: str) -> dict[str, str]:
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr"):
-            signature[name] = "*bf16"
-        elif name in ("k_desc", "v_desc"):
-            signature[name] = tile
-        elif name.endswith("_ptr"):
-            signature[name] = "*i32"
-        else:
-            signature[name] = "fp32" if name == "sm_scale_log2" else "i32"
-    return signature
-
-
 def cubin_offline(kernel: str, sm: int, num_q_heads: int, num_kv_heads: int, head_size: int):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     gqa = num_q_heads // num_kv_heads
     module, fn = kernel_of(kernel)
     if kernel == "hopper":
-        from triton.experimental.gluon._runtime import GluonASTSource
         from triton.runtime.jit import mangle_type
 
         constexprs = dict(GQA=gqa, BLOCK_Q=module.BLOCK_M // triton.next_power_of_2(gqa), BLOCK_M=module.BLOCK_M,
                           BLOCK_N=module.BLOCK_N, HEAD_SIZE=head_size, SPARSE_BLOCK=128, PAGE_SIZE=64,
                           STAGES=module.STAGES)
         tile = mangle_type(module.cache_descriptor(torch.empty(1, 64, num_kv_heads, head_size, dtype=torch.bfloat16)))
-        src = GluonASTSource(fn, _signature(fn, constexprs, tile), constexprs)
         options = dict(num_warps=4)
     else:
-        cfg = attention.launch_config(head_size, gqa, 128, 64, tma=True)
-        constexprs = dict(GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=128, PAGE_SIZE=64,
-                          **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
+        cfg = attention.launch_config(head_size, gqa, 128, 64, limits_for(sm))
+        options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        constexprs = dict(GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=128, PAGE_SIZE=64, **cfg)
         tile = f"tensordesc<bf16[1, {cfg['BLOCK_N']}, 1, {head_size}]>"
-        src = ASTSource(fn, _signature(fn, constexprs, tile),
-                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-        options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    compiled = triton.compile(src, target=GPUTarget("cuda", sm, 32), options=options)
+        if not cfg["TMA"]:
+            constexprs.update(k_desc=None, v_desc=None)
+    types = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", k_desc=tile, v_desc=tile,
+                 sm_scale_log2="fp32")
+    compiled = compile_offline(sm, fn, constexprs, types, **options)
     return compiled.asm["cubin"], compiled.metadata.shared
 
 
