@@ -1,13 +1,16 @@
 """FlashPrefill options: read from ``additional_config["flashprefill"]`` and ``FLASHPREFILL_*``.
 
-Every key is checked when the engine builds its attention layers; a bad key, type or value raises
-one ``ValueError`` that names the key, the value given and what is allowed.
+Every key is checked where vLLM builds the engine config from the engine arguments, before any
+model loads (:func:`check_engine_config`, hooked in by ``registration.register``), and again where
+the backend reads it in each worker; a bad key, type or value raises one ``ValueError`` that names
+the key, the value given and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +25,10 @@ CONFIG_KEY = "flashprefill"
 # code calls `sparse_block` (vLLM's own block size is its KV page, `page_size` here).
 OPTION_NAMES = {"sparse_block": "block_size"}
 FIELD_NAMES = {option: field for field, option in OPTION_NAMES.items()}
+
+
+# Under "vllm." so that vLLM's handler and VLLM_LOGGING_LEVEL apply (config.py imports no vLLM).
+logger = logging.getLogger("vllm.flashprefill")
 
 
 def option_name(field: str) -> str:
@@ -211,3 +218,32 @@ def _coerce(key: str, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, int):
         raise fail()
     return value
+
+
+def flashprefill_selected(attention_config: Any) -> bool:
+    """Whether the engine runs FLASHPREFILL for all layers or for one kind of them
+    (``--attention-backend`` or ``-ac '{"backend_per_kind": ...}'``)."""
+    from vllm_flashprefill.registration import BACKEND_NAME
+
+    backends = [getattr(attention_config, "backend", None)]
+    backends += list((getattr(attention_config, "backend_per_kind", None) or {}).values())
+    return any(getattr(b, "name", b) == BACKEND_NAME for b in backends)
+
+
+def check_engine_config(vllm_config: Any) -> FlashPrefillConfig | None:
+    """Validate the options of an engine about to start, in the process that parsed its arguments.
+
+    Runs where FLASHPREFILL is selected or a ``flashprefill`` section is given (with another backend
+    the section has no effect: a warning says so). Returns the config, or None when neither holds.
+    """
+    additional = getattr(vllm_config, "additional_config", None)
+    selected = flashprefill_selected(getattr(vllm_config, "attention_config", None))
+    has_section = isinstance(additional, Mapping) and CONFIG_KEY in additional
+    if not (selected or has_section):
+        return None
+    cfg = FlashPrefillConfig.from_additional_config(additional)
+    if not selected:
+        logger.warning(
+            "FlashPrefill: additional_config has a '%s' section but the attention backend is not "
+            "FLASHPREFILL; its options have no effect", CONFIG_KEY)
+    return cfg
