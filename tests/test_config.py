@@ -160,6 +160,62 @@ def test_section_must_be_a_dict(section):
     assert "dict" in message, message
 
 
+# --- options that would be ignored: at the top level or under a misspelt section -----------------
+
+MISPLACED = [
+    ({"pattern": "hybrid"}, "'pattern'"),
+    ({"flashprefill": {"stride": 8}, "block_size": 256}, "'block_size'"),
+    ({"flashprefill.pattern": "hybrid"}, "'flashprefill.pattern'"),
+    ({"flashprefil": {"pattern": "hybrid"}}, "'flashprefil'"),
+    ({"flash_prefill": {"pattern": "hybrid"}}, "'flash_prefill'"),
+    ({"FlashPrefill": {"pattern": "hybrid"}}, "'FlashPrefill'"),
+    ({"FLASHPREFILL": {"pattern": "hybrid"}}, "'FLASHPREFILL'"),
+    ({"flash-prefill": {}}, "'flash-prefill'"),
+    ({"flashprefill_config": {"pattern": "hybrid"}}, "'flashprefill_config'"),
+]
+
+
+@pytest.mark.parametrize("additional_config, key", MISPLACED, ids=[k for _, k in MISPLACED])
+def test_misplaced_options_are_rejected_with_where_they_belong(additional_config, key):
+    with pytest.raises(ValueError) as excinfo:
+        FlashPrefillConfig.from_additional_config(additional_config, environ={})
+    message = str(excinfo.value)
+    assert message.startswith("flashprefill:"), message
+    assert key in message, message
+    assert "additional_config['flashprefill']" in message or '{"flashprefill": {' in message, message
+
+
+def test_misplaced_option_messages():
+    def message(additional_config):
+        with pytest.raises(ValueError) as excinfo:
+            FlashPrefillConfig.from_additional_config(additional_config, environ={})
+        return str(excinfo.value)
+
+    assert message({"pattern": "hybrid"}) == (
+        "flashprefill: option 'pattern' (value 'hybrid') is at the top level of additional_config, "
+        "where it is not read; FlashPrefill options belong under additional_config['flashprefill']: "
+        '{"flashprefill": {"pattern": "hybrid"}}'
+    )
+    assert message({"flashprefill.dense_layers": [0, 1]}) == (
+        "flashprefill: additional_config key 'flashprefill.dense_layers' (value [0, 1]) is not read "
+        "(a JSON key is not split at its dots); write {\"flashprefill\": {\"dense_layers\": [0, 1]}}, "
+        "or on the command line --additional-config.flashprefill.dense_layers=..."
+    )
+    assert message({"flashprefil": {"pattern": "hybrid"}}) == (
+        "flashprefill: additional_config section 'flashprefil' is not read (did you mean 'flashprefill'?); "
+        "FlashPrefill options belong under additional_config['flashprefill']"
+    )
+
+
+def test_other_keys_that_look_alike_are_not_ours():
+    """vLLM's own top-level keys and other plugins' sections stay unchecked."""
+    additional_config = {
+        "gdn_prefill_backend": "triton", "kda_prefill_backend": "x", "prefill": {}, "flashinfer": {},
+        "flash_attn": {}, "flashprefill": {"pattern": "local"},
+    }
+    assert load({"pattern": "local"}) == FlashPrefillConfig.from_additional_config(additional_config, environ={})
+
+
 # --- FLASHPREFILL_* environment overrides --------------------------------------------------------
 
 ENV_OVERRIDES = {

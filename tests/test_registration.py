@@ -469,3 +469,24 @@ def test_api_server_with_bad_options_exits_before_an_engine_starts(tiny_llama):
     assert proc.returncode != 0
     assert proc.stderr.rstrip().splitlines()[-1] == f"ValueError: {BOGUS_MESSAGE}"
     assert "EngineCore" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "backend, additional_config, shown",
+    [
+        ("FLASHPREFILL", {"pattern": "hybrid"}, "option 'pattern' (value 'hybrid') is at the top level"),
+        ("FLASHPREFILL", {"flash_prefill": {"pattern": "hybrid"}}, "section 'flash_prefill' is not read"),
+        (None, {"flashprefil": {"pattern": "hybrid"}}, "section 'flashprefil' is not read"),
+        (None, {"flashprefill.pattern": "hybrid"}, "key 'flashprefill.pattern' (value 'hybrid') is not read"),
+    ],
+    ids=["top-level", "misspelt", "misspelt-no-backend", "dotted-no-backend"],
+)
+def test_misplaced_options_stop_engine_config(tiny_llama, backend, additional_config, shown):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(
+        model=tiny_llama, skip_tokenizer_init=True, attention_backend=backend, additional_config=additional_config
+    )
+    with pytest.raises(ValueError) as excinfo:
+        args.create_engine_config()
+    assert shown in str(excinfo.value)

@@ -9,9 +9,11 @@ the key, the value given and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -141,12 +143,11 @@ class FlashPrefillConfig:
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> "FlashPrefillConfig":
         options = dict(options or {})
-        known = [option_name(f.name) for f in dataclasses.fields(cls)]
         for key in options:
-            if key not in known:
+            if key not in OPTION_KEYS:
                 raise ValueError(
                     f"flashprefill: unknown key '{key}' (value {options[key]!r}); "
-                    f"allowed keys: {', '.join(known)}"
+                    f"allowed keys: {', '.join(OPTION_KEYS)}"
                 )
         return cls(**{FIELD_NAMES.get(k, k): _coerce(k, v) for k, v in options.items()})
 
@@ -157,6 +158,7 @@ class FlashPrefillConfig:
         """Options under ``additional_config["flashprefill"]``, then ``FLASHPREFILL_*`` overrides."""
         options: dict[str, Any] = {}
         if isinstance(additional_config, Mapping):
+            reject_misplaced_options(additional_config)
             section = additional_config.get(CONFIG_KEY, {})
             if not isinstance(section, Mapping):
                 raise ValueError(
@@ -170,6 +172,48 @@ class FlashPrefillConfig:
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> "FlashPrefillConfig":
         return cls.from_additional_config(getattr(vllm_config, "additional_config", None))
+
+
+OPTION_KEYS = tuple(option_name(f.name) for f in dataclasses.fields(FlashPrefillConfig))
+
+
+def looks_like_section(key: Any) -> bool:
+    """A key that is meant as the ``flashprefill`` section but is not it (case, ``_``/``-``, a
+    letter missing or doubled, a suffix): its options would be ignored without a word."""
+    if not isinstance(key, str) or key == CONFIG_KEY:
+        return False
+    squashed = re.sub(r"[\W_]", "", key.lower())
+    return difflib.SequenceMatcher(None, squashed, CONFIG_KEY).ratio() >= 0.8
+
+
+def reject_misplaced_options(additional_config: Mapping) -> None:
+    """Raise where options sit where FlashPrefill does not read them: at the top level of
+    ``additional_config``, under a dotted key, or under a misspelt section."""
+    for key, value in additional_config.items():
+        if not isinstance(key, str) or key == CONFIG_KEY:
+            continue
+        if key.startswith(CONFIG_KEY + "."):
+            option = key[len(CONFIG_KEY) + 1:]
+            raise ValueError(
+                f"flashprefill: additional_config key {key!r} (value {value!r}) is not read (a JSON key "
+                f"is not split at its dots); write {_nested(option, value)}, or on the command line "
+                f"--additional-config.{key}=..."
+            )
+        if key in OPTION_KEYS:
+            raise ValueError(
+                f"flashprefill: option {key!r} (value {value!r}) is at the top level of additional_config, "
+                f"where it is not read; FlashPrefill options belong under "
+                f"additional_config['{CONFIG_KEY}']: {_nested(key, value)}"
+            )
+        if looks_like_section(key):
+            raise ValueError(
+                f"flashprefill: additional_config section {key!r} is not read (did you mean "
+                f"'{CONFIG_KEY}'?); FlashPrefill options belong under additional_config['{CONFIG_KEY}']"
+            )
+
+
+def _nested(option: str, value: Any) -> str:
+    return json.dumps({CONFIG_KEY: {option: value}}, default=repr)
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -233,12 +277,16 @@ def flashprefill_selected(attention_config: Any) -> bool:
 def check_engine_config(vllm_config: Any) -> FlashPrefillConfig | None:
     """Validate the options of an engine about to start, in the process that parsed its arguments.
 
-    Runs where FLASHPREFILL is selected or a ``flashprefill`` section is given (with another backend
-    the section has no effect: a warning says so). Returns the config, or None when neither holds.
+    Runs where FLASHPREFILL is selected or a ``flashprefill`` section is given, or a key that means
+    one (misspelt, dotted); with another backend the section has no effect and a warning says so.
+    Returns the config, or None when neither holds.
     """
     additional = getattr(vllm_config, "additional_config", None)
     selected = flashprefill_selected(getattr(vllm_config, "attention_config", None))
-    has_section = isinstance(additional, Mapping) and CONFIG_KEY in additional
+    has_section = isinstance(additional, Mapping) and any(
+        isinstance(key, str) and (key.split(".")[0] == CONFIG_KEY or looks_like_section(key))
+        for key in additional
+    )
     if not (selected or has_section):
         return None
     cfg = FlashPrefillConfig.from_additional_config(additional)
