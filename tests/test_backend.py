@@ -449,10 +449,10 @@ def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(mod
 
 
 def test_layers_that_must_stay_dense(model_dir):
-    config = vllm_config(model_dir, pattern="hybrid", dense_layers=[7])
+    config = vllm_config(model_dir, pattern="hybrid", dense_layers=[2])
     assert make_impl(config).dense_reason is None
-    assert not make_impl(config)._runs_sparse(LAYER)  # layer 7 is listed
-    assert make_impl(config)._runs_sparse(types.SimpleNamespace(layer_name="model.layers.4.self_attn.attn"))
+    assert not make_impl(config)._runs_sparse(types.SimpleNamespace(layer_name="model.layers.2.self_attn.attn"))
+    assert make_impl(config)._runs_sparse(types.SimpleNamespace(layer_name="model.layers.3.self_attn.attn"))
     default = vllm_config(model_dir, pattern="hybrid")  # the first 4 layers by default
     for index, sparse in ((0, False), (3, False), (4, True)):
         layer = types.SimpleNamespace(layer_name=f"model.layers.{index}.self_attn.attn")

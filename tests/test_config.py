@@ -340,6 +340,18 @@ def test_layer_is_dense(dense_layers, dense, sparse):
     assert not cfg.layer_is_dense(None)  # a layer without an index follows the pattern
 
 
+def test_listed_dense_layers_must_be_layers_of_the_model():
+    load({"dense_layers": [0, 31]}).check_layer_count(32)
+    load({"dense_layers": 40}).check_layer_count(32)  # the first 40 layers: all of them
+    load({"dense_layers": []}).check_layer_count(1)
+    with pytest.raises(ValueError) as excinfo:
+        load({"dense_layers": [0, 32]}).check_layer_count(32)
+    assert str(excinfo.value) == (
+        "flashprefill: invalid value for 'dense_layers': [0, 32]; allowed: indices of the model's 32 layers "
+        "(0 to 31)"
+    )
+
+
 def test_dense_pattern_makes_every_layer_dense():
     cfg = load({"pattern": "dense", "dense_layers": [1]})
     assert cfg.is_dense

@@ -490,3 +490,18 @@ def test_misplaced_options_stop_engine_config(tiny_llama, backend, additional_co
     with pytest.raises(ValueError) as excinfo:
         args.create_engine_config()
     assert shown in str(excinfo.value)
+
+
+def test_dense_layers_past_the_models_layers_stop_engine_config(tiny_llama):
+    from vllm.engine.arg_utils import EngineArgs
+
+    def engine_config(dense_layers):
+        return EngineArgs(
+            model=tiny_llama, skip_tokenizer_init=True, attention_backend="FLASHPREFILL",
+            additional_config={"flashprefill": {"dense_layers": dense_layers}},
+        ).create_engine_config()
+
+    engine_config([0, 1])
+    engine_config(4)  # the default on a 2-layer model: every layer
+    with pytest.raises(ValueError, match=r"'dense_layers': \[1, 2\]; allowed: indices of the model's 2 layers"):
+        engine_config([1, 2])

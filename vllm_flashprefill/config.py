@@ -126,6 +126,15 @@ class FlashPrefillConfig:
             return layer_index < self.dense_layers
         return layer_index in self.dense_layers
 
+    def check_layer_count(self, num_layers: int) -> None:
+        """Listed dense layers must be layers of the model (an int N past the count just means
+        every layer), so that a list meant for another model does not pass without a word."""
+        if isinstance(self.dense_layers, tuple) and any(i >= num_layers for i in self.dense_layers):
+            raise ValueError(
+                f"flashprefill: invalid value for 'dense_layers': {list(self.dense_layers)!r}; allowed: "
+                f"indices of the model's {num_layers} layers (0 to {num_layers - 1})"
+            )
+
     @property
     def block_size(self) -> int:
         """The option's name for :attr:`sparse_block`; benchmarks/ still read it."""
@@ -290,6 +299,9 @@ def check_engine_config(vllm_config: Any) -> FlashPrefillConfig | None:
     if not (selected or has_section):
         return None
     cfg = FlashPrefillConfig.from_additional_config(additional)
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is not None:
+        cfg.check_layer_count(model_config.get_total_num_hidden_layers())
     if not selected:
         logger.warning(
             "FlashPrefill: additional_config has a '%s' section but the attention backend is not "
