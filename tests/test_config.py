@@ -6,6 +6,7 @@ import dataclasses
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vllm_flashprefill.config import PATTERNS, FlashPrefillConfig, option_name
@@ -133,6 +134,24 @@ BAD_CONFIGS = [
     ({"dense_layers": "first"}, "dense_layers", "'first'"),
     ({"sparse_kernel": "fa3"}, "sparse_kernel", "'fa3'"),
     ({"sparse_kernel": 3}, "sparse_kernel", "3"),
+    # Too large to be a position or block count (vLLM's sequence lengths are int32), or a tile.
+    ({"block_size": 2**40}, "block_size", "1099511627776"),
+    ({"block_size": 8192}, "block_size", "8192"),
+    ({"min_budget": 10**20}, "min_budget", "100000000000000000000"),
+    ({"max_budget": 2**31}, "max_budget", "2147483648"),
+    ({"min_seq_len": 2**31}, "min_seq_len", "2147483648"),
+    ({"sink_blocks": 2**40}, "sink_blocks", "1099511627776"),
+    ({"local_blocks": 2**40}, "local_blocks", "1099511627776"),
+    ({"stride": 2**40}, "stride", "1099511627776"),
+    ({"dense_tail_blocks": 2**40}, "dense_tail_blocks", "1099511627776"),
+    ({"dense_layers": 2**40}, "dense_layers", "1099511627776"),
+    ({"dense_layers": [0, 2**40]}, "dense_layers", "1099511627776"),
+    # Containers and NumPy values that are not the option's type.
+    ({"dense_layers": {1, 2}}, "dense_layers", "{1, 2}"),
+    ({"dense_layers": [np.float64(1.0)]}, "dense_layers", "1.0"),
+    ({"block_size": np.bool_(True)}, "block_size", "True"),
+    ({"threshold": np.bool_(False)}, "threshold", "False"),
+    ({"block_size": np.float32(128)}, "block_size", "128.0"),
 ]
 
 
@@ -148,6 +167,49 @@ def test_bad_config_is_rejected_by_name(options, key, shown):
     assert f"'{key}'" in message, message
     assert shown in message, message
     assert message.startswith("flashprefill:"), message
+
+
+def test_numpy_numbers_are_numbers():
+    cfg = load({
+        "block_size": np.int64(256), "sink_blocks": np.uint8(2), "threshold": np.float32(0.25),
+        "above_mean": np.int32(3), "dense_layers": [np.int64(0), np.int16(3)], "min_seq_len": np.int64(0),
+    })
+    assert cfg == FlashPrefillConfig(
+        sparse_block=256, sink_blocks=2, threshold=0.25, above_mean=3.0, dense_layers=(0, 3), min_seq_len=0
+    )
+    # Plain Python values inside: the config hashes, compares and prints like one from JSON.
+    assert type(cfg.sparse_block) is int and type(cfg.threshold) is float
+    assert all(type(i) is int for i in cfg.dense_layers)
+    assert load({"dense_layers": np.int64(2)}).dense_layers == 2 and type(load({"dense_layers": np.int64(2)}).dense_layers) is int
+
+
+def test_largest_values_pass():
+    cfg = load({"block_size": 4096, "min_seq_len": 2**31 - 1, "sink_blocks": 2**31 - 1, "max_budget": 2**31 - 1})
+    assert (cfg.sparse_block, cfg.min_seq_len, cfg.max_budget) == (4096, 2**31 - 1, 2**31 - 1)
+
+
+@pytest.mark.parametrize("key", [1, None, ("pattern",)], ids=repr)
+def test_non_string_option_names_are_rejected_by_name(key):
+    with pytest.raises(ValueError) as excinfo:
+        load({key: "hybrid"})
+    assert str(excinfo.value).startswith(f"flashprefill: unknown key {key!r} (value 'hybrid')")
+
+
+@pytest.mark.parametrize(
+    "pattern, stride, allowed",
+    [
+        ("dynamic", -1, "allowed: an integer in [0, 2147483647] (0: no strided blocks)"),
+        ("local", -1, "allowed: an integer in [0, 2147483647] (0: no strided blocks)"),
+        ("hybrid", 0, "allowed: an integer in [1, 2147483647] for pattern 'hybrid' (0 is allowed for "
+                      "dynamic and local only)"),
+        ("strided", -2, "allowed: an integer in [1, 2147483647] for pattern 'strided' (0 is allowed for "
+                        "dynamic and local only)"),
+    ],
+)
+def test_stride_message_says_what_the_pattern_allows(pattern, stride, allowed):
+    with pytest.raises(ValueError) as excinfo:
+        load({"pattern": pattern, "stride": stride})
+    assert str(excinfo.value) == f"flashprefill: invalid value for 'stride': {stride}; {allowed}"
 
 
 @pytest.mark.parametrize("section", ["hybrid", ["pattern", "hybrid"], 3, None], ids=repr)

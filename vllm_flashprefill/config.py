@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,13 @@ PATTERNS = ("dense", "local", "strided", "hybrid", "dynamic")
 SPARSE_KERNELS = ("auto", "hopper", "triton", "flash_attn")
 STRING_KEYS = ("pattern", "sparse_kernel")
 NUMBER_KEYS = ("threshold", "above_mean")
+# Upper bounds, so that a typo (2**40, 10**20) fails here by name instead of later in a kernel or
+# an allocation. Positions and block counts: vLLM's sequence lengths and our block indices are
+# int32, so nothing larger can be reached. The sparse tile: at 4096 a 131K-token prompt has 32
+# blocks per row, most of them forced (sink, local, dense tail), and 4096 is 16x the largest tile
+# measured (256).
+MAX_INT32 = 2**31 - 1
+MAX_SPARSE_BLOCK = 4096
 ENV_PREFIX = "FLASHPREFILL_"
 CONFIG_KEY = "flashprefill"
 # Fields whose user option has another name: the option `block_size` is the sparse tile, which the
@@ -89,29 +97,29 @@ class FlashPrefillConfig:
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise bad("sparse_kernel", " | ".join(SPARSE_KERNELS))
         bs = self.sparse_block
-        if bs < 64 or bs & (bs - 1):
-            raise bad("sparse_block", "a power of two >= 64")
-        for key in ("sink_blocks", "local_blocks", "dense_tail_blocks", "min_budget", "max_budget"):
-            if getattr(self, key) < 0:
-                raise bad(key, "an integer >= 0")
-        if self.stride < (1 if self.pattern in ("strided", "hybrid") else 0):
-            raise bad("stride", f"an integer >= 1 for pattern {self.pattern!r} (0 = no strided blocks "
-                      "for the other patterns)")
+        if not 64 <= bs <= MAX_SPARSE_BLOCK or bs & (bs - 1):
+            raise bad("sparse_block", f"a power of two in [64, {MAX_SPARSE_BLOCK}]")
+        for key in ("sink_blocks", "local_blocks", "dense_tail_blocks", "min_budget", "max_budget", "min_seq_len"):
+            if not 0 <= getattr(self, key) <= MAX_INT32:
+                raise bad(key, f"an integer in [0, {MAX_INT32}]")
+        if self.pattern in ("strided", "hybrid"):
+            if not 1 <= self.stride <= MAX_INT32:
+                raise bad("stride", f"an integer in [1, {MAX_INT32}] for pattern {self.pattern!r} (0 is allowed "
+                          "for dynamic and local only)")
+        elif not 0 <= self.stride <= MAX_INT32:
+            raise bad("stride", f"an integer in [0, {MAX_INT32}] (0: no strided blocks)")
         if not 0.0 <= self.threshold <= 1.0:
             raise bad("threshold", "a number in [0, 1]")
         if not 0.0 <= self.above_mean < float("inf"):
             raise bad("above_mean", "a finite number >= 0 (0 = off)")
         if self.max_budget and self.max_budget < self.min_budget:
             raise bad("max_budget", f"0 (no cap) or >= min_budget ({self.min_budget})")
-        if self.min_seq_len < 0:
-            raise bad("min_seq_len", "an integer >= 0")
         if isinstance(self.dense_layers, list):
             object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
         dl = self.dense_layers
-        if (isinstance(dl, int) and dl < 0) or (
-            isinstance(dl, tuple) and any(i < 0 for i in dl)
-        ):
-            raise bad("dense_layers", "an integer N >= 0 (first N layers) or a list of layer indices >= 0")
+        if not all(0 <= i <= MAX_INT32 for i in (dl if isinstance(dl, tuple) else (dl,))):
+            raise bad("dense_layers", f"an integer N in [0, {MAX_INT32}] (first N layers) or a list of layer "
+                      "indices in that range")
 
     @property
     def is_dense(self) -> bool:
@@ -155,7 +163,7 @@ class FlashPrefillConfig:
         for key in options:
             if key not in OPTION_KEYS:
                 raise ValueError(
-                    f"flashprefill: unknown key '{key}' (value {options[key]!r}); "
+                    f"flashprefill: unknown key {key!r} (value {options[key]!r}); "
                     f"allowed keys: {', '.join(OPTION_KEYS)}"
                 )
         return cls(**{FIELD_NAMES.get(k, k): _coerce(k, v) for k, v in options.items()})
@@ -261,16 +269,21 @@ def _coerce(key: str, value: Any) -> Any:
             raise fail()
         return value.lower()
     if key in NUMBER_KEYS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _is_number(value, numbers.Real):
             raise fail()
         return float(value)
     if key == "dense_layers" and isinstance(value, (list, tuple)):
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        if not all(_is_number(i, numbers.Integral) for i in value):
             raise fail()
-        return tuple(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+        return tuple(int(i) for i in value)
+    if not _is_number(value, numbers.Integral):
         raise fail()
-    return value
+    return int(value)
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    """NumPy scalars count (``numbers`` knows them); booleans do not (NumPy's are not in ``numbers``)."""
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def flashprefill_selected(attention_config: Any) -> bool:
