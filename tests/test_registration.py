@@ -505,3 +505,23 @@ def test_dense_layers_past_the_models_layers_stop_engine_config(tiny_llama):
     engine_config(4)  # the default on a 2-layer model: every layer
     with pytest.raises(ValueError, match=r"'dense_layers': \[1, 2\]; allowed: indices of the model's 2 layers"):
         engine_config([1, 2])
+
+
+def test_numpy_options_are_accepted_and_the_engine_config_still_hashes(tiny_llama):
+    """vLLM hashes additional_config as JSON (VllmConfig.compute_hash, in every engine), which
+    fails on NumPy values: the checked section is stored back in plain JSON types."""
+    import numpy as np
+    from vllm.engine.arg_utils import EngineArgs
+
+    section = {"block_size": np.int64(256), "threshold": np.float32(0.25), "dense_layers": [np.int64(1)],
+               "pattern": "Hybrid"}
+    vllm_config = EngineArgs(
+        model=tiny_llama, skip_tokenizer_init=True, attention_backend="FLASHPREFILL",
+        additional_config={"flashprefill": section},
+    ).create_engine_config()
+    vllm_config.compute_hash()
+    assert vllm_config.additional_config["flashprefill"] == {
+        "block_size": 256, "threshold": 0.25, "dense_layers": [1], "pattern": "hybrid"
+    }
+    cfg = FlashPrefillConfig.from_vllm_config(vllm_config)
+    assert (cfg.sparse_block, cfg.threshold, cfg.dense_layers, cfg.pattern) == (256, 0.25, (1,), "hybrid")

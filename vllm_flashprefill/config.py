@@ -312,6 +312,14 @@ def check_engine_config(vllm_config: Any) -> FlashPrefillConfig | None:
     if not (selected or has_section):
         return None
     cfg = FlashPrefillConfig.from_additional_config(additional)
+    if isinstance(additional, dict) and additional.get(CONFIG_KEY):
+        # vLLM hashes additional_config as JSON (VllmConfig.compute_hash), which fails on the NumPy
+        # numbers from_dict accepts: keep the section, checked, in plain JSON types.
+        section = additional[CONFIG_KEY]
+        given = FlashPrefillConfig.from_dict(section).as_dict()
+        additional[CONFIG_KEY] = {
+            key: list(value) if isinstance(value, tuple) else value for key, value in given.items() if key in section
+        }
     model_config = getattr(vllm_config, "model_config", None)
     if model_config is not None:
         cfg.check_layer_count(model_config.get_total_num_hidden_layers())
