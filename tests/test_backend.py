@@ -467,6 +467,22 @@ def test_layers_that_must_stay_dense(model_dir):
     assert "encoder" in make_impl(config, attn_type=AttentionType.ENCODER_ONLY).dense_reason
 
 
+def test_backend_config_sees_env_changes_and_numpy_values(monkeypatch):
+    """The config is read anew on each call: a FLASHPREFILL_* change later in the process counts
+    (it was cached on additional_config alone), and values that JSON cannot encode are no error."""
+    import numpy as np
+
+    from vllm_flashprefill import backend
+
+    monkeypatch.delenv("FLASHPREFILL_PATTERN", raising=False)
+    config = types.SimpleNamespace(additional_config={"flashprefill": {"pattern": "hybrid", "block_size": np.int64(256)},
+                                                      7: "another plugin's key"})
+    assert backend.flashprefill_config(config).pattern == "hybrid"
+    monkeypatch.setenv("FLASHPREFILL_PATTERN", "local")
+    cfg = backend.flashprefill_config(config)
+    assert (cfg.pattern, cfg.sparse_block) == ("local", 256)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="FlashAttention (FA3) needs a CUDA GPU and vLLM's CUDA build")
 @pytest.mark.parametrize("sparse_kernel", ["triton", "flash_attn"])
 def test_mixed_batch_dense_rows_on_flash_attention_sparse_rows_on_ours(model_dir, sparse_kernel):

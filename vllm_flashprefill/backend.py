@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import weakref
 from typing import ClassVar
 
@@ -48,17 +47,12 @@ from vllm_flashprefill.stats import STATS
 logger = init_logger("vllm.flashprefill")
 
 
-@functools.cache
-def _config_for(additional_config_json: str) -> FlashPrefillConfig:
-    cfg = FlashPrefillConfig.from_additional_config(json.loads(additional_config_json))
-    logger.info(cfg.summary())
-    return cfg
-
-
 def flashprefill_config(vllm_config) -> FlashPrefillConfig:
-    """The validated config of this engine, logged once per process."""
-    extra = getattr(vllm_config, "additional_config", None)
-    return _config_for(json.dumps(extra if isinstance(extra, dict) else {}, sort_keys=True))
+    """The validated config of this engine, read anew (FLASHPREFILL_* as they are now), its
+    settings logged once per process."""
+    cfg = FlashPrefillConfig.from_vllm_config(vllm_config)
+    logger.info_once(cfg.summary())
+    return cfg
 
 
 class FlashPrefillBackend(FlashAttentionBackend):
