@@ -467,6 +467,28 @@ def test_layers_that_must_stay_dense(model_dir):
     assert "encoder" in make_impl(config, attn_type=AttentionType.ENCODER_ONLY).dense_reason
 
 
+def test_a_layer_name_without_an_index_is_named_in_a_warning(model_dir):
+    import logging
+
+    config = vllm_config(model_dir, pattern="hybrid", dense_layers=[1])
+    no_dense_layers = vllm_config(model_dir, pattern="hybrid", dense_layers=[])
+    records = []
+    handler = logging.Handler()  # vLLM's loggers do not propagate to pytest's caplog
+    handler.emit = records.append
+    logging.getLogger("vllm.flashprefill").addHandler(handler)
+    try:
+        for name in ("vision.blocks.0.layers.1.attn", "vision.blocks.0.layers.1.attn", "decoder.attn"):
+            assert make_impl(config)._runs_sparse(types.SimpleNamespace(layer_name=name))
+        assert make_impl(no_dense_layers)._runs_sparse(types.SimpleNamespace(layer_name="no.index.here"))
+    finally:
+        logging.getLogger("vllm.flashprefill").removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelname == "WARNING"] == [
+        f"FlashPrefill: no layer index in the layer name {name!r}, so dense_layers [1] does not apply to it; "
+        "it runs the hybrid pattern"
+        for name in ("vision.blocks.0.layers.1.attn", "decoder.attn")
+    ]
+
+
 def test_backend_config_sees_env_changes_and_numpy_values(monkeypatch):
     """The config is read anew on each call: a FLASHPREFILL_* change later in the process counts
     (it was cached on additional_config alone), and values that JSON cannot encode are no error."""

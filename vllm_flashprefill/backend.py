@@ -412,7 +412,14 @@ class FlashPrefillImpl(FlashAttentionImpl):
 
     def _runs_sparse(self, layer) -> bool:
         if self._layer_sparse is None:
-            index = _layer_index(getattr(layer, "layer_name", None))
+            name = getattr(layer, "layer_name", None)
+            index = _layer_index(name)
+            dense_layers = self.cfg.dense_layers
+            if index is None and dense_layers and not (self.dense_reason or self.cfg.is_dense):
+                logger.warning_once(
+                    "FlashPrefill: no layer index in the layer name %r, so dense_layers %s does not apply "
+                    "to it; it runs the %s pattern", name,
+                    str(list(dense_layers) if isinstance(dense_layers, tuple) else dense_layers), self.cfg.pattern)
             self._layer_sparse = not (self.dense_reason or self.cfg.layer_is_dense(index))
         return self._layer_sparse
 
