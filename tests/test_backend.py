@@ -441,10 +441,10 @@ def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(mod
 
 
 def test_layers_that_must_stay_dense(model_dir):
-    config = vllm_config(model_dir, pattern="hybrid", dense_layers=[7])
+    config = vllm_config(model_dir, pattern="hybrid", dense_layers=[2])
     assert make_impl(config).dense_reason is None
-    assert not make_impl(config)._runs_sparse(LAYER)  # layer 7 is listed
-    assert make_impl(config)._runs_sparse(types.SimpleNamespace(layer_name="model.layers.4.self_attn.attn"))
+    assert not make_impl(config)._runs_sparse(types.SimpleNamespace(layer_name="model.layers.2.self_attn.attn"))
+    assert make_impl(config)._runs_sparse(types.SimpleNamespace(layer_name="model.layers.3.self_attn.attn"))
     default = vllm_config(model_dir, pattern="hybrid")  # the first 4 layers by default
     for index, sparse in ((0, False), (3, False), (4, True)):
         layer = types.SimpleNamespace(layer_name=f"model.layers.{index}.self_attn.attn")
@@ -457,6 +457,44 @@ def test_layers_that_must_stay_dense(model_dir):
     impl = make_impl(config)
     assert "fp8" in impl._dense_reason(None, None, "fp8", None, AttentionType.DECODER, None)
     assert "encoder" in make_impl(config, attn_type=AttentionType.ENCODER_ONLY).dense_reason
+
+
+def test_a_layer_name_without_an_index_is_named_in_a_warning(model_dir):
+    import logging
+
+    config = vllm_config(model_dir, pattern="hybrid", dense_layers=[1])
+    no_dense_layers = vllm_config(model_dir, pattern="hybrid", dense_layers=[])
+    records = []
+    handler = logging.Handler()  # vLLM's loggers do not propagate to pytest's caplog
+    handler.emit = records.append
+    logging.getLogger("vllm.flashprefill").addHandler(handler)
+    try:
+        for name in ("vision.blocks.0.layers.1.attn", "vision.blocks.0.layers.1.attn", "decoder.attn"):
+            assert make_impl(config)._runs_sparse(types.SimpleNamespace(layer_name=name))
+        assert make_impl(no_dense_layers)._runs_sparse(types.SimpleNamespace(layer_name="no.index.here"))
+    finally:
+        logging.getLogger("vllm.flashprefill").removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelname == "WARNING"] == [
+        f"FlashPrefill: no layer index in the layer name {name!r}, so dense_layers [1] does not apply to it; "
+        "it runs the hybrid pattern"
+        for name in ("vision.blocks.0.layers.1.attn", "decoder.attn")
+    ]
+
+
+def test_backend_config_sees_env_changes_and_numpy_values(monkeypatch):
+    """The config is read anew on each call: a FLASHPREFILL_* change later in the process counts
+    (it was cached on additional_config alone), and values that JSON cannot encode are no error."""
+    import numpy as np
+
+    from vllm_flashprefill import backend
+
+    monkeypatch.delenv("FLASHPREFILL_PATTERN", raising=False)
+    config = types.SimpleNamespace(additional_config={"flashprefill": {"pattern": "hybrid", "block_size": np.int64(256)},
+                                                      7: "another plugin's key"})
+    assert backend.flashprefill_config(config).pattern == "hybrid"
+    monkeypatch.setenv("FLASHPREFILL_PATTERN", "local")
+    cfg = backend.flashprefill_config(config)
+    assert (cfg.pattern, cfg.sparse_block) == ("local", 256)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="FlashAttention (FA3) needs a CUDA GPU and vLLM's CUDA build")

@@ -6,6 +6,7 @@ import dataclasses
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vllm_flashprefill.config import PATTERNS, FlashPrefillConfig, option_name
@@ -133,6 +134,24 @@ BAD_CONFIGS = [
     ({"dense_layers": "first"}, "dense_layers", "'first'"),
     ({"sparse_kernel": "fa3"}, "sparse_kernel", "'fa3'"),
     ({"sparse_kernel": 3}, "sparse_kernel", "3"),
+    # Too large to be a position or block count (vLLM's sequence lengths are int32), or a tile.
+    ({"block_size": 2**40}, "block_size", "1099511627776"),
+    ({"block_size": 8192}, "block_size", "8192"),
+    ({"min_budget": 10**20}, "min_budget", "100000000000000000000"),
+    ({"max_budget": 2**31}, "max_budget", "2147483648"),
+    ({"min_seq_len": 2**31}, "min_seq_len", "2147483648"),
+    ({"sink_blocks": 2**40}, "sink_blocks", "1099511627776"),
+    ({"local_blocks": 2**40}, "local_blocks", "1099511627776"),
+    ({"stride": 2**40}, "stride", "1099511627776"),
+    ({"dense_tail_blocks": 2**40}, "dense_tail_blocks", "1099511627776"),
+    ({"dense_layers": 2**40}, "dense_layers", "1099511627776"),
+    ({"dense_layers": [0, 2**40]}, "dense_layers", "1099511627776"),
+    # Containers and NumPy values that are not the option's type.
+    ({"dense_layers": {1, 2}}, "dense_layers", "{1, 2}"),
+    ({"dense_layers": [np.float64(1.0)]}, "dense_layers", "1.0"),
+    ({"block_size": np.bool_(True)}, "block_size", "True"),
+    ({"threshold": np.bool_(False)}, "threshold", "False"),
+    ({"block_size": np.float32(128)}, "block_size", "128.0"),
 ]
 
 
@@ -150,6 +169,49 @@ def test_bad_config_is_rejected_by_name(options, key, shown):
     assert message.startswith("flashprefill:"), message
 
 
+def test_numpy_numbers_are_numbers():
+    cfg = load({
+        "block_size": np.int64(256), "sink_blocks": np.uint8(2), "threshold": np.float32(0.25),
+        "above_mean": np.int32(3), "dense_layers": [np.int64(0), np.int16(3)], "min_seq_len": np.int64(0),
+    })
+    assert cfg == FlashPrefillConfig(
+        sparse_block=256, sink_blocks=2, threshold=0.25, above_mean=3.0, dense_layers=(0, 3), min_seq_len=0
+    )
+    # Plain Python values inside: the config hashes, compares and prints like one from JSON.
+    assert type(cfg.sparse_block) is int and type(cfg.threshold) is float
+    assert all(type(i) is int for i in cfg.dense_layers)
+    assert load({"dense_layers": np.int64(2)}).dense_layers == 2 and type(load({"dense_layers": np.int64(2)}).dense_layers) is int
+
+
+def test_largest_values_pass():
+    cfg = load({"block_size": 4096, "min_seq_len": 2**31 - 1, "sink_blocks": 2**31 - 1, "max_budget": 2**31 - 1})
+    assert (cfg.sparse_block, cfg.min_seq_len, cfg.max_budget) == (4096, 2**31 - 1, 2**31 - 1)
+
+
+@pytest.mark.parametrize("key", [1, None, ("pattern",)], ids=repr)
+def test_non_string_option_names_are_rejected_by_name(key):
+    with pytest.raises(ValueError) as excinfo:
+        load({key: "hybrid"})
+    assert str(excinfo.value).startswith(f"flashprefill: unknown key {key!r} (value 'hybrid')")
+
+
+@pytest.mark.parametrize(
+    "pattern, stride, allowed",
+    [
+        ("dynamic", -1, "allowed: an integer in [0, 2147483647] (0: no strided blocks)"),
+        ("local", -1, "allowed: an integer in [0, 2147483647] (0: no strided blocks)"),
+        ("hybrid", 0, "allowed: an integer in [1, 2147483647] for pattern 'hybrid' (0 is allowed for "
+                      "dynamic and local only)"),
+        ("strided", -2, "allowed: an integer in [1, 2147483647] for pattern 'strided' (0 is allowed for "
+                        "dynamic and local only)"),
+    ],
+)
+def test_stride_message_says_what_the_pattern_allows(pattern, stride, allowed):
+    with pytest.raises(ValueError) as excinfo:
+        load({"pattern": pattern, "stride": stride})
+    assert str(excinfo.value) == f"flashprefill: invalid value for 'stride': {stride}; {allowed}"
+
+
 @pytest.mark.parametrize("section", ["hybrid", ["pattern", "hybrid"], 3, None], ids=repr)
 def test_section_must_be_a_dict(section):
     with pytest.raises(ValueError) as excinfo:
@@ -158,6 +220,62 @@ def test_section_must_be_a_dict(section):
     assert "'flashprefill'" in message, message
     assert repr(section) in message, message
     assert "dict" in message, message
+
+
+# --- options that would be ignored: at the top level or under a misspelt section -----------------
+
+MISPLACED = [
+    ({"pattern": "hybrid"}, "'pattern'"),
+    ({"flashprefill": {"stride": 8}, "block_size": 256}, "'block_size'"),
+    ({"flashprefill.pattern": "hybrid"}, "'flashprefill.pattern'"),
+    ({"flashprefil": {"pattern": "hybrid"}}, "'flashprefil'"),
+    ({"flash_prefill": {"pattern": "hybrid"}}, "'flash_prefill'"),
+    ({"FlashPrefill": {"pattern": "hybrid"}}, "'FlashPrefill'"),
+    ({"FLASHPREFILL": {"pattern": "hybrid"}}, "'FLASHPREFILL'"),
+    ({"flash-prefill": {}}, "'flash-prefill'"),
+    ({"flashprefill_config": {"pattern": "hybrid"}}, "'flashprefill_config'"),
+]
+
+
+@pytest.mark.parametrize("additional_config, key", MISPLACED, ids=[k for _, k in MISPLACED])
+def test_misplaced_options_are_rejected_with_where_they_belong(additional_config, key):
+    with pytest.raises(ValueError) as excinfo:
+        FlashPrefillConfig.from_additional_config(additional_config, environ={})
+    message = str(excinfo.value)
+    assert message.startswith("flashprefill:"), message
+    assert key in message, message
+    assert "additional_config['flashprefill']" in message or '{"flashprefill": {' in message, message
+
+
+def test_misplaced_option_messages():
+    def message(additional_config):
+        with pytest.raises(ValueError) as excinfo:
+            FlashPrefillConfig.from_additional_config(additional_config, environ={})
+        return str(excinfo.value)
+
+    assert message({"pattern": "hybrid"}) == (
+        "flashprefill: option 'pattern' (value 'hybrid') is at the top level of additional_config, "
+        "where it is not read; FlashPrefill options belong under additional_config['flashprefill']: "
+        '{"flashprefill": {"pattern": "hybrid"}}'
+    )
+    assert message({"flashprefill.dense_layers": [0, 1]}) == (
+        "flashprefill: additional_config key 'flashprefill.dense_layers' (value [0, 1]) is not read "
+        "(a JSON key is not split at its dots); write {\"flashprefill\": {\"dense_layers\": [0, 1]}}, "
+        "or on the command line --additional-config.flashprefill.dense_layers=..."
+    )
+    assert message({"flashprefil": {"pattern": "hybrid"}}) == (
+        "flashprefill: additional_config section 'flashprefil' is not read (did you mean 'flashprefill'?); "
+        "FlashPrefill options belong under additional_config['flashprefill']"
+    )
+
+
+def test_other_keys_that_look_alike_are_not_ours():
+    """vLLM's own top-level keys and other plugins' sections stay unchecked."""
+    additional_config = {
+        "gdn_prefill_backend": "triton", "kda_prefill_backend": "x", "prefill": {}, "flashinfer": {},
+        "flash_attn": {}, "flashprefill": {"pattern": "local"},
+    }
+    assert load({"pattern": "local"}) == FlashPrefillConfig.from_additional_config(additional_config, environ={})
 
 
 # --- FLASHPREFILL_* environment overrides --------------------------------------------------------
@@ -282,6 +400,18 @@ def test_layer_is_dense(dense_layers, dense, sparse):
     assert [i for i in dense if not cfg.layer_is_dense(i)] == []
     assert [i for i in sparse if cfg.layer_is_dense(i)] == []
     assert not cfg.layer_is_dense(None)  # a layer without an index follows the pattern
+
+
+def test_listed_dense_layers_must_be_layers_of_the_model():
+    load({"dense_layers": [0, 31]}).check_layer_count(32)
+    load({"dense_layers": 40}).check_layer_count(32)  # the first 40 layers: all of them
+    load({"dense_layers": []}).check_layer_count(1)
+    with pytest.raises(ValueError) as excinfo:
+        load({"dense_layers": [0, 32]}).check_layer_count(32)
+    assert str(excinfo.value) == (
+        "flashprefill: invalid value for 'dense_layers': [0, 32]; allowed: indices of the model's 32 layers "
+        "(0 to 31)"
+    )
 
 
 def test_dense_pattern_makes_every_layer_dense():

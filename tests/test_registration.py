@@ -341,3 +341,187 @@ def test_serve_parser_accepts_backend_per_kind_and_config_survives_spawn(tiny_ll
     assert (received["name"], received["path"]) == (NAME, PATH)
     assert received["is_registered_member"]
     assert received["additional_config"]["flashprefill"] == options["flashprefill"]
+
+
+# --- options checked where the engine config is built (before any model loads) ----------------
+
+BOGUS = {"flashprefill": {"pattern": "bogus"}}
+BOGUS_MESSAGE = (
+    "flashprefill: invalid value for 'pattern': 'bogus'; allowed: dense | local | strided | hybrid | dynamic"
+)
+
+
+def _vllm_log_records():
+    """Records of vLLM's loggers (vLLM's logging config does not propagate them to the root)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    return records, handler
+
+
+def test_bad_options_stop_create_engine_config(tiny_llama):
+    """``EngineArgs.create_engine_config`` (what ``LLM()`` and ``vllm serve`` call before starting
+    an engine) raises the option error itself, on any platform."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(
+        model=tiny_llama, skip_tokenizer_init=True, attention_backend="FLASHPREFILL", additional_config=BOGUS
+    )
+    with pytest.raises(ValueError) as excinfo:
+        args.create_engine_config()
+    assert str(excinfo.value) == BOGUS_MESSAGE
+
+
+def test_bad_options_stop_llm_before_an_engine_starts(tiny_llama, monkeypatch):
+    import vllm
+    from vllm.v1.engine.core_client import EngineCoreClient
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine was started")
+
+    monkeypatch.setattr(EngineCoreClient, "make_client", no_engine)
+    with pytest.raises(ValueError, match="'pattern': 'bogus'"):
+        vllm.LLM(tiny_llama, skip_tokenizer_init=True, attention_backend="FLASHPREFILL", additional_config=BOGUS)
+
+
+def test_bad_options_stop_cli_engine_config(engine_parser, tiny_llama):
+    argv = ["--attention-backend", "FLASHPREFILL", "--additional-config", json.dumps(BOGUS)]
+    with pytest.raises(ValueError, match="'pattern': 'bogus'"):
+        _engine_config(engine_parser, tiny_llama, argv)
+    with pytest.raises(ValueError, match="'stride': -1"):
+        _engine_config(
+            engine_parser, tiny_llama,
+            ["--attention-backend", "FLASHPREFILL", "--additional-config.flashprefill.stride=-1"],
+        )
+
+
+def test_bad_env_option_stops_engine_config_with_backend_per_kind(tiny_llama, monkeypatch):
+    """FLASHPREFILL selected for one kind of layer, no section: the env overrides are checked."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="flashprefill-test"))
+    monkeypatch.setenv("FLASHPREFILL_BLOCK_SIZE", "100")
+    with pytest.raises(ValueError, match="'block_size': 100"):
+        _engine_config(
+            parser, tiny_llama, ["-ac", '{"backend_per_kind": {"full_attention": "FLASHPREFILL"}}'],
+            args_cls=AsyncEngineArgs,
+        )
+
+
+def test_section_without_the_backend_is_checked_and_warned_about(tiny_llama):
+    import logging
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(ValueError, match="'pattern': 'bogus'"):
+        EngineArgs(model=tiny_llama, skip_tokenizer_init=True, additional_config=BOGUS).create_engine_config()
+
+    records, handler = _vllm_log_records()
+    logger = logging.getLogger("vllm.flashprefill")
+    logger.addHandler(handler)
+    try:
+        EngineArgs(
+            model=tiny_llama, skip_tokenizer_init=True, additional_config={"flashprefill": {"pattern": "hybrid"}}
+        ).create_engine_config()
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "FlashPrefill: additional_config has a 'flashprefill' section but the attention backend is not "
+        "FLASHPREFILL; its options have no effect"
+    ]
+
+
+def test_without_the_backend_or_a_section_nothing_is_checked(tiny_llama, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setenv("FLASHPREFILL_PATTERN", "bogus")  # read only by an engine that runs FLASHPREFILL
+    vllm_config = EngineArgs(
+        model=tiny_llama, skip_tokenizer_init=True, additional_config={"pattern": "not ours"}
+    ).create_engine_config()
+    assert vllm_config.additional_config == {"pattern": "not ours"}
+
+
+def test_register_wraps_create_engine_config_once(backend_enum):
+    import vllm_flashprefill
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+    wrapped = EngineArgs.create_engine_config
+    vllm_flashprefill.register()
+    assert EngineArgs.create_engine_config is wrapped
+    assert AsyncEngineArgs.create_engine_config is wrapped  # inherited, not overridden
+    assert wrapped.__wrapped__.__qualname__ == "EngineArgs.create_engine_config"
+
+
+def test_api_server_with_bad_options_exits_before_an_engine_starts(tiny_llama):
+    """The issue's case: a server started with a bad pattern (here on the CPU platform) stops in
+    its API server process with the option error; no engine core process starts."""
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_llama,
+            "--skip-tokenizer-init", "--attention-backend", "FLASHPREFILL",
+            "--additional-config", json.dumps(BOGUS),
+        ],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.rstrip().splitlines()[-1] == f"ValueError: {BOGUS_MESSAGE}"
+    assert "EngineCore" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "backend, additional_config, shown",
+    [
+        ("FLASHPREFILL", {"pattern": "hybrid"}, "option 'pattern' (value 'hybrid') is at the top level"),
+        ("FLASHPREFILL", {"flash_prefill": {"pattern": "hybrid"}}, "section 'flash_prefill' is not read"),
+        (None, {"flashprefil": {"pattern": "hybrid"}}, "section 'flashprefil' is not read"),
+        (None, {"flashprefill.pattern": "hybrid"}, "key 'flashprefill.pattern' (value 'hybrid') is not read"),
+    ],
+    ids=["top-level", "misspelt", "misspelt-no-backend", "dotted-no-backend"],
+)
+def test_misplaced_options_stop_engine_config(tiny_llama, backend, additional_config, shown):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(
+        model=tiny_llama, skip_tokenizer_init=True, attention_backend=backend, additional_config=additional_config
+    )
+    with pytest.raises(ValueError) as excinfo:
+        args.create_engine_config()
+    assert shown in str(excinfo.value)
+
+
+def test_dense_layers_past_the_models_layers_stop_engine_config(tiny_llama):
+    from vllm.engine.arg_utils import EngineArgs
+
+    def engine_config(dense_layers):
+        return EngineArgs(
+            model=tiny_llama, skip_tokenizer_init=True, attention_backend="FLASHPREFILL",
+            additional_config={"flashprefill": {"dense_layers": dense_layers}},
+        ).create_engine_config()
+
+    engine_config([0, 1])
+    engine_config(4)  # the default on a 2-layer model: every layer
+    with pytest.raises(ValueError, match=r"'dense_layers': \[1, 2\]; allowed: indices of the model's 2 layers"):
+        engine_config([1, 2])
+
+
+def test_numpy_options_are_accepted_and_the_engine_config_still_hashes(tiny_llama):
+    """vLLM hashes additional_config as JSON (VllmConfig.compute_hash, in every engine), which
+    fails on NumPy values: the checked section is stored back in plain JSON types."""
+    import numpy as np
+    from vllm.engine.arg_utils import EngineArgs
+
+    section = {"block_size": np.int64(256), "threshold": np.float32(0.25), "dense_layers": [np.int64(1)],
+               "pattern": "Hybrid"}
+    vllm_config = EngineArgs(
+        model=tiny_llama, skip_tokenizer_init=True, attention_backend="FLASHPREFILL",
+        additional_config={"flashprefill": section},
+    ).create_engine_config()
+    vllm_config.compute_hash()
+    assert vllm_config.additional_config["flashprefill"] == {
+        "block_size": 256, "threshold": 0.25, "dense_layers": [1], "pattern": "hybrid"
+    }
+    cfg = FlashPrefillConfig.from_vllm_config(vllm_config)
+    assert (cfg.sparse_block, cfg.threshold, cfg.dense_layers, cfg.pattern) == (256, 0.25, (1,), "hybrid")

@@ -10,8 +10,6 @@ This module is the vLLM glue; ``sparse_prefill.py`` and everything it calls impo
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 from typing import ClassVar
 
 import torch
@@ -37,17 +35,12 @@ from .stats import STATS
 logger = init_logger("vllm.flashprefill")
 
 
-@functools.cache
-def _config_for(additional_config_json: str) -> FlashPrefillConfig:
-    cfg = FlashPrefillConfig.from_additional_config(json.loads(additional_config_json))
-    logger.info(cfg.summary())
-    return cfg
-
-
 def flashprefill_config(vllm_config) -> FlashPrefillConfig:
-    """The validated config of this engine, logged once per process."""
-    extra = getattr(vllm_config, "additional_config", None)
-    return _config_for(json.dumps(extra if isinstance(extra, dict) else {}, sort_keys=True))
+    """The validated config of this engine, read anew (FLASHPREFILL_* as they are now), its
+    settings logged once per process."""
+    cfg = FlashPrefillConfig.from_vllm_config(vllm_config)
+    logger.info_once(cfg.summary())
+    return cfg
 
 
 def dynamic_workspace(vllm_config, cfg: FlashPrefillConfig, num_q_heads: int, num_kv_heads: int, head_size: int,
@@ -275,7 +268,14 @@ class FlashPrefillImpl(FlashAttentionImpl):
 
     def _runs_sparse(self, layer) -> bool:
         if self._layer_sparse is None:
-            index = _layer_index(getattr(layer, "layer_name", None))
+            name = getattr(layer, "layer_name", None)
+            index = _layer_index(name)
+            dense_layers = self.cfg.dense_layers
+            if index is None and dense_layers and not (self.dense_reason or self.cfg.is_dense):
+                logger.warning_once(
+                    "FlashPrefill: no layer index in the layer name %r, so dense_layers %s does not apply "
+                    "to it; it runs the %s pattern", name,
+                    str(list(dense_layers) if isinstance(dense_layers, tuple) else dense_layers), self.cfg.pattern)
             self._layer_sparse = not (self.dense_reason or self.cfg.layer_is_dense(index))
         return self._layer_sparse
 

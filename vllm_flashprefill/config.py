@@ -1,14 +1,20 @@
 """FlashPrefill options: read from ``additional_config["flashprefill"]`` and ``FLASHPREFILL_*``.
 
-Every key is checked when the engine builds its attention layers; a bad key, type or value raises
-one ``ValueError`` that names the key, the value given and what is allowed.
+Every key is checked where vLLM builds the engine config from the engine arguments, before any
+model loads (:func:`check_engine_config`, hooked in by ``registration.register``), and again where
+the backend reads it in each worker; a bad key, type or value raises one ``ValueError`` that names
+the key, the value given and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
+import numbers
 import os
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +25,23 @@ PATTERNS = ("dense", "local", "strided", "hybrid", "dynamic")
 SPARSE_KERNELS = ("auto", "hopper", "triton", "flash_attn")
 STRING_KEYS = ("pattern", "sparse_kernel")
 NUMBER_KEYS = ("threshold", "above_mean")
+# Upper bounds, so that a typo (2**40, 10**20) fails here by name instead of later in a kernel or
+# an allocation. Positions and block counts: vLLM's sequence lengths and our block indices are
+# int32, so nothing larger can be reached. The sparse tile: at 4096 a 131K-token prompt has 32
+# blocks per row, most of them forced (sink, local, dense tail), and 4096 is 16x the largest tile
+# measured (256).
+MAX_INT32 = 2**31 - 1
+MAX_SPARSE_BLOCK = 4096
 ENV_PREFIX = "FLASHPREFILL_"
 CONFIG_KEY = "flashprefill"
 # Fields whose user option has another name: the option `block_size` is the sparse tile, which the
 # code calls `sparse_block` (vLLM's own block size is its KV page, `page_size` here).
 OPTION_NAMES = {"sparse_block": "block_size"}
 FIELD_NAMES = {option: field for field, option in OPTION_NAMES.items()}
+
+
+# Under "vllm." so that vLLM's handler and VLLM_LOGGING_LEVEL apply (config.py imports no vLLM).
+logger = logging.getLogger("vllm.flashprefill")
 
 
 def option_name(field: str) -> str:
@@ -83,29 +100,29 @@ class FlashPrefillConfig:
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise bad("sparse_kernel", " | ".join(SPARSE_KERNELS))
         bs = self.sparse_block
-        if bs < 64 or bs & (bs - 1):
-            raise bad("sparse_block", "a power of two >= 64")
-        for key in ("sink_blocks", "local_blocks", "dense_tail_blocks", "min_budget", "max_budget"):
-            if getattr(self, key) < 0:
-                raise bad(key, "an integer >= 0")
-        if self.stride < (1 if self.pattern in ("strided", "hybrid") else 0):
-            raise bad("stride", f"an integer >= 1 for pattern {self.pattern!r} (0 = no strided blocks "
-                      "for the other patterns)")
+        if not 64 <= bs <= MAX_SPARSE_BLOCK or bs & (bs - 1):
+            raise bad("sparse_block", f"a power of two in [64, {MAX_SPARSE_BLOCK}]")
+        for key in ("sink_blocks", "local_blocks", "dense_tail_blocks", "min_budget", "max_budget", "min_seq_len"):
+            if not 0 <= getattr(self, key) <= MAX_INT32:
+                raise bad(key, f"an integer in [0, {MAX_INT32}]")
+        if self.pattern in ("strided", "hybrid"):
+            if not 1 <= self.stride <= MAX_INT32:
+                raise bad("stride", f"an integer in [1, {MAX_INT32}] for pattern {self.pattern!r} (0 is allowed "
+                          "for dynamic and local only)")
+        elif not 0 <= self.stride <= MAX_INT32:
+            raise bad("stride", f"an integer in [0, {MAX_INT32}] (0: no strided blocks)")
         if not 0.0 <= self.threshold <= 1.0:
             raise bad("threshold", "a number in [0, 1]")
         if not 0.0 <= self.above_mean < float("inf"):
             raise bad("above_mean", "a finite number >= 0 (0 = off)")
         if self.max_budget and self.max_budget < self.min_budget:
             raise bad("max_budget", f"0 (no cap) or >= min_budget ({self.min_budget})")
-        if self.min_seq_len < 0:
-            raise bad("min_seq_len", "an integer >= 0")
         if isinstance(self.dense_layers, list):
             object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
         dl = self.dense_layers
-        if (isinstance(dl, int) and dl < 0) or (
-            isinstance(dl, tuple) and any(i < 0 for i in dl)
-        ):
-            raise bad("dense_layers", "an integer N >= 0 (first N layers) or a list of layer indices >= 0")
+        if not all(0 <= i <= MAX_INT32 for i in (dl if isinstance(dl, tuple) else (dl,))):
+            raise bad("dense_layers", f"an integer N in [0, {MAX_INT32}] (first N layers) or a list of layer "
+                      "indices in that range")
 
     @property
     def block_pattern(self) -> Pattern:
@@ -127,6 +144,15 @@ class FlashPrefillConfig:
             return layer_index < self.dense_layers
         return layer_index in self.dense_layers
 
+    def check_layer_count(self, num_layers: int) -> None:
+        """Listed dense layers must be layers of the model (an int N past the count just means
+        every layer), so that a list meant for another model does not pass without a word."""
+        if isinstance(self.dense_layers, tuple) and any(i >= num_layers for i in self.dense_layers):
+            raise ValueError(
+                f"flashprefill: invalid value for 'dense_layers': {list(self.dense_layers)!r}; allowed: "
+                f"indices of the model's {num_layers} layers (0 to {num_layers - 1})"
+            )
+
     @property
     def block_size(self) -> int:
         """The option's name for :attr:`sparse_block`; benchmarks/ still read it."""
@@ -144,12 +170,11 @@ class FlashPrefillConfig:
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> "FlashPrefillConfig":
         options = dict(options or {})
-        known = [option_name(f.name) for f in dataclasses.fields(cls)]
         for key in options:
-            if key not in known:
+            if key not in OPTION_KEYS:
                 raise ValueError(
-                    f"flashprefill: unknown key '{key}' (value {options[key]!r}); "
-                    f"allowed keys: {', '.join(known)}"
+                    f"flashprefill: unknown key {key!r} (value {options[key]!r}); "
+                    f"allowed keys: {', '.join(OPTION_KEYS)}"
                 )
         return cls(**{FIELD_NAMES.get(k, k): _coerce(k, v) for k, v in options.items()})
 
@@ -160,6 +185,7 @@ class FlashPrefillConfig:
         """Options under ``additional_config["flashprefill"]``, then ``FLASHPREFILL_*`` overrides."""
         options: dict[str, Any] = {}
         if isinstance(additional_config, Mapping):
+            reject_misplaced_options(additional_config)
             section = additional_config.get(CONFIG_KEY, {})
             if not isinstance(section, Mapping):
                 raise ValueError(
@@ -173,6 +199,48 @@ class FlashPrefillConfig:
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> "FlashPrefillConfig":
         return cls.from_additional_config(getattr(vllm_config, "additional_config", None))
+
+
+OPTION_KEYS = tuple(option_name(f.name) for f in dataclasses.fields(FlashPrefillConfig))
+
+
+def looks_like_section(key: Any) -> bool:
+    """A key that is meant as the ``flashprefill`` section but is not it (case, ``_``/``-``, a
+    letter missing or doubled, a suffix): its options would be ignored without a word."""
+    if not isinstance(key, str) or key == CONFIG_KEY:
+        return False
+    squashed = re.sub(r"[\W_]", "", key.lower())
+    return difflib.SequenceMatcher(None, squashed, CONFIG_KEY).ratio() >= 0.8
+
+
+def reject_misplaced_options(additional_config: Mapping) -> None:
+    """Raise where options sit where FlashPrefill does not read them: at the top level of
+    ``additional_config``, under a dotted key, or under a misspelt section."""
+    for key, value in additional_config.items():
+        if not isinstance(key, str) or key == CONFIG_KEY:
+            continue
+        if key.startswith(CONFIG_KEY + "."):
+            option = key[len(CONFIG_KEY) + 1:]
+            raise ValueError(
+                f"flashprefill: additional_config key {key!r} (value {value!r}) is not read (a JSON key "
+                f"is not split at its dots); write {_nested(option, value)}, or on the command line "
+                f"--additional-config.{key}=..."
+            )
+        if key in OPTION_KEYS:
+            raise ValueError(
+                f"flashprefill: option {key!r} (value {value!r}) is at the top level of additional_config, "
+                f"where it is not read; FlashPrefill options belong under "
+                f"additional_config['{CONFIG_KEY}']: {_nested(key, value)}"
+            )
+        if looks_like_section(key):
+            raise ValueError(
+                f"flashprefill: additional_config section {key!r} is not read (did you mean "
+                f"'{CONFIG_KEY}'?); FlashPrefill options belong under additional_config['{CONFIG_KEY}']"
+            )
+
+
+def _nested(option: str, value: Any) -> str:
+    return json.dumps({CONFIG_KEY: {option: value}}, default=repr)
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -211,13 +279,62 @@ def _coerce(key: str, value: Any) -> Any:
             raise fail()
         return value.lower()
     if key in NUMBER_KEYS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _is_number(value, numbers.Real):
             raise fail()
         return float(value)
     if key == "dense_layers" and isinstance(value, (list, tuple)):
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        if not all(_is_number(i, numbers.Integral) for i in value):
             raise fail()
-        return tuple(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+        return tuple(int(i) for i in value)
+    if not _is_number(value, numbers.Integral):
         raise fail()
-    return value
+    return int(value)
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    """NumPy scalars count (``numbers`` knows them); booleans do not (NumPy's are not in ``numbers``)."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def flashprefill_selected(attention_config: Any) -> bool:
+    """Whether the engine runs FLASHPREFILL for all layers or for one kind of them
+    (``--attention-backend`` or ``-ac '{"backend_per_kind": ...}'``)."""
+    from vllm_flashprefill.registration import BACKEND_NAME
+
+    backends = [getattr(attention_config, "backend", None)]
+    backends += list((getattr(attention_config, "backend_per_kind", None) or {}).values())
+    return any(getattr(b, "name", b) == BACKEND_NAME for b in backends)
+
+
+def check_engine_config(vllm_config: Any) -> FlashPrefillConfig | None:
+    """Validate the options of an engine about to start, in the process that parsed its arguments.
+
+    Runs where FLASHPREFILL is selected or a ``flashprefill`` section is given, or a key that means
+    one (misspelt, dotted); with another backend the section has no effect and a warning says so.
+    Returns the config, or None when neither holds.
+    """
+    additional = getattr(vllm_config, "additional_config", None)
+    selected = flashprefill_selected(getattr(vllm_config, "attention_config", None))
+    has_section = isinstance(additional, Mapping) and any(
+        isinstance(key, str) and (key.split(".")[0] == CONFIG_KEY or looks_like_section(key))
+        for key in additional
+    )
+    if not (selected or has_section):
+        return None
+    cfg = FlashPrefillConfig.from_additional_config(additional)
+    if isinstance(additional, dict) and additional.get(CONFIG_KEY):
+        # vLLM hashes additional_config as JSON (VllmConfig.compute_hash), which fails on the NumPy
+        # numbers from_dict accepts: keep the section, checked, in plain JSON types.
+        section = additional[CONFIG_KEY]
+        given = FlashPrefillConfig.from_dict(section).as_dict()
+        additional[CONFIG_KEY] = {
+            key: list(value) if isinstance(value, tuple) else value for key, value in given.items() if key in section
+        }
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is not None:
+        cfg.check_layer_count(model_config.get_total_num_hidden_layers())
+    if not selected:
+        logger.warning(
+            "FlashPrefill: additional_config has a '%s' section but the attention backend is not "
+            "FLASHPREFILL; its options have no effect", CONFIG_KEY)
+    return cfg
