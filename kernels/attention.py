@@ -21,11 +21,21 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The fp8 format q and the KV cache may come in (vLLM's "fp8"/"fp8_e4m3" cache on CUDA), with
+# float32 scales: x = x8 * scale.
+FP8_DTYPE = torch.float8_e4m3fn
+TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def dot_dtype(q: torch.Tensor) -> torch.dtype:
+    """What the kernels' dots run in: q's dtype; for an fp8 q fp16, which holds every e4m3 value
+    exactly (and probabilities more precisely than bf16)."""
+    return torch.float16 if q.dtype == FP8_DTYPE else q.dtype
 
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, kv_start, offs_n, offs_d, sm_scale_log2,
+    acc, m_i, l_i, q, kv_start, offs_n, offs_d, qk_scale_log2,
     k_base, v_base, bt_row, seq_len, q_pos,
     stride_kb, stride_kt, stride_vb, stride_vt,
     k_desc, v_desc, kv_head,
@@ -55,7 +65,7 @@ def _attend_tile(
             k = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
         else:
             k = tl.load(k_ptrs)
-    s = tl.dot(q, k) * sm_scale_log2  # [BLOCK_M, BLOCK_N] logits in log2 units
+    s = tl.dot(q, k.to(q.dtype)) * qk_scale_log2  # [BLOCK_M, BLOCK_N] logits in log2 units
     if DIAGONAL:
         s = tl.where((kpos[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -73,13 +83,13 @@ def _attend_tile(
         v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc, m_new, l_i
 
 
 # Strides that change with the batch must not specialise the kernel, or a new prompt length
 # would trigger a fresh compile in the middle of serving.
-@triton.jit(do_not_specialize=["stride_bt", "stride_ii", "stride_ih", "stride_ci", "stride_ch"])
+@triton.jit(do_not_specialize=["stride_bt", "stride_ii", "stride_ih", "stride_ci", "stride_ch", "stride_scale"])
 def _sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     k_desc, v_desc,  # tensor descriptors of the caches when TMA, else None
@@ -87,6 +97,8 @@ def _sparse_prefill_kernel(
     qblocks_ptr,  # [num_qblocks, 4] int32: request, first row in q, first position, row count
     kv_indices_ptr, kv_counts_ptr,
     sm_scale_log2,
+    q_scale_ptr, k_scale_ptr, v_scale_ptr,  # fp8 scales (one, or one per KV head); None: 16-bit data
+    stride_scale,
     stride_qt, stride_qh,
     stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh,
@@ -96,6 +108,7 @@ def _sparse_prefill_kernel(
     stride_ci, stride_ch,
     GQA: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_SIZE: tl.constexpr, SPARSE_BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr, TMA: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     SUB_TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_Q
     # Later query blocks of a request visit more KV blocks (causal; a chunk's dense tail most of
@@ -124,6 +137,15 @@ def _sparse_prefill_kernel(
 
     q_off = (row_start + token).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    # An fp8 (e4m3) tile converts to DOT_DTYPE exactly, so the scales need not touch the tiles:
+    # q and k scales fold into the logit scale, the v scale into the output
+    # (out = v_scale * sum(p * v8) / l).
+    q = q.to(DOT_DTYPE)
+    qk_scale_log2 = sm_scale_log2
+    if q_scale_ptr is not None:
+        qk_scale_log2 *= tl.load(q_scale_ptr + kv_head * stride_scale)
+    if k_scale_ptr is not None:
+        qk_scale_log2 *= tl.load(k_scale_ptr + kv_head * stride_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -141,7 +163,7 @@ def _sparse_prefill_kernel(
         kv_block = tl.load(idx_row + t // TILES_PER_BLOCK)
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, kv_block * SPARSE_BLOCK + (t % TILES_PER_BLOCK) * BLOCK_N, offs_n,
-            offs_d, sm_scale_log2, k_base, v_base, bt_row, seq_len, q_pos,
+            offs_d, qk_scale_log2, k_base, v_base, bt_row, seq_len, q_pos,
             stride_kb, stride_kt, stride_vb, stride_vt, k_desc, v_desc, kv_head, PAGE_SIZE, False, TMA,
         )
     # The diagonal block (always listed last): only the tiles at or before this program's last row.
@@ -149,12 +171,14 @@ def _sparse_prefill_kernel(
     last_pos = pos_start + tl.minimum(num_rows, (sub + 1) * BLOCK_Q) - 1
     for kv_start in range(diag_start, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, kv_start, offs_n, offs_d, sm_scale_log2,
+            acc, m_i, l_i, q, kv_start, offs_n, offs_d, qk_scale_log2,
             k_base, v_base, bt_row, seq_len, q_pos,
             stride_kb, stride_kt, stride_vb, stride_vt, k_desc, v_desc, kv_head, PAGE_SIZE, True, TMA,
         )
 
     out = acc / l_i[:, None]
+    if v_scale_ptr is not None:
+        out *= tl.load(v_scale_ptr + kv_head * stride_scale)
     o_off = (row_start + token).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(
         out_ptr + o_off[:, None] + offs_d[None, :],
@@ -215,6 +239,30 @@ def launch_config(
                 TMA=use_tma)
 
 
+def check_dtypes(dtype: torch.dtype, **inputs: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    """Each input (tensor, scale) in ``dtype``, the one the dots run in (``dot_dtype``), or in fp8
+    (e4m3) with its scale."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {dtype} not in {SUPPORTED_DTYPES}")
+    for name, (x, scale) in inputs.items():
+        if x.dtype not in (dtype, FP8_DTYPE):
+            raise ValueError(f"{name} dtype {x.dtype}: the kernels take {dtype} here, or {FP8_DTYPE}")
+        if (x.dtype == FP8_DTYPE) != (scale is not None):
+            raise ValueError(f"{name} is {x.dtype}: a scale comes with fp8 data, and only with it")
+
+
+def scale_args(num_kv_heads: int, *scales: torch.Tensor | None) -> tuple:
+    """Kernel arguments of fp8 scales (float32 tensors of one element or of one per KV head; None
+    for 16-bit data): the scales as vectors, then their stride across KV heads (0: one scale)."""
+    given = [s for s in scales if s is not None]
+    sizes = {s.numel() for s in given}
+    if len(sizes) > 1 or not sizes <= {1, num_kv_heads} or any(s.dtype != torch.float32 for s in given):
+        raise ValueError(f"fp8 scales must be float32, all of one element or all of one per KV head "
+                         f"({num_kv_heads}), not {[(tuple(s.shape), s.dtype) for s in given]}")
+    vectors = [None if s is None else s.reshape(-1) for s in scales]
+    return (*vectors, 1 if sizes == {num_kv_heads} and num_kv_heads > 1 else 0)
+
+
 def check_head_dim_contiguous(*tensors: torch.Tensor) -> None:
     if any(t.stride(-1) != 1 for t in tensors):
         raise ValueError("the head dimension must be contiguous")
@@ -240,20 +288,26 @@ def sparse_prefill_attention(
     scale: float,
     sparse_block: int,
     config: dict[str, int] | None = None,
+    q_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write attention of ``q`` rows over the listed KV blocks into ``out``.
 
     q, out: [tokens, Hq, D]; k_cache, v_cache: [pages, page_size, Hkv, D] (any strides, last dim
     contiguous); block_table: [requests, pages] int32; seq_lens: [requests] int32 (context + new);
     qblocks: [n, 4] int32; kv_indices: [n, Hkv or 1, L] int32; kv_counts: [n, Hkv or 1] int32.
+    q, k_cache and v_cache may each be fp8 (e4m3) with its float32 scale (one, or one per KV head;
+    x = x8 * scale), which the kernel reads on the device: no host sync.
     """
     num_tokens, num_q_heads, head_size = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     gqa = num_q_heads // num_kv_heads
     if head_size not in SUPPORTED_HEAD_SIZES:
         raise ValueError(f"head size {head_size} not in {SUPPORTED_HEAD_SIZES}")
-    if q.dtype not in SUPPORTED_DTYPES or k_cache.dtype != q.dtype:
-        raise ValueError(f"unsupported dtypes q={q.dtype} kv={k_cache.dtype}")
+    if out.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"output dtype {out.dtype} not in {SUPPORTED_DTYPES}")
+    check_dtypes(dot_dtype(q), q=(q, q_scale), K=(k_cache, k_scale), V=(v_cache, v_scale))
     if page_size % 16:
         raise ValueError(f"page size {page_size} is not a multiple of 16")
     check_head_dim_contiguous(q, out, k_cache, v_cache)
@@ -277,6 +331,7 @@ def sparse_prefill_attention(
         q, k_cache, v_cache, out, k_desc, v_desc,
         block_table, seq_lens, qblocks, kv_indices, kv_counts,
         scale * 1.4426950408889634,
+        *scale_args(num_kv_heads, q_scale, k_scale, v_scale),
         q.stride(0), q.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -284,6 +339,6 @@ def sparse_prefill_attention(
         block_table.stride(0),
         *list_strides(kv_indices, kv_counts),
         GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size,
-        **cfg,
+        DOT_DTYPE=TRITON_DTYPES[dot_dtype(q)], **cfg,
     )
     return out
