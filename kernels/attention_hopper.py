@@ -46,6 +46,8 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, kv_dtype: torch
     """Why this kernel cannot run these rows (None: it can)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return "it needs an sm_90 GPU (wgmma)"
+    if torch.float8_e4m3fn in (dtype, kv_dtype):
+        return f"fp8 data (query {dtype}, KV cache {kv_dtype}): it reads 16-bit tiles only"
     if dtype not in DTYPES:
         return f"dtype {dtype} (it takes {list(DTYPES)})"
     if kv_dtype != dtype:
