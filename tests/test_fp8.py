@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from tests.paged import make_paged_batch
+from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.kernels.attention import FP8_DTYPE, launch_config, sparse_prefill_attention, tma_supported
+from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention, tma_supported
+from vllm_flashprefill.kernels.common import FP8_DTYPE
 from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel
 from vllm_flashprefill.kernels.reference import block_scores_reference, sparse_attention_reference
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
-from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists, select_dynamic
+from vllm_flashprefill.patterns import forced_block_mask, select_dynamic
 from vllm_flashprefill.plan import build_query_blocks
 
 BLOCK = 64
@@ -81,7 +83,7 @@ def test_fp8_attention_matches_reference(case):
     mask = hybrid_mask(qblocks)
     config = launch_config(head_size, hq // hkv, BLOCK, page_size, tma_supported(batch.q.device))
     assert config["TMA"] == (page_size == 64)
-    indices, counts = mask_to_lists(mask)
+    indices, counts = BlockLists.from_mask(mask)
     out = torch.full(batch.q.shape, float("nan"), dtype=dtype)
     scale = head_size**-0.5
     sparse_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, batch.block_table, batch.seq_lens,
@@ -128,7 +130,7 @@ def test_fp8_inputs_and_scales_must_match():
     batch = make_paged_batch([70], [0], 4, 2, 64, 16, torch.float16)
     scales = quantize_batch(batch)
     qblocks = plan(batch, 2)
-    indices, counts = mask_to_lists(hybrid_mask(qblocks))
+    indices, counts = BlockLists.from_mask(hybrid_mask(qblocks))
 
     def attend(q=batch.q, k=batch.k_cache, v=batch.v_cache, **kw):
         out = torch.empty(q.shape, dtype=torch.float16)

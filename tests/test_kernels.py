@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.paged import make_paged_batch
+from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention, tma_supported
 from vllm_flashprefill.kernels.reference import (
@@ -14,8 +15,6 @@ from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group, po
 from vllm_flashprefill.patterns import (
     content_selectable,
     forced_block_mask,
-    lists_to_mask,
-    mask_to_lists,
     select_dynamic,
     select_dynamic_lists,
 )
@@ -32,7 +31,7 @@ def plan(batch, gqa):
 
 
 def run_sparse(batch, qblocks, mask, scale):
-    indices, counts = mask_to_lists(mask)
+    indices, counts = BlockLists.from_mask(mask)
     out = torch.full_like(batch.q, float("nan"))
     sparse_prefill_attention(
         batch.q, batch.k_cache, batch.v_cache, out, batch.block_table, batch.seq_lens,
@@ -122,7 +121,7 @@ def test_tma_tiles_match_gathered_tiles(head_size):
     cfg = FlashPrefillConfig(
         pattern="hybrid", sparse_block=BLOCK, local_blocks=1, stride=2, min_seq_len=0, dense_tail_blocks=0
     )
-    indices, counts = mask_to_lists(
+    indices, counts = BlockLists.from_mask(
         forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
     )
     tma = launch_config(head_size, 4, BLOCK, page_size=64, tma=tma_supported(batch.q.device))
@@ -388,7 +387,7 @@ def test_fused_selection_matches_torch_selection(case):
     ref = select_dynamic(scores[..., :nkb], block_index, last_block, num_kv_heads, cfg)
     indices, counts = select_dynamic_lists(scores, table, seq_lens, num_kv_heads, nkb, cfg)
     assert torch.equal(counts, ref.sum(-1, dtype=torch.int32))
-    assert torch.equal(lists_to_mask(indices, counts, nkb), ref)
+    assert torch.equal(BlockLists(indices, counts).to_mask(nkb), ref)
     for i in range(len(block_index)):
         for h in range(num_kv_heads):
             listed = indices[i, h, : counts[i, h]].tolist()
@@ -398,8 +397,8 @@ def test_fused_selection_matches_torch_selection(case):
 def test_lists_round_trip():
     mask = torch.rand(5, 3, 17) > 0.6
     mask[..., 0] = True
-    indices, counts = mask_to_lists(mask)
-    assert torch.equal(lists_to_mask(indices, counts, 17), mask)
+    indices, counts = BlockLists.from_mask(mask)
+    assert torch.equal(BlockLists(indices, counts).to_mask(17), mask)
     for i in range(5):
         for h in range(3):
             listed = indices[i, h, : counts[i, h]].tolist()

@@ -10,7 +10,10 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .patterns import Pattern
 
 PATTERNS = ("dense", "local", "strided", "hybrid", "dynamic")
 SPARSE_KERNELS = ("auto", "hopper", "triton", "flash_attn")
@@ -103,6 +106,13 @@ class FlashPrefillConfig:
             isinstance(dl, tuple) and any(i < 0 for i in dl)
         ):
             raise bad("dense_layers", "an integer N >= 0 (first N layers) or a list of layer indices >= 0")
+
+    @property
+    def block_pattern(self) -> Pattern:
+        """The ``pattern`` option as a :class:`~vllm_flashprefill.patterns.Pattern`."""
+        from .patterns import pattern_named  # (patterns.py imports torch; this module does not)
+
+        return pattern_named(self.pattern)
 
     @property
     def is_dense(self) -> bool:

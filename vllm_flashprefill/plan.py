@@ -14,13 +14,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.patterns import content_selectable
+from .config import FlashPrefillConfig
+from .kernels.common import QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
+from .patterns import content_selectable
 
 
 @dataclasses.dataclass
 class QueryBlocks:
-    # [n, 4] int32 on the device: request, first row in the query tensor, first position, rows.
+    # The query-block table [n, QB_COLUMNS] int32 on the device (columns: kernels/common.py).
     table: torch.Tensor
     # Same, on the host.
     table_cpu: np.ndarray
@@ -43,7 +44,7 @@ class QueryBlocks:
     def causal_pairs(self) -> int:
         """(query block, KV block) pairs a dense pass visits: block i sees blocks 0..i (computed
         once per step; every sparse layer records it)."""
-        return int((self.table_cpu[:, 2] // self.sparse_block + 1).sum())
+        return int((self.table_cpu[:, QB_FIRST_POS] // self.sparse_block + 1).sum())
 
 
 def build_query_blocks(
@@ -71,11 +72,12 @@ def build_query_blocks(
         starts = np.maximum(np.arange(first_block, last_block + 1) * sparse_block, context)
         ends = np.minimum(np.arange(first_block + 1, last_block + 2) * sparse_block, seq_len)
         base = sum(len(x) for x in rows)
-        rows.append(
-            np.stack(
-                [np.full_like(starts, r), q_start + starts - context, starts, ends - starts], axis=1
-            )
-        )
+        blocks = np.empty((len(starts), QB_COLUMNS), dtype=np.int64)
+        blocks[:, QB_REQUEST] = r
+        blocks[:, QB_FIRST_ROW] = q_start + starts - context
+        blocks[:, QB_FIRST_POS] = starts
+        blocks[:, QB_ROWS] = ends - starts
+        rows.append(blocks)
         scored = np.ones(len(starts), dtype=bool)
         if cfg is not None:
             scored = content_selectable(np.arange(first_block, last_block + 1), last_block, cfg)
@@ -84,14 +86,14 @@ def build_query_blocks(
             for g in range(0, len(run), blocks_per_score_group):
                 groups.append((base + run[g], min(blocks_per_score_group, len(run) - g)))
         num_kv_blocks = max(num_kv_blocks, int(last_block) + 1)
-    table_cpu = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+    table_cpu = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, QB_COLUMNS), np.int32)
     groups_cpu = np.asarray(groups, dtype=np.int32).reshape(-1, 2)
     table = torch.from_numpy(table_cpu).to(device, non_blocking=True)
-    last_block_cpu = ((seq_lens[table_cpu[:, 0]] - 1) // sparse_block).astype(np.int32)
+    last_block_cpu = ((seq_lens[table_cpu[:, QB_REQUEST]] - 1) // sparse_block).astype(np.int32)
     return QueryBlocks(
         table=table,
         table_cpu=table_cpu,
-        block_index=table[:, 2] // sparse_block,
+        block_index=table.select(1, QB_FIRST_POS) // sparse_block,
         last_block=torch.from_numpy(last_block_cpu).to(device, non_blocking=True),
         score_groups=torch.from_numpy(groups_cpu).to(device, non_blocking=True),
         num_kv_blocks=num_kv_blocks,

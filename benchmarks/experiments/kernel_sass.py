@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "accuracy"))
 from suite import git_commit, source_digest  # noqa: E402  (provenance)
 
 from vllm_flashprefill.kernels import attention  # noqa: E402
+from vllm_flashprefill.kernels.common import FP8_DTYPE  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -66,7 +67,7 @@ def cubin_from_gpu(kernel: str, num_q_heads: int, num_kv_heads: int, head_size: 
     out = torch.empty_like(p.q)
     k_cache, v_cache, scales = p.k_cache, p.v_cache, {}
     if fp8:
-        k_cache, v_cache = k_cache.to(attention.FP8_DTYPE), v_cache.to(attention.FP8_DTYPE)
+        k_cache, v_cache = k_cache.to(FP8_DTYPE), v_cache.to(FP8_DTYPE)
         scales = dict(k_scale=torch.ones((), device="cuda"), v_scale=torch.ones((), device="cuda"))
     module.sparse_prefill_attention(p.q, k_cache, v_cache, out, p.block_table, p.seq_lens,
                                     p.qblocks.table, p.kv_indices, p.kv_counts, head_size**-0.5, 128, **scales)
