@@ -10,10 +10,10 @@ from vllm.config import set_current_vllm_config
 from vllm.v1.attention.backends import flash_attn
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from tests.fp8 import quantize_batch
 from tests.paged import make_paged_batch
 from tests.test_backend import BLOCK, DEVICE, HEAD, HKV, HQ, LAYER, PAGE, common_metadata, make_impl, vllm_config
 from tests.test_backend import model_dir  # noqa: F401  (fixture)
-from tests.test_fp8 import quantize_batch
 from vllm_flashprefill import backend, flash_sparse, sparse_prefill
 from vllm_flashprefill.backend import FlashPrefillMetadataBuilder
 from vllm_flashprefill.kernels.common import FP8_DTYPE
@@ -55,7 +55,8 @@ def runs(monkeypatch):
     real = sparse_prefill.run
 
     def spy(plan, query, key_cache, *args, **kw):
-        calls.append((query.dtype, key_cache.dtype, sorted(k for k in kw if k.endswith("_scale") and kw[k] is not None)))
+        scales = sorted(name for name, value in kw.items() if name.endswith("_scale") and value is not None)
+        calls.append((query.dtype, key_cache.dtype, scales))
         return real(plan, query, key_cache, *args, **kw)
 
     monkeypatch.setattr(sparse_prefill, "run", spy)

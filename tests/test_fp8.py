@@ -4,6 +4,7 @@ against the PyTorch references on the dequantized values (Triton's interpreter o
 import pytest
 import torch
 
+from tests.fp8 import quantize_batch
 from tests.paged import make_paged_batch
 from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.config import FlashPrefillConfig
@@ -16,35 +17,6 @@ from vllm_flashprefill.patterns import forced_block_mask, select_dynamic
 from vllm_flashprefill.plan import build_query_blocks
 
 BLOCK = 64
-# Scales far from 1, so that a scale applied twice, or not at all, shows.
-K_SCALE, V_SCALE, Q_SCALE = 0.05, 0.02, 0.1
-
-
-def quantize_batch(batch, per_head: bool = False, fp8_query: bool = False):
-    """The batch with its KV cache in fp8 the way vLLM holds it (a uint8 tensor of the same layout,
-    viewed as e4m3), quantized with K_SCALE / V_SCALE (per KV head: spread around them), and
-    optionally q in fp8 too (as vLLM quantizes it when FlashAttention runs an fp8 cache). NaN
-    poison in unused pages and slots stays NaN."""
-    num_kv_heads, head_size = batch.k_cache.shape[2], batch.k_cache.shape[3]
-    spread = torch.linspace(0.5, 1.5, num_kv_heads) if per_head else torch.ones(1)
-    k_scale, v_scale = K_SCALE * spread, V_SCALE * spread
-    if not per_head:
-        k_scale, v_scale = k_scale.reshape(()), v_scale.reshape(())  # vLLM's per-tensor scales are 0-d
-    kv = batch.kv_cache.float()  # logical [pages, Hkv, page_size, 2 * D]
-    kv8 = torch.empty_like(kv, dtype=torch.uint8).view(FP8_DTYPE)
-    kv8[..., :head_size] = (kv[..., :head_size] / k_scale.reshape(-1, 1, 1)).to(FP8_DTYPE)
-    kv8[..., head_size:] = (kv[..., head_size:] / v_scale.reshape(-1, 1, 1)).to(FP8_DTYPE)
-    assert kv8.stride() == batch.kv_cache.stride() and kv8.float().isnan().any()
-    batch.kv_cache = kv8
-    batch.k_cache, batch.v_cache = kv8.transpose(1, 2).split(head_size, dim=-1)
-    scales = dict(k_scale=k_scale, v_scale=v_scale)
-    if fp8_query:
-        q_scale = Q_SCALE * spread if per_head else torch.tensor(Q_SCALE)
-        gqa = batch.q.shape[1] // num_kv_heads
-        q_scale_heads = q_scale.repeat_interleave(gqa)[:, None] if per_head else q_scale
-        batch.q = (batch.q.float() / q_scale_heads).to(FP8_DTYPE)
-        scales["q_scale"] = q_scale
-    return scales
 
 
 def plan(batch, gqa):
@@ -86,6 +58,7 @@ def test_fp8_attention_matches_reference(case):
     indices, counts = BlockLists.from_mask(mask)
     out = torch.full(batch.q.shape, float("nan"), dtype=dtype)
     scale = head_size**-0.5
+    assert batch.kv_cache.float().isnan().any(), "the poison of unused slots survives in fp8"
     sparse_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, batch.block_table, batch.seq_lens,
                              qblocks.table, indices, counts, scale, BLOCK, config, **scales)
     ref = sparse_attention_reference(batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
