@@ -219,11 +219,11 @@ def run(
     kernels, never to the FA3 route. Returns the block counts of the layer's lists ([n, Hkv], or
     [n, 1] when shared).
     """
-    lists = block_lists(plan, query, key_cache, block_table, seq_lens, scale, q_scale, k_scale)
+    lists = layer_block_lists(plan, query, key_cache, block_table, seq_lens, scale, q_scale, k_scale)
     fp8_scales = {name: s for name, s in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale))
                   if s is not None}
     if plan.flash is not None and on_fa3 and not fp8_scales:
-        buffers = (plan.workspace.tables, plan.workspace.seqused) if plan.workspace else (None, None)
+        buffers = (None, None) if plan.workspace is None else (plan.workspace.tables, plan.workspace.seqused)
         flash_sparse_rows(plan.flash, plan.query_blocks, lists, query, key_cache, value_cache, output,
                           block_table, scale, *buffers)
     else:
@@ -233,9 +233,9 @@ def run(
     return lists.counts
 
 
-def block_lists(plan: SparsePlan, query: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
-                seq_lens: torch.Tensor, scale: float, q_scale: torch.Tensor | None = None,
-                k_scale: torch.Tensor | None = None) -> BlockLists:
+def layer_block_lists(plan: SparsePlan, query: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+                      seq_lens: torch.Tensor, scale: float, q_scale: torch.Tensor | None = None,
+                      k_scale: torch.Tensor | None = None) -> BlockLists:
     """The KV blocks each query block visits: the plan's static lists, or this layer's dynamic
     selection ([n, Hkv, L], in the workspace)."""
     if plan.static_lists is not None:
