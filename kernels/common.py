@@ -1,4 +1,5 @@
-"""What every kernel file shares: the query-block table's columns, LOG2E and the launchers' checks.
+"""What every kernel file shares: the query-block table's columns, LOG2E, the fp8 format and the
+launchers' checks.
 
 The query-block table is the kernels' unit of work: an int32 tensor [n, QB_COLUMNS], one row per
 query block (``vllm_flashprefill/plan.py`` builds it). Kernels read a column as
@@ -20,10 +21,46 @@ QB_COLUMNS = tl.constexpr(4)
 # exp(x) = exp2(x * LOG2E): the attention kernels take their softmax scale in log2 units.
 LOG2E = 1.4426950408889634
 
+# The fp8 format q and the KV cache may come in (vLLM's "fp8"/"fp8_e4m3" cache on CUDA), with
+# float32 scales: x = x8 * scale.
+FP8_DTYPE = torch.float8_e4m3fn
+# The dtypes the kernels' dots run in.
+TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
 
 def check_head_dim_contiguous(*tensors: torch.Tensor) -> None:
     if any(t.stride(-1) != 1 for t in tensors):
         raise ValueError("the head dimension must be contiguous")
+
+
+def dot_dtype(q: torch.Tensor) -> torch.dtype:
+    """What the kernels' dots run in: q's dtype; for an fp8 q fp16, which holds every e4m3 value
+    exactly (and probabilities more precisely than bf16)."""
+    return torch.float16 if q.dtype == FP8_DTYPE else q.dtype
+
+
+def check_dtypes(dtype: torch.dtype, **inputs: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    """Each input (tensor, scale) in ``dtype``, the one the dots run in (``dot_dtype``), or in fp8
+    (e4m3) with its scale."""
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(f"dtype {dtype} not in {list(TRITON_DTYPES)}")
+    for name, (x, scale) in inputs.items():
+        if x.dtype not in (dtype, FP8_DTYPE):
+            raise ValueError(f"{name} dtype {x.dtype}: the kernels take {dtype} here, or {FP8_DTYPE}")
+        if (x.dtype == FP8_DTYPE) != (scale is not None):
+            raise ValueError(f"{name} is {x.dtype}: a scale comes with fp8 data, and only with it")
+
+
+def scale_args(num_kv_heads: int, *scales: torch.Tensor | None) -> tuple:
+    """Kernel arguments of fp8 scales (float32 tensors of one element or of one per KV head; None
+    for 16-bit data): the scales as vectors, then their stride across KV heads (0: one scale)."""
+    given = [s for s in scales if s is not None]
+    sizes = {s.numel() for s in given}
+    if len(sizes) > 1 or not sizes <= {1, num_kv_heads} or any(s.dtype != torch.float32 for s in given):
+        raise ValueError(f"fp8 scales must be float32, all of one element or all of one per KV head "
+                         f"({num_kv_heads}), not {[(tuple(s.shape), s.dtype) for s in given]}")
+    vectors = [None if s is None else s.reshape(-1) for s in scales]
+    return (*vectors, 1 if sizes == {num_kv_heads} and num_kv_heads > 1 else 0)
 
 
 def list_strides(kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> tuple[int, int, int, int]:

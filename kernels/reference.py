@@ -13,11 +13,23 @@ def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) 
     return cache[block_table_row[pos // page_size].long(), pos % page_size]
 
 
+def dequantize(x: torch.Tensor, scale: torch.Tensor | None, gqa: int = 1) -> torch.Tensor:
+    """``x`` [..., H, D] in fp32, times its fp8 scale (None: none; one element, or one per KV head,
+    each covering ``gqa`` of x's heads)."""
+    if scale is None:
+        return x.float()
+    if scale.numel() == 1:
+        return x.float() * scale.float().reshape(())
+    return x.float() * scale.float().repeat_interleave(gqa)[:, None]
+
+
 def sparse_attention_reference(
-    q, k_cache, v_cache, block_table, seq_lens, qblocks, block_mask, scale, sparse_block
+    q, k_cache, v_cache, block_table, seq_lens, qblocks, block_mask, scale, sparse_block,
+    q_scale=None, k_scale=None, v_scale=None,
 ) -> torch.Tensor:
     """Attention of every query row over the KV blocks ``block_mask`` [n, Hkv or 1, nkb] keeps,
-    causal inside them. Returns [tokens, Hq, D] fp32 (rows outside ``qblocks`` are zero)."""
+    causal inside them. Returns [tokens, Hq, D] fp32 (rows outside ``qblocks`` are zero). fp8
+    inputs come with their scales, as the kernels take them."""
     gqa = q.shape[1] // k_cache.shape[2]
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     table = qblocks.cpu()
@@ -26,8 +38,8 @@ def sparse_attention_reference(
         req, row0, pos0, rows = (int(x) for x in table[i])
         seq_len = int(seq_lens[req])
         if cached[0] != req:
-            k = gather_kv(k_cache, block_table[req], seq_len).float().repeat_interleave(gqa, 1)
-            v = gather_kv(v_cache, block_table[req], seq_len).float().repeat_interleave(gqa, 1)
+            k = dequantize(gather_kv(k_cache, block_table[req], seq_len), k_scale).repeat_interleave(gqa, 1)
+            v = dequantize(gather_kv(v_cache, block_table[req], seq_len), v_scale).repeat_interleave(gqa, 1)
             cached = (req, k, v)
         _, k, v = cached
         qpos = torch.arange(pos0, pos0 + rows, device=q.device)
@@ -35,17 +47,17 @@ def sparse_attention_reference(
         allowed = block_mask[i].expand(k_cache.shape[2], -1)[:, kpos // sparse_block]
         allowed = allowed.repeat_interleave(gqa, 0)  # [Hq, seq]
         allowed = allowed[:, None, :] & (kpos[None, None, :] <= qpos[None, :, None])
-        logits = torch.einsum("thd,shd->hts", q[row0:row0 + rows].float(), k) * scale
+        logits = torch.einsum("thd,shd->hts", dequantize(q[row0:row0 + rows], q_scale, gqa), k) * scale
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
         out[row0:row0 + rows] = torch.einsum("hts,shd->thd", probs, v)
     return out
 
 
 def block_scores_reference(
-    q, k_cache, block_table, seq_lens, qblocks, scale, sparse_block, num_kv_blocks
+    q, k_cache, block_table, seq_lens, qblocks, scale, sparse_block, num_kv_blocks, q_scale=None, k_scale=None,
 ) -> torch.Tensor:
     """[n, Hq, nkb]: max over keys of each KV block of scale * mean-pooled query . key (fp32);
-    -inf for KV blocks after the query block."""
+    -inf for KV blocks after the query block. fp8 inputs come with their scales."""
     n = qblocks.shape[0]
     num_q_heads = q.shape[1]
     gqa = num_q_heads // k_cache.shape[2]
@@ -55,8 +67,8 @@ def block_scores_reference(
         req, row0, pos0, rows = (int(x) for x in table[i])
         qb = pos0 // sparse_block
         seq_len = int(seq_lens[req])
-        pooled = q[row0:row0 + rows].float().mean(0)  # [Hq, D]
-        k = gather_kv(k_cache, block_table[req], seq_len).float().repeat_interleave(gqa, dim=1)
+        pooled = dequantize(q[row0:row0 + rows], q_scale, gqa).mean(0)  # [Hq, D]
+        k = dequantize(gather_kv(k_cache, block_table[req], seq_len), k_scale).repeat_interleave(gqa, dim=1)
         logits = torch.einsum("hd,shd->hs", pooled, k) * scale
         for kb in range(qb + 1):
             scores[i, :, kb] = logits[:, kb * sparse_block:(kb + 1) * sparse_block].amax(-1)

@@ -14,7 +14,17 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attention import tma_block_n
-from .common import QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
+from .common import (
+    QB_COLUMNS,
+    QB_FIRST_POS,
+    QB_FIRST_ROW,
+    QB_REQUEST,
+    QB_ROWS,
+    TRITON_DTYPES,
+    check_dtypes,
+    dot_dtype,
+    scale_args,
+)
 from .limits import DeviceLimits, device_limits
 
 
@@ -46,11 +56,12 @@ def _pool_queries_kernel(
     tl.store(out, total / num_rows)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "stride_scale"])
 def _block_scores_kernel(
     pooled_ptr, k_ptr, k_desc, scores_ptr,
     block_table_ptr, seq_lens_ptr, qblocks_ptr, groups_ptr,
     scale,
+    q_scale_ptr, k_scale_ptr, stride_scale,  # fp8 scales (one, or one per KV head); None: 16-bit data
     stride_pi, stride_ph,
     stride_kb, stride_kt, stride_kh,
     stride_bt,
@@ -58,6 +69,7 @@ def _block_scores_kernel(
     GQA: tl.constexpr, BLOCKS_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
     PAGE_SIZE: tl.constexpr, KV_BLOCKS_PER_PROGRAM: tl.constexpr, TMA: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     group = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -85,7 +97,13 @@ def _block_scores_kernel(
         pooled_ptr + qblock.to(tl.int64)[:, None] * stride_pi + head[:, None] * stride_ph
         + offs_d[None, :],
         mask=row_ok[:, None], other=0.0,
-    ).to(k_ptr.dtype.element_ty)
+    ).to(DOT_DTYPE)
+    # fp8 keys convert to DOT_DTYPE exactly; the q and k scales multiply the scores (a positive
+    # factor commutes with the max).
+    if q_scale_ptr is not None:
+        scale *= tl.load(q_scale_ptr + kv_head * stride_scale)
+    if k_scale_ptr is not None:
+        scale *= tl.load(k_scale_ptr + kv_head * stride_scale)
     k_base = k_ptr + kv_head * stride_kh
     bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
     out_row = scores_ptr + qblock.to(tl.int64) * stride_si + head * stride_sh
@@ -110,7 +128,7 @@ def _block_scores_kernel(
                 + offs_d[:, None],
                 mask=kv_ok[None, :], other=0.0,
             )
-        s = tl.where(kv_ok[None, :], tl.dot(pooled, k), float("-inf"))
+        s = tl.where(kv_ok[None, :], tl.dot(pooled, k.to(DOT_DTYPE)), float("-inf"))
         block_max = tl.maximum(block_max, tl.max(s, 1))
         if t % TILES == TILES - 1:
             kv_block = t // TILES
@@ -204,6 +222,8 @@ def block_scores(
     sparse_block: int,
     config: dict[str, int] | None = None,
     limits: DeviceLimits | None = None,
+    q_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fill ``scores[i, h, :qb_i + 1]`` (see the module docstring) for the query blocks of ``groups``.
 
@@ -211,16 +231,20 @@ def block_scores(
     at most ``blocks_per_group(gqa)`` each; the rows of other query blocks stay untouched.
     pooled: an fp32 workspace [n >= num qblocks, Hq, D].
     ``config`` entries replace those of ``scores_config`` for ``limits`` (default: q's device's).
+    q and k_cache may be fp8 (e4m3) with their
+    scales, as in ``attention.sparse_prefill_attention``. The pooled queries enter the dot in
+    ``common.dot_dtype``.
     """
     num_q_heads, head_size = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     gqa = num_q_heads // num_kv_heads
     per_group = blocks_per_group(gqa)
+    check_dtypes(dot_dtype(q), q=(q, q_scale), K=(k_cache, k_scale))
     if groups.shape[0] == 0:
         return scores
     pool_queries(q, qblocks, groups, pooled, sparse_block, per_group)
     limits = limits or device_limits(q.device)
-    cfg = scores_config(head_size, gqa, sparse_block, page_size, limits, k_cache.element_size())
+    cfg = scores_config(head_size, gqa, sparse_block, page_size, limits, dot_dtype(q).itemsize)
     cfg.update(config or {})
     if cfg["TMA"] and page_size % cfg["BLOCK_N"]:
         raise ValueError(f"TMA tiles need pages of whole tiles: {cfg}, page {page_size}")
@@ -232,11 +256,12 @@ def block_scores(
     kv_programs = triton.cdiv(scores.shape[2], cfg["KV_BLOCKS_PER_PROGRAM"])
     _block_scores_kernel[(groups.shape[0], num_kv_heads, kv_programs)](
         pooled, k_cache, k_desc, scores, block_table, seq_lens, qblocks, groups, scale,
+        *scale_args(num_kv_heads, q_scale, k_scale),
         pooled.stride(0), pooled.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0),
         scores.stride(0), scores.stride(1),
         GQA=gqa, BLOCKS_PER_GROUP=per_group, HEAD_SIZE=head_size,
-        SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size, **cfg,
+        SPARSE_BLOCK=sparse_block, PAGE_SIZE=page_size, DOT_DTYPE=TRITON_DTYPES[dot_dtype(q)], **cfg,
     )
     return scores

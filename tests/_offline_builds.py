@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import triton.language as tl
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project from this checkout
 from vllm_flashprefill.kernels import attention, block_tables, scoring, selection  # noqa: E402
 from vllm_flashprefill.kernels.limits import limits_for  # noqa: E402
@@ -27,6 +29,7 @@ from vllm_flashprefill.kernels.offline_build import compile_offline  # noqa: E40
 
 HEAD_SIZES, DTYPES, GQAS, PAGE_SIZES = (64, 128, 256), ("bf16", "fp16"), (4, 1, 8), (16, 64)
 ELEMENT_SIZE = dict(bf16=2, fp16=2)
+DOT_DTYPES = dict(bf16=tl.bfloat16, fp16=tl.float16)
 SPARSE_BLOCK, KV_HEADS = 128, 8
 # Score workspace width: 131K tokens of sparse blocks (selection compiles for the padded width; its
 # shared memory and its compile time grow with it).
@@ -47,12 +50,16 @@ def launches(capability: int):
     for d, dtype, gqa, page in itertools.product(HEAD_SIZES, DTYPES, GQAS, PAGE_SIZES):
         shape = dict(head_size=d, dtype=dtype, gqa=gqa, page_size=page)
         size = ELEMENT_SIZE[dtype]
-        common = dict(GQA=gqa, HEAD_SIZE=d, SPARSE_BLOCK=SPARSE_BLOCK, PAGE_SIZE=page)
+        # 16-bit data: the dots run in its own dtype, with no fp8 scales.
+        common = dict(GQA=gqa, HEAD_SIZE=d, SPARSE_BLOCK=SPARSE_BLOCK, PAGE_SIZE=page, DOT_DTYPE=DOT_DTYPES[dtype],
+                      q_scale_ptr=None, k_scale_ptr=None)
 
         cfg = attention.launch_config(d, gqa, SPARSE_BLOCK, page, limits, size)
         options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
         tile = descriptor(dtype, cfg["BLOCK_N"], d) if cfg["TMA"] else None
-        constexprs = {**common, **cfg} if tile else {**common, **cfg, "k_desc": None, "v_desc": None}
+        constexprs = {**common, **cfg, "v_scale_ptr": None}
+        if not tile:
+            constexprs.update(k_desc=None, v_desc=None)
         types = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", v_ptr=f"*{dtype}", out_ptr=f"*{dtype}",
                      k_desc=tile, v_desc=tile, sm_scale_log2="fp32")
         estimate = attention.shared_memory_estimate({**cfg, **options}, d, size)

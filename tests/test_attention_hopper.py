@@ -22,7 +22,9 @@ SHAPE = dict(dtype=torch.bfloat16, kv_dtype=torch.bfloat16, head_size=128, page_
     (dict(gqa=1), None),
     (dict(gqa=7), None),
     (dict(dtype=torch.float32, kv_dtype=torch.float32), "dtype torch.float32"),
-    (dict(kv_dtype=torch.float8_e4m3fn), "KV cache dtype torch.float8_e4m3fn"),
+    (dict(kv_dtype=torch.float8_e4m3fn), "KV cache torch.float8_e4m3fn"),
+    (dict(dtype=torch.float8_e4m3fn, kv_dtype=torch.float8_e4m3fn), "fp8 data"),  # vLLM quantizes q for FA3
+    (dict(kv_dtype=torch.float16), "KV cache dtype torch.float16 differs"),
     (dict(head_size=256), "head size 256"),
     (dict(head_size=80), "head size 80"),
     (dict(sparse_block=64), "block_size 64"),

@@ -361,9 +361,9 @@ def test_start_up_run_scores_its_blocks_so_the_scoring_kernels_compile(model_dir
     scored = []
     real = sparse_prefill.block_scores
 
-    def spy(query, key_cache, block_table, seq_lens, qblocks, groups, *args):
+    def spy(query, key_cache, block_table, seq_lens, qblocks, groups, *args, **kwargs):
         scored.append(int(groups[:, 1].sum()))
-        return real(query, key_cache, block_table, seq_lens, qblocks, groups, *args)
+        return real(query, key_cache, block_table, seq_lens, qblocks, groups, *args, **kwargs)
 
     monkeypatch.setattr(sparse_prefill, "block_scores", spy)
     batch = make_paged_batch([64], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
@@ -453,9 +453,10 @@ def test_layers_that_must_stay_dense(model_dir):
     assert "soft-capping" in make_impl(config, logits_soft_cap=30.0).dense_reason
     assert "head size" in make_impl(config, head_size=80).dense_reason
     assert "ALiBi" in make_impl(config, alibi_slopes=[0.5] * HQ).dense_reason
-    # FlashAttention itself refuses an fp8 cache on CPU, so ask the rule directly.
+    # FlashAttention itself refuses an fp8 cache on CPU, so ask the rule directly (fp8 and
+    # fp8_e4m3 run sparse: tests/test_backend_fp8.py).
     impl = make_impl(config)
-    assert "fp8" in impl._dense_reason(None, None, "fp8", None, AttentionType.DECODER, None)
+    assert "fp8_e5m2" in impl._dense_reason(None, None, "fp8_e5m2", None, AttentionType.DECODER, None)
     assert "encoder" in make_impl(config, attn_type=AttentionType.ENCODER_ONLY).dense_reason
 
 

@@ -39,11 +39,11 @@ def compile_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
 
 
-def sm90_build(tmp_path, kernel: str) -> dict:
+def sm90_build(tmp_path, kernel: str, *options: str) -> dict:
     out = tmp_path / "sass.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "experiments" / "kernel_sass.py"), "--kernel", kernel,
-         "--offline-sm", "90", "--dump-cubin", str(tmp_path / "attention.cubin"), "--out", str(out)],
+         "--offline-sm", "90", "--dump-cubin", str(tmp_path / "attention.cubin"), "--out", str(out), *options],
         capture_output=True, text=True, timeout=600, env=compile_env(),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -66,6 +66,18 @@ def test_hopper_build_runs_the_tile_loop_on_wgmma_and_tma(tmp_path):
     # QK^T is m64n64k16 (64-key tiles), PV m64n128k16 (head size 128).
     assert count(innermost, "HGMMA.64x64x16") and count(innermost, "HGMMA.64x128x16"), context
     assert not any(count(loop, "HMMA") for loop in result["loops"]), context  # no pre-Hopper MMA
+
+
+@needs_tools
+def test_fp8_build_keeps_the_tile_loop_on_wgmma_and_tma(tmp_path):
+    """An fp8 (e4m3) KV cache: TMA copies fp8 tiles, converted in registers for the same bf16 wgmma."""
+    result = sm90_build(tmp_path, "triton", "--kv-dtype", "fp8")
+    tile_loops = [loop for loop in result["loops"] if count(loop, "HGMMA") and count(loop, "UTMALDG")]
+    context = f"Triton {triton.__version__}: {[loop['opcodes'] for loop in result['loops']]}"
+    assert tile_loops, context
+    innermost = min(tile_loops, key=lambda loop: loop["instructions"])
+    assert count(innermost, "HGMMA.64x64x16.F32.BF16") and count(innermost, "HGMMA.64x128x16.F32.BF16"), context
+    assert any("E4M3" in op for op in innermost["opcodes"]), context
 
 
 @needs_tools

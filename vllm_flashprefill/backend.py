@@ -26,7 +26,8 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from . import compat, sparse_prefill
 from .config import FlashPrefillConfig
 from .flash_sparse import fa3_sparse_usable, flash_attn_version
-from .kernels.attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_SIZES, preferred_page_size
+from .kernels.attention import SUPPORTED_HEAD_SIZES, preferred_page_size
+from .kernels.common import FP8_DTYPE
 from .registration import BACKEND_NAME
 from .stats import STATS
 
@@ -41,6 +42,31 @@ def flashprefill_config(vllm_config) -> FlashPrefillConfig:
     cfg = FlashPrefillConfig.from_vllm_config(vllm_config)
     logger.info_once(cfg.summary())
     return cfg
+
+
+# vLLM's names of an e4m3 KV cache; its other fp8 caches (fp8_e5m2, ...) run dense.
+FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+
+
+def kv_cache_unsupported(cache_dtype: str) -> str | None:
+    """Why the sparse kernels cannot read a KV cache of vLLM's ``cache_dtype`` (None: they can)."""
+    if cache_dtype in ("auto", "float16", "bfloat16"):
+        return None
+    if cache_dtype in FP8_CACHE_DTYPES:
+        from vllm.platforms import current_platform
+
+        stored = current_platform.fp8_dtype()
+        if stored != FP8_DTYPE:
+            return f"KV cache dtype {cache_dtype}, stored as {stored} here (the kernels read {FP8_DTYPE})"
+        return None
+    return f"KV cache dtype {cache_dtype} (the kernels read auto, float16, bfloat16, {', '.join(FP8_CACHE_DTYPES)})"
+
+
+def queries_arrive_in_fp8(vllm_config, layer_names) -> bool:
+    """Whether vLLM quantizes these layers' queries to fp8 before the impl sees them (it does for
+    FlashAttention's fp8 KV cache on CUDA: ``Attention.query_quant``)."""
+    layers = vllm_config.compilation_config.static_forward_context
+    return any(getattr(layers.get(name), "query_quant", None) is not None for name in layer_names)
 
 
 def dynamic_workspace(vllm_config, cfg: FlashPrefillConfig, num_q_heads: int, num_kv_heads: int, head_size: int,
@@ -92,27 +118,36 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.cfg = flashprefill_config(vllm_config)
         self.page_size = kv_cache_spec.block_size  # vLLM's KV page, in tokens
+        cache_dtype = vllm_config.cache_config.cache_dtype
+        self.cache_unsupported = kv_cache_unsupported(cache_dtype)
+        self.fp8_cache = cache_dtype in FP8_CACHE_DTYPES
         # Micro-batches (DBO) would run their sparse rows concurrently on one shared workspace.
         self.micro_batched = vllm_config.parallel_config.use_ubatching
         if self.micro_batched and not self.cfg.is_dense:
             logger.info_once("FlashPrefill: micro-batching (DBO) is on; every row runs on FlashAttention")
         self.flash_sparse = self._flash_sparse_usable()
         self.workspace = None
-        if self.cfg.block_pattern.scores_content:
+        if self.cfg.block_pattern.scores_content and not self.cache_unsupported:
             self.workspace = dynamic_workspace(
                 vllm_config, self.cfg, self.num_heads_q, self.num_heads_kv, self.headdim, device,
                 self.page_size if self.flash_sparse else None,
             )
-        if (not (self.cfg.is_dense or self.micro_batched) and self.dcp_world_size == 1
-                and self.headdim in SUPPORTED_HEAD_SIZES and self.kv_cache_dtype in SUPPORTED_DTYPES):
+        if (not (self.cfg.is_dense or self.micro_batched or self.cache_unsupported) and self.dcp_world_size == 1
+                and self.headdim in SUPPORTED_HEAD_SIZES):
             sparse_prefill.warm_up(
                 self.cfg, num_q_heads=self.num_heads_q, num_kv_heads=self.num_heads_kv, head_size=self.headdim,
-                page_size=self.page_size, dtype=self.kv_cache_dtype, device=self.device,
-                workspace=self.workspace, on_fa3=self.flash_sparse,
+                page_size=self.page_size, device=self.device, workspace=self.workspace, on_fa3=self.flash_sparse,
+                # An fp8 cache is held as uint8: the output has the model's dtype.
+                dtype=vllm_config.model_config.dtype if self.fp8_cache else self.kv_cache_dtype,
+                fp8_cache=self.fp8_cache, fp8_query=queries_arrive_in_fp8(vllm_config, layer_names),
             )
 
     def _flash_sparse_usable(self) -> bool:
         if self.cfg.sparse_kernel != "flash_attn" or self.cfg.is_dense:
+            return False
+        if self.fp8_cache:
+            logger.warning_once("FlashPrefill: sparse_kernel 'flash_attn' takes no fp8 KV cache (its FA3 calls pass "
+                                "no descales); our kernels run the sparse rows")
             return False
         if fa3_sparse_usable(self.cfg, self.page_size, self.headdim):
             return True
@@ -134,7 +169,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         metadata = FlashPrefillMetadata(**fields)
         # Decode context parallelism, and batch features the sparse path does not model, keep
         # FlashAttention's own paths for the whole batch.
-        if (self.cfg.is_dense or self.micro_batched or self.dcp_world_size > 1
+        if (self.cfg.is_dense or self.micro_batched or self.cache_unsupported or self.dcp_world_size > 1
                 or compat.flash_attention_only(fa)):
             return metadata
         cm = common_attn_metadata
@@ -241,6 +276,7 @@ class FlashPrefillImpl(FlashAttentionImpl):
         if self.dense_reason and not self.cfg.is_dense:
             logger.info_once("FlashPrefill: layers with %s run dense (FlashAttention)", self.dense_reason)
         self._layer_sparse: bool | None = None
+        self.fp8_cache = kv_cache_dtype in FP8_CACHE_DTYPES
         # Held so that the buffers outlive model loading until the builders take them.
         self._workspace = None
         if self.cfg.block_pattern.scores_content and not self.dense_reason:
@@ -262,9 +298,7 @@ class FlashPrefillImpl(FlashAttentionImpl):
             return "logit soft-capping"
         if self.head_size not in SUPPORTED_HEAD_SIZES:
             return f"head size {self.head_size} (sparse kernels: {SUPPORTED_HEAD_SIZES})"
-        if kv_dtype not in ("auto", "float16", "bfloat16"):
-            return f"KV cache dtype {kv_dtype}"
-        return None
+        return kv_cache_unsupported(kv_dtype)
 
     def _runs_sparse(self, layer) -> bool:
         if self._layer_sparse is None:
@@ -308,12 +342,17 @@ class FlashPrefillImpl(FlashAttentionImpl):
                 None if value is None else value[lo:hi], kv_cache, run.metadata, output[lo:hi],
             )
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        fp8_scales = {}
+        if self.fp8_cache:  # vLLM holds it as uint8; the query may come quantized as well
+            key_cache, value_cache = key_cache.view(FP8_DTYPE), value_cache.view(FP8_DTYPE)
+            fp8_scales = dict(k_scale=layer._k_scale, v_scale=layer._v_scale,
+                              q_scale=layer._q_scale if query.dtype == FP8_DTYPE else None)
         counts = sparse_prefill.run(
             plan, query=query, key_cache=key_cache, value_cache=value_cache, output=output,
             block_table=attn_metadata.block_table, seq_lens=attn_metadata.seq_lens, scale=self.scale,
             # The builder checked the platform's FlashAttention version; a layer may still run
             # another (vLLM picks it per head size), and only FA3 takes the plan's block tables.
-            on_fa3=self.vllm_flash_attn_version == 3,
+            on_fa3=self.vllm_flash_attn_version == 3, **fp8_scales,
         )
         STATS.record(counts, plan.query_blocks.causal_pairs, self.num_kv_heads)
         return output
@@ -323,9 +362,9 @@ def _expected_fa3_page_size(vllm_config, cfg: FlashPrefillConfig, head_size: int
     """The KV page size the sparse rows' FA3 block tables will be for, or None when they will
     not run on FA3. vLLM settles the page size only after loading the model, when the dynamic
     workspace is already allocated: ``--block-size``, else this backend's preference."""
-    if not fa3_sparse_usable(cfg, None, head_size):
-        return None
     cache = vllm_config.cache_config
+    if not fa3_sparse_usable(cfg, None, head_size) or cache.cache_dtype in FP8_CACHE_DTYPES:
+        return None
     if cache.user_specified_block_size:
         page = cache.block_size
     else:

@@ -27,7 +27,7 @@ from .block_lists import BlockLists
 from .config import FlashPrefillConfig
 from .flash_sparse import FlashSparsePlan, flash_sparse_rows, plan_flash_sparse
 from .kernels.attention import sparse_prefill_attention
-from .kernels.common import kernel_shape
+from .kernels.common import FP8_DTYPE, kernel_shape
 from .kernels.dispatch import choose_sparse_kernel
 from .kernels.scoring import block_scores, blocks_per_group
 from .patterns import forced_block_mask, select_dynamic_lists
@@ -205,28 +205,37 @@ def run(
     seq_lens: torch.Tensor,
     scale: float,
     on_fa3: bool = False,
+    q_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer's sparse rows into ``output`` (rows of other requests are left as they are).
 
     query, output: [tokens, Hq, D]; key_cache, value_cache: [pages, page_size, Hkv, D] views of
     the paged cache; block_table: [requests, pages] int32; seq_lens: [requests] int32 (context +
     chunk), on the device. on_fa3: this layer runs FA3, so the plan's FA3 calls (if any) replace
-    our kernel. Returns the block counts of the layer's lists ([n, Hkv], or [n, 1] when shared).
+    our kernel. q_scale, k_scale, v_scale: the float32 scales of query, key_cache and value_cache
+    where they are fp8 (e4m3; x = x8 * scale), device tensors the kernels read; fp8 rows go to our
+    kernels, never to the FA3 route. Returns the block counts of the layer's lists ([n, Hkv], or
+    [n, 1] when shared).
     """
-    lists = layer_block_lists(plan, query, key_cache, block_table, seq_lens, scale)
-    if plan.flash is not None and on_fa3:
+    lists = layer_block_lists(plan, query, key_cache, block_table, seq_lens, scale, q_scale, k_scale)
+    fp8_scales = {name: s for name, s in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale))
+                  if s is not None}
+    if plan.flash is not None and on_fa3 and not fp8_scales:
         buffers = (None, None) if plan.workspace is None else (plan.workspace.tables, plan.workspace.seqused)
         flash_sparse_rows(plan.flash, plan.query_blocks, lists, query, key_cache, value_cache, output,
                           block_table, scale, *buffers)
     else:
         kernel = kernel_for(plan.cfg.sparse_kernel, query, key_cache, plan.cfg.sparse_block)
         kernel(query, key_cache, value_cache, output, block_table, seq_lens, plan.query_blocks.table,
-               *lists, scale, plan.cfg.sparse_block)
+               *lists, scale, plan.cfg.sparse_block, **fp8_scales)
     return lists.counts
 
 
 def layer_block_lists(plan: SparsePlan, query: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
-                seq_lens: torch.Tensor, scale: float) -> BlockLists:
+                      seq_lens: torch.Tensor, scale: float, q_scale: torch.Tensor | None = None,
+                      k_scale: torch.Tensor | None = None) -> BlockLists:
     """The KV blocks each query block visits: the plan's static lists, or this layer's dynamic
     selection ([n, Hkv, L], in the workspace)."""
     if plan.static_lists is not None:
@@ -234,7 +243,7 @@ def layer_block_lists(plan: SparsePlan, query: torch.Tensor, key_cache: torch.Te
     query_blocks, workspace = plan.query_blocks, plan.workspace
     block_scores(
         query, key_cache, block_table, seq_lens, query_blocks.table, query_blocks.score_groups,
-        workspace.scores, workspace.pooled, scale, query_blocks.sparse_block,
+        workspace.scores, workspace.pooled, scale, query_blocks.sparse_block, q_scale=q_scale, k_scale=k_scale,
     )
     return select_dynamic_lists(
         workspace.scores, query_blocks.table, seq_lens, key_cache.shape[2], query_blocks.num_kv_blocks,
@@ -277,17 +286,22 @@ def attention_kernel(sparse_kernel: str, device: torch.device, dtype: torch.dtyp
 
 def warm_up(cfg: FlashPrefillConfig, *, num_q_heads: int, num_kv_heads: int, head_size: int, page_size: int,
             dtype: torch.dtype, device: torch.device | str, workspace: DynamicWorkspace | None = None,
-            on_fa3: bool = False) -> None:
+            on_fa3: bool = False, fp8_cache: bool = False, fp8_query: bool = False) -> None:
     """Run the sparse path once on a tiny batch, so that Triton compiles its kernels now instead
     of during the first long prompt, and the log says which attention kernel runs the sparse
-    rows. ``on_fa3``: through FA3 (precompiled; it compiles nothing), as the layers will; our
-    attention kernel is then left to compile on first use. A Hopper kernel that fails here (e.g. a
-    Triton release whose Gluon API it does not know) gives way to the portable one, with a warning."""
+    rows. ``dtype``: the output's (the model's); ``fp8_cache``, ``fp8_query``: the KV cache, the
+    query in fp8 (e4m3) with scales, as the layers will pass them. ``on_fa3``: through FA3
+    (precompiled; it compiles nothing), as the layers will; our attention kernel is then left to
+    compile on first use. A Hopper kernel that fails here (e.g. a Triton release whose Gluon API
+    it does not know) gives way to the portable one, with a warning."""
     tokens, d = 2 * cfg.sparse_block, head_size
     pages = -(-tokens // page_size)
     kv = torch.randn(pages, page_size, num_kv_heads, 2 * d, device=device)
-    kv = kv.to(dtype)
-    q = torch.randn(tokens, num_q_heads, d, device=device).to(dtype)
+    kv = kv.to(FP8_DTYPE if fp8_cache else dtype)
+    q = torch.randn(tokens, num_q_heads, d, device=device).to(FP8_DTYPE if fp8_query else dtype)
+    one = torch.ones((), device=device)
+    scales = dict(q_scale=one if fp8_query else None, k_scale=one if fp8_cache else None,
+                  v_scale=one if fp8_cache else None)
     block_table = torch.arange(pages, dtype=torch.int32, device=device)[None]
     seq_lens = torch.tensor([tokens], dtype=torch.int32, device=device)
     # Its two blocks need no scores (they lie below min_seq_len); scored anyway, so that the
@@ -296,13 +310,14 @@ def warm_up(cfg: FlashPrefillConfig, *, num_q_heads: int, num_kv_heads: int, hea
                 num_kv_heads=num_kv_heads, head_size=head_size, device=device, workspace=workspace,
                 fa3_page_size=page_size if on_fa3 else None, block_table=block_table, score_every_block=True)
     key_cache, value_cache = kv[..., :d], kv[..., d:]
-    args = (step, q, key_cache, value_cache, torch.empty_like(q), block_table, seq_lens, d**-0.5)
+    args = (step, q, key_cache, value_cache, torch.empty(q.shape, dtype=dtype, device=device), block_table, seq_lens,
+            d**-0.5)
     try:
-        run(*args, on_fa3=on_fa3)
+        run(*args, on_fa3=on_fa3, **scales)
     except Exception as e:
         if kernel_for(cfg.sparse_kernel, q, key_cache, cfg.sparse_block) is sparse_prefill_attention:
             raise
         reason = f"the Hopper kernel failed its start-up run ({type(e).__name__}: {str(e)[:300]})"
         logger.warning("FlashPrefill: %s; the portable Triton kernel runs the sparse rows", reason)
         disable_hopper_kernel(reason)
-        run(*args, on_fa3=on_fa3)
+        run(*args, on_fa3=on_fa3, **scales)

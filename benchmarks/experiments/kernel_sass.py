@@ -7,6 +7,7 @@ the instruction mix of each loop, from its SASS (Triton's bundled ``cuobjdump``/
 
 ``--kernel hopper`` takes kernels/attention_hopper.py instead of kernels/attention.py (its loops:
 two consumer tile loops (off-diagonal, diagonal) per warpgroup's code path, and the producer's).
+``--kv-dtype fp8`` builds kernels/attention.py for an fp8 (e4m3) KV cache with its scales (bf16 q).
 
 On a GPU the kernel is launched once (hybrid, 16K tokens, pages of 64, the package's launch config
 for the given heads) and its binary taken from Triton's cache. ``--offline-sm`` compiles the kernel
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import bootstrap, static_pattern_prompt  # noqa: E402  (benchmarks/common.py)
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "accuracy"))
 from suite import git_commit, source_digest  # noqa: E402  (provenance)
 
 from vllm_flashprefill.kernels import attention  # noqa: E402
+from vllm_flashprefill.kernels.common import FP8_DTYPE  # noqa: E402
 from vllm_flashprefill.kernels.limits import limits_for  # noqa: E402
 from vllm_flashprefill.kernels.offline_build import compile_offline  # noqa: E402
 
@@ -61,19 +64,24 @@ def kernel_of(name: str):
     return attention, attention._sparse_prefill_kernel
 
 
-def cubin_from_gpu(kernel: str, num_q_heads: int, num_kv_heads: int, head_size: int):
+def cubin_from_gpu(kernel: str, num_q_heads: int, num_kv_heads: int, head_size: int, fp8: bool):
     module, fn = kernel_of(kernel)
     p = static_pattern_prompt(16384, num_q_heads, num_kv_heads, head_size, 64, "hybrid", 128, torch.bfloat16, "cuda")
     out = torch.empty_like(p.q)
-    module.sparse_prefill_attention(p.q, p.k_cache, p.v_cache, out, p.block_table, p.seq_lens,
-                                    p.qblocks.table, p.kv_indices, p.kv_counts, head_size**-0.5, 128)
+    k_cache, v_cache, scales = p.k_cache, p.v_cache, {}
+    if fp8:
+        k_cache, v_cache = k_cache.to(FP8_DTYPE), v_cache.to(FP8_DTYPE)
+        scales = dict(k_scale=torch.ones((), device="cuda"), v_scale=torch.ones((), device="cuda"))
+    module.sparse_prefill_attention(p.q, k_cache, v_cache, out, p.block_table, p.seq_lens,
+                                    p.qblocks.table, p.kv_indices, p.kv_counts, head_size**-0.5, 128, **scales)
     torch.cuda.synchronize()
     (compiled,) = [k for cache in fn.device_caches.values() for k in cache[0].values()]
     return compiled.asm["cubin"], compiled.metadata.shared
 
 
-def cubin_offline(kernel: str, sm: int, num_q_heads: int, num_kv_heads: int, head_size: int):
+def cubin_offline(kernel: str, sm: int, num_q_heads: int, num_kv_heads: int, head_size: int, fp8: bool):
     gqa = num_q_heads // num_kv_heads
+    kv_type = "fp8e4nv" if fp8 else "bf16"  # main() takes fp8 for kernels/attention.py only
     module, fn = kernel_of(kernel)
     if kernel == "hopper":
         from triton.runtime.jit import mangle_type
@@ -86,12 +94,15 @@ def cubin_offline(kernel: str, sm: int, num_q_heads: int, num_kv_heads: int, hea
     else:
         cfg = attention.launch_config(head_size, gqa, 128, 64, limits_for(sm))
         options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-        constexprs = dict(GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=128, PAGE_SIZE=64, **cfg)
-        tile = f"tensordesc<bf16[1, {cfg['BLOCK_N']}, 1, {head_size}]>"
+        # fp8: an e4m3 cache with its scales (bf16 q); else 16-bit data, no scales.
+        no_scales = dict(q_scale_ptr=None) if fp8 else dict(q_scale_ptr=None, k_scale_ptr=None, v_scale_ptr=None)
+        constexprs = dict(GQA=gqa, HEAD_SIZE=head_size, SPARSE_BLOCK=128, PAGE_SIZE=64, DOT_DTYPE=tl.bfloat16,
+                          **no_scales, **cfg)
+        tile = f"tensordesc<{kv_type}[1, {cfg['BLOCK_N']}, 1, {head_size}]>"
         if not cfg["TMA"]:
             constexprs.update(k_desc=None, v_desc=None)
-    types = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", k_desc=tile, v_desc=tile,
-                 sm_scale_log2="fp32")
+    types = dict(q_ptr="*bf16", k_ptr=f"*{kv_type}", v_ptr=f"*{kv_type}", out_ptr="*bf16", k_desc=tile, v_desc=tile,
+                 sm_scale_log2="fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32")
     compiled = compile_offline(sm, fn, constexprs, types, **options)
     return compiled.asm["cubin"], compiled.metadata.shared
 
@@ -130,23 +141,27 @@ def main() -> None:
     ap.add_argument("--kernel", choices=("triton", "hopper"), default="triton",
                     help="kernels/attention.py or kernels/attention_hopper.py")
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head size")
+    ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="fp8: e4m3 with scales (--kernel triton)")
     ap.add_argument("--dump-cubin", type=Path)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    fp8 = args.kv_dtype == "fp8"
+    if fp8 and args.kernel != "triton":
+        ap.error("--kv-dtype fp8: only kernels/attention.py reads an fp8 cache")
     hq, hkv, d = map(int, args.heads.split(","))
     launch_shared = None  # bytes of shared memory per program at launch (Triton's metadata)
     if args.cubin:
         path, origin = args.cubin, f"file {args.cubin}"
     else:
         if args.offline_sm:
-            binary, launch_shared = cubin_offline(args.kernel, args.offline_sm, hq, hkv, d)
+            binary, launch_shared = cubin_offline(args.kernel, args.offline_sm, hq, hkv, d, fp8)
             origin = f"offline, sm_{args.offline_sm}"
         else:
-            binary, launch_shared = cubin_from_gpu(args.kernel, hq, hkv, d)
+            binary, launch_shared = cubin_from_gpu(args.kernel, hq, hkv, d, fp8)
             origin = f"JIT on {torch.cuda.get_device_name()}"
         path = args.dump_cubin or Path(tempfile.mkdtemp()) / "attention.cubin"
         path.write_bytes(binary)
-    result = dict(kernel=kernel_of(args.kernel)[1].fn.__name__, heads=args.heads, origin=origin,
+    result = dict(kernel=kernel_of(args.kernel)[1].fn.__name__, heads=args.heads, kv_dtype=args.kv_dtype, origin=origin,
                   triton=triton.__version__, commit=git_commit(), source_digest=source_digest(),
                   launch_shared_bytes=launch_shared,
                   **analyse(path))

@@ -144,12 +144,12 @@ def run_pipeline(env, b, cfg, kernel: str):
     return pipe, mask, out
 
 
-def reference_rows(env, b, pipe, mask, blocks):
+def reference_rows(env, b, pipe, mask, blocks, **fp8_scales):
     """(rows, reference output of those rows) for a sample of query blocks."""
     table = torch.from_numpy(pipe.qb.table_cpu[blocks]).to(b.q.device)
     ref = sparse_attention_reference(
         b.q, b.k_cache, b.v_cache, b.block_table, b.seq_lens, table, mask[blocks], pipe.scale,
-        pipe.block_size,
+        pipe.block_size, **fp8_scales,
     )
     rows = env.common.query_block_rows(pipe.qb.table_cpu, blocks).to(b.q.device)
     return rows, ref[rows]
