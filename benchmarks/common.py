@@ -232,10 +232,10 @@ class Pipeline:
 
         if self.dynamic:
             return select_dynamic(
-                self.scores(), self.qb.block_index, self.qb.last_block, self.num_kv_heads, self.cfg
+                self.scores(), self.qb.block_index, self.qb.tail_end, self.num_kv_heads, self.cfg
             )
         return forced_block_mask(
-            self.qb.block_index, self.qb.last_block, self.qb.num_kv_blocks, self.cfg
+            self.qb.block_index, self.qb.tail_end, self.qb.num_kv_blocks, self.cfg
         )
 
     def lists_from_scores(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +243,7 @@ class Pipeline:
         from vllm_flashprefill.patterns import select_dynamic_lists
 
         return select_dynamic_lists(
-            scores, self.qb.table, self.b.seq_lens, self.num_kv_heads, self.qb.num_kv_blocks,
+            scores, self.qb.table, self.qb.tail_end, self.num_kv_heads, self.qb.num_kv_blocks,
             self.cfg,
         )
 
@@ -304,7 +304,7 @@ def static_pattern_prompt(seq_len, num_q_heads, num_kv_heads, head_size, page_si
     seq_lens = torch.tensor([seq_len], dtype=torch.int32, device=device)
     qblocks = build_query_blocks(torch.tensor([0, seq_len]), seq_lens.cpu(), [0], block_size, device)
     cfg = FlashPrefillConfig(pattern=pattern, block_size=block_size, min_seq_len=0)
-    mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+    mask = forced_block_mask(qblocks.block_index, qblocks.tail_end, qblocks.num_kv_blocks, cfg)
     kv_indices, kv_counts = mask_to_lists(mask)
     return StaticPatternPrompt(
         q=torch.randn(seq_len, num_q_heads, head_size, dtype=dtype, device=device),

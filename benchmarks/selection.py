@@ -92,10 +92,10 @@ def main() -> None:
         return lambda: fn(q, k, table, seq_lens, qb.table, groups, scores, pooled, d**-0.5, B, config)
 
     def select_torch():
-        return mask_to_lists(select_dynamic(scores[..., :qb.num_kv_blocks], qb.block_index, qb.last_block, hkv, cfg))
+        return mask_to_lists(select_dynamic(scores[..., :qb.num_kv_blocks], qb.block_index, qb.tail_end, hkv, cfg))
 
     def select():
-        return select_dynamic_lists(scores, qb.table, seq_lens, hkv, qb.num_kv_blocks, cfg)
+        return select_dynamic_lists(scores, qb.table, qb.tail_end, hkv, qb.num_kv_blocks, cfg)
 
     kv_block = torch.arange(scores.shape[2], device=dev)
     causal = (kv_block[None, None, :] <= qb.block_index[:, None, None]).expand_as(scores)

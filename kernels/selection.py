@@ -6,7 +6,7 @@ about twenty torch operations: per query block and KV head, each query head's ca
 relative to that head's maximum and to its candidates' mean, the union over the heads of the group
 of the blocks that pass both, optional
 min/max budgets on the content-selected blocks, the forced sink/local/strided/diagonal blocks
-(every causal block for query blocks below ``min_seq_len`` or in the chunk's dense tail), and the
+(every causal block for query blocks below ``min_seq_len`` or in the prompt's dense tail), and the
 kept block indices written in ascending order with their count.
 """
 
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import QB_COLUMNS, QB_FIRST_POS, QB_REQUEST
+from .common import QB_COLUMNS, QB_FIRST_POS
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _kth_largest(values, K: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_kv_blocks", "stride_si", "stride_ii", "stride_ci"])
 def _select_blocks_kernel(
-    scores_ptr, qblocks_ptr, seq_lens_ptr, indices_ptr, counts_ptr,
+    scores_ptr, qblocks_ptr, tail_end_ptr, indices_ptr, counts_ptr,
     num_kv_blocks, log_threshold, log_above_mean,
     stride_si, stride_sh, stride_ii, stride_ih, stride_ci, stride_ch,
     GQA: tl.constexpr, WIDTH: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
@@ -52,14 +52,13 @@ def _select_blocks_kernel(
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
     qb = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_POS) // SPARSE_BLOCK
-    request = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_REQUEST)
-    last_block = (tl.load(seq_lens_ptr + request) - 1) // SPARSE_BLOCK
+    tail_end = tl.load(tail_end_ptr + qblock)
     kb = tl.arange(0, WIDTH)
     causal = kb <= qb
     pinned = causal & ((kb == qb) | (kb < SINK_BLOCKS) | (kb >= qb - LOCAL_BLOCKS))
     if STRIDE > 0:
         pinned = pinned | (causal & ((qb - kb) % STRIDE == 0))
-    dense = (qb * SPARSE_BLOCK < MIN_SEQ_LEN) | (qb > last_block - DENSE_TAIL_BLOCKS)
+    dense = (qb * SPARSE_BLOCK < MIN_SEQ_LEN) | ((qb > tail_end - DENSE_TAIL_BLOCKS) & (qb <= tail_end))
     forced = tl.where(dense, causal, pinned)
 
     candidate = causal & ~forced
@@ -95,7 +94,7 @@ def _select_blocks_kernel(
 def select_blocks(
     scores: torch.Tensor,
     qblocks: torch.Tensor,
-    seq_lens: torch.Tensor,
+    tail_end: torch.Tensor,
     num_kv_heads: int,
     num_kv_blocks: int,
     *,
@@ -118,7 +117,8 @@ def select_blocks(
     ignored, and so are the rows of query blocks whose causal blocks are all forced (see
     ``patterns.content_selectable``), so a workspace may hold stale values there); qblocks: the
     query-block table (kernels/common.py);
-    seq_lens: [num requests] int32, each request's length after its chunk.
+    tail_end: [n] int32, per query block the block where its request's dense tail ends
+    (``patterns.dense_query_blocks``).
     Returns indices [n, Hkv, W] int32 (the first ``counts`` of each row are valid, ascending) and
     counts [n, Hkv] int32, written into ``indices``/``counts`` when given. The kernel is compiled
     for the padded width W, so a workspace of fixed width never recompiles between prompts.
@@ -135,7 +135,7 @@ def select_blocks(
     if n == 0:
         return indices, counts
     _select_blocks_kernel[(n, num_kv_heads)](
-        scores, qblocks, seq_lens, indices, counts,
+        scores, qblocks, tail_end, indices, counts,
         num_kv_blocks, math.log(threshold) if threshold > 0 else float("-inf"),
         math.log(above_mean) if above_mean > 0 else 0.0,
         scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1),

@@ -103,5 +103,5 @@ def dynamic_mask(batch: PagedBatch, qblocks, cfg, scale: float) -> tuple[torch.T
         qblocks.score_groups, scores, pooled, scale, qblocks.sparse_block,
     )
     return scores, select_dynamic(
-        scores, qblocks.block_index, qblocks.last_block, batch.k_cache.shape[2], cfg
+        scores, qblocks.block_index, qblocks.tail_end, batch.k_cache.shape[2], cfg
     )

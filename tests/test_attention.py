@@ -52,7 +52,7 @@ def case_mask(pattern, case):
     if pattern == "dynamic":
         _, mask = dynamic_mask(batch, qblocks, cfg, scale)
     else:
-        mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+        mask = forced_block_mask(qblocks.block_index, qblocks.tail_end, qblocks.num_kv_blocks, cfg)
     return batch, qblocks, mask, scale
 
 
@@ -94,7 +94,7 @@ def test_tma_tiles_match_gathered_tiles(head_size):
         pattern="hybrid", sparse_block=BLOCK, local_blocks=1, stride=2, min_seq_len=0, dense_tail_blocks=0
     )
     indices, counts = BlockLists.from_mask(
-        forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+        forced_block_mask(qblocks.block_index, qblocks.tail_end, qblocks.num_kv_blocks, cfg)
     )
     tma = launch_config(head_size, 4, BLOCK, 64, device_limits(batch.q.device), batch.q.element_size())
     assert tma["TMA"]
@@ -117,9 +117,10 @@ def test_sparse_patterns_actually_skip_blocks():
         pattern="local", sparse_block=BLOCK, sink_blocks=1, local_blocks=1, min_seq_len=0,
         dense_tail_blocks=1,
     )
-    qb, last = qblocks.block_index, qblocks.last_block
-    mask = forced_block_mask(qb, last, qblocks.num_kv_blocks, cfg)
-    dense = forced_block_mask(qb, last, qblocks.num_kv_blocks, FlashPrefillConfig(pattern="dense", sparse_block=BLOCK))
+    qb, tail_end = qblocks.block_index, qblocks.tail_end
+    mask = forced_block_mask(qb, tail_end, qblocks.num_kv_blocks, cfg)
+    dense = forced_block_mask(qb, tail_end, qblocks.num_kv_blocks,
+                              FlashPrefillConfig(pattern="dense", sparse_block=BLOCK))
     assert mask.sum() < dense.sum()
     out = run_sparse(batch, qblocks, mask, 0.125)
     out_dense = run_sparse(batch, qblocks, dense, 0.125)

@@ -142,7 +142,7 @@ def test_builder_splits_decodes_short_and_long_prefills(model_dir):
         qb = pos // BLOCK
         last = (seq_lens[req] - 1) // BLOCK
         assert mask[i, 0, : qb + 1].all() == (qb * BLOCK < 256 or qb == last)
-    assert step.query_blocks.last_block.tolist() == [(seq_lens[r] - 1) // BLOCK for r in table[:, 0]]
+    assert step.query_blocks.tail_end.tolist() == [(seq_lens[r] - 1) // BLOCK for r in table[:, 0]]
 
 
 def test_decode_only_and_dense_pattern_leave_flash_attention_alone(model_dir):
@@ -246,7 +246,7 @@ def test_impl_forward_sparse_batch_matches_reference(
         qblocks = step.query_blocks
         scores = step.workspace.scores  # the impl's own
         mask = select_dynamic(
-            scores[..., : qblocks.num_kv_blocks], qblocks.block_index, qblocks.last_block, HKV, impl.cfg
+            scores[..., : qblocks.num_kv_blocks], qblocks.block_index, qblocks.tail_end, HKV, impl.cfg
         )
         causal_pairs = HKV * sum(pos // BLOCK + 1 for _, _, pos, _ in qblocks.table_cpu)
         assert 0 < mask.sum() < causal_pairs, "threshold 1.0 keeps only each head's top block"

@@ -90,7 +90,7 @@ def test_fp8_cache_runs_sparse_with_the_layers_scales(model_dir, fp8_capable_fla
     if pattern == "dynamic":
         qblocks = step.query_blocks
         mask = select_dynamic(step.workspace.scores[..., : qblocks.num_kv_blocks], qblocks.block_index,
-                              qblocks.last_block, HKV, impl.cfg)
+                              qblocks.tail_end, HKV, impl.cfg)
     else:
         mask = step.static_lists.to_mask(step.query_blocks.num_kv_blocks)
     causal = HKV * sum(pos // BLOCK + 1 for _, _, pos, _ in step.query_blocks.table_cpu)

@@ -41,7 +41,7 @@ def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists, fake_
     if lists == "shared":  # a static pattern: one list for all heads
         cfg = FlashPrefillConfig(pattern="hybrid", sparse_block=BLOCK, min_seq_len=0, sink_blocks=1,
                                  local_blocks=1, stride=3, dense_tail_blocks=1)
-        mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+        mask = forced_block_mask(qblocks.block_index, qblocks.tail_end, qblocks.num_kv_blocks, cfg)
     else:  # dynamic selection: one list per KV head
         mask = per_head_mask(qblocks, seed=page)
         assert not torch.equal(mask[:, 0], mask[:, 1])

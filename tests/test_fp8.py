@@ -28,7 +28,7 @@ def plan(batch, gqa):
 def hybrid_mask(qblocks):
     cfg = FlashPrefillConfig(pattern="hybrid", sparse_block=BLOCK, sink_blocks=1, local_blocks=1, stride=3,
                              min_seq_len=0, dense_tail_blocks=0)
-    return forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+    return forced_block_mask(qblocks.block_index, qblocks.tail_end, qblocks.num_kv_blocks, cfg)
 
 
 # (query lengths, context lengths, Hq, Hkv, head size, page size, dtype, layout, per-head scales, fp8 q)
@@ -93,7 +93,7 @@ def test_fp8_block_scores_match_reference(page_size, fp8_query):
     if not fp8_query:
         cfg = FlashPrefillConfig(pattern="dynamic", sparse_block=BLOCK, sink_blocks=0, local_blocks=0,
                                  threshold=0.97, above_mean=0.0, min_seq_len=0, dense_tail_blocks=0)
-        args = (qblocks.block_index, qblocks.last_block, 2, cfg)
+        args = (qblocks.block_index, qblocks.tail_end, 2, cfg)
         mask = select_dynamic(scores, *args)
         assert torch.equal(mask, select_dynamic(ref, *args))
         assert mask.sum() < causal[:, ::4].sum(), "threshold 0.97 should drop some blocks"

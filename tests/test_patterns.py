@@ -25,17 +25,20 @@ def test_every_pattern_option_names_a_pattern():
 
 
 @pytest.mark.parametrize("pattern", ["local", "strided", "hybrid", "dynamic"])
-def test_forced_blocks(pattern):
+@pytest.mark.parametrize("prompt_end_known", [False, True])
+def test_forced_blocks(pattern, prompt_end_known):
     cfg = FlashPrefillConfig(
         pattern=pattern, sparse_block=BLOCK, sink_blocks=2, local_blocks=2, stride=4,
         min_seq_len=5 * BLOCK, dense_tail_blocks=2,
     )
     block_index = torch.arange(20)
-    # Two chunks: blocks 0..11 (its tail: 10, 11) and 12..19 (tail: 18, 19).
-    last_block = torch.where(block_index < 12, 11, 19)
-    mask = forced_block_mask(block_index, last_block, 20, cfg)[:, 0]
+    # A prompt of blocks 0..19 in two chunks, 0..11 and 12..19. Where the prompt's end is known
+    # only its last two blocks are its tail; else each chunk ends in one (10, 11 and 18, 19).
+    tail_end = torch.full_like(block_index, 19) if prompt_end_known else torch.where(block_index < 12, 11, 19)
+    tail = (18, 19) if prompt_end_known else (10, 11, 18, 19)
+    mask = forced_block_mask(block_index, tail_end, 20, cfg)[:, 0]
     for qb in range(20):
-        if qb < 5 or qb in (10, 11, 18, 19):  # below min_seq_len, or a chunk's tail: dense
+        if qb < 5 or qb in tail:  # below min_seq_len, or in a dense tail
             expected = set(range(qb + 1))
         else:
             expected = {0, 1, qb}  # sinks and the diagonal

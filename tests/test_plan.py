@@ -1,9 +1,11 @@
 """plan.py: query blocks (the kernels' unit of work) and their score groups from host metadata."""
 
+import numpy as np
 import torch
 
 from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.kernels.common import QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
+from vllm_flashprefill.patterns import forced_block_mask
 from vllm_flashprefill.plan import build_query_blocks
 
 BLOCK = 64
@@ -21,7 +23,7 @@ def test_query_block_table_columns():
     assert table[:, QB_FIRST_POS].tolist() == [70, 128, 0]
     assert table[:, QB_ROWS].tolist() == [58, 42, 64]
     assert torch.equal(qblocks.table, torch.from_numpy(table))
-    assert qblocks.block_index.tolist() == [1, 2, 0] and qblocks.last_block.tolist() == [2, 2, 0]
+    assert qblocks.block_index.tolist() == [1, 2, 0] and qblocks.tail_end.tolist() == [2, 2, 0]
     assert qblocks.num_kv_blocks == 3 and qblocks.causal_pairs == 2 + 3 + 1
 
 
@@ -40,3 +42,30 @@ def test_score_groups_cover_only_blocks_content_selection_can_add_to():
     assert groups == [[5, 6, 7], [8, 9, 10], [11], [6, 7, 8]]
     every = build_query_blocks(query_start_loc, seq_lens, [0, 1], BLOCK, "cpu", 3)
     assert every.score_groups.tolist() == [[0, 3], [3, 3], [6, 3], [9, 3], [12, 1], [13, 3], [16, 1]]
+
+
+def test_the_dense_tail_ends_where_the_prompt_does():
+    """With the prefill lengths the runner publishes, a chunk that stops short of its prompt's end
+    gets no dense tail (its blocks are scored instead), and one that reaches it keeps the tail."""
+    cfg = FlashPrefillConfig(pattern="dynamic", sparse_block=BLOCK, sink_blocks=1, local_blocks=2,
+                             min_seq_len=5 * BLOCK, dense_tail_blocks=2)
+    # Request 0: blocks 0..12 of a 20-block prompt; request 1: the last chunk (blocks 6..9) of its
+    # prompt, which the runner samples from (0); request 2: a chunk ending at block 9 of a prompt
+    # that ends in block 10, so the tail of 2 blocks reaches back into this chunk.
+    query_start_loc = torch.tensor([0, 13 * BLOCK, 17 * BLOCK, 20 * BLOCK])
+    seq_lens = torch.tensor([13 * BLOCK, 10 * BLOCK, 10 * BLOCK])
+    prefill_lens = np.array([20 * BLOCK - 5, 0, 10 * BLOCK + 1])
+    known = build_query_blocks(query_start_loc, seq_lens, [0, 1, 2], BLOCK, "cpu", 16, cfg, prefill_lens)
+    unknown = build_query_blocks(query_start_loc, seq_lens, [0, 1, 2], BLOCK, "cpu", 16, cfg)
+    assert known.tail_end.tolist() == [19] * 13 + [9] * 4 + [10] * 3
+    assert unknown.tail_end.tolist() == [12] * 13 + [9] * 4 + [9] * 3
+
+    def scored(qblocks):
+        block_index = qblocks.block_index.tolist()
+        return [[block_index[first + i] for i in range(count)] for first, count in qblocks.score_groups.tolist()]
+
+    assert scored(known) == [list(range(5, 13)), [6, 7], [7, 8]]
+    assert scored(unknown) == [list(range(5, 11)), [6, 7], [7]]
+    forced = forced_block_mask(known.block_index, known.tail_end, known.num_kv_blocks, cfg)[:, 0]
+    dense = [int(b) for b, row in zip(known.block_index, forced) if b >= 5 and row[: b + 1].all()]
+    assert dense == [8, 9, 9]  # request 1's tail, and request 2's block 9 (the prompt's tail: 9, 10)

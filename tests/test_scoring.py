@@ -27,7 +27,7 @@ def test_block_scores_match_reference_and_give_same_selection(page_size):
     )
     causal = torch.isfinite(ref_scores)
     torch.testing.assert_close(scores[causal], ref_scores[causal], atol=1e-4, rtol=1e-4)
-    ref_mask = select_dynamic(ref_scores, qblocks.block_index, qblocks.last_block, 2, cfg)
+    ref_mask = select_dynamic(ref_scores, qblocks.block_index, qblocks.tail_end, 2, cfg)
     assert torch.equal(mask, ref_mask)
     assert mask.sum() < causal[:, ::4].sum(), "threshold 0.97 should drop some blocks"
 

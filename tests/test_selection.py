@@ -36,10 +36,12 @@ def test_fused_selection_matches_torch_selection(case):
     cfg = FlashPrefillConfig(**{**defaults, **options})
     num_kv_heads, nkb, width = 2, 23, 37  # a workspace wider than the step's rows
     gen = torch.Generator().manual_seed(case)
-    block_index = torch.tensor([0, 1, 3, 7, 8, 12, 15, 22, 22, 5])
-    # Three requests whose chunks end in blocks 22, 22 and 5 (the last four sit in chunks' tails).
-    request = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 2])
-    seq_lens = torch.tensor([22 * BLOCK + 100, 22 * BLOCK + 1, 6 * BLOCK], dtype=torch.int32)
+    block_index = torch.tensor([0, 1, 3, 7, 8, 12, 15, 21, 22, 22, 5])
+    # Three requests whose chunks end in blocks 22, 22 and 5. The first chunk ends its prompt (its
+    # last blocks are its dense tail); the second stops a block short of its prompt's end, so a
+    # tail of 2 blocks reaches back into it; the third lies far before its prompt's end (no tail).
+    request = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2])
+    tail_end = torch.tensor([22, 23, 40], dtype=torch.int32)[request]
     table = torch.zeros(len(block_index), 4, dtype=torch.int32)
     table[:, 0] = request.int()
     table[:, 2] = (block_index * BLOCK + torch.randint(0, BLOCK, (len(block_index),), generator=gen)).int()
@@ -47,11 +49,10 @@ def test_fused_selection_matches_torch_selection(case):
     scores[..., :nkb][scores[..., :nkb] > 4] = 4.0  # ties at the top of a row
     for i, qb in enumerate(block_index.tolist()):
         scores[i, :, qb + 1:] = float("nan")  # stale workspace entries past the diagonal
-    last_block = (seq_lens[request] - 1) // BLOCK
     # Query blocks where content selection cannot add a block are not scored: stale rows.
-    scores[~content_selectable(block_index, last_block, cfg)] = float("nan")
-    ref = select_dynamic(scores[..., :nkb], block_index, last_block, num_kv_heads, cfg)
-    indices, counts = select_dynamic_lists(scores, table, seq_lens, num_kv_heads, nkb, cfg)
+    scores[~content_selectable(block_index, tail_end, cfg)] = float("nan")
+    ref = select_dynamic(scores[..., :nkb], block_index, tail_end, num_kv_heads, cfg)
+    indices, counts = select_dynamic_lists(scores, table, tail_end, num_kv_heads, nkb, cfg)
     assert torch.equal(counts, ref.sum(-1, dtype=torch.int32))
     assert torch.equal(BlockLists(indices, counts).to_mask(nkb), ref)
     for i in range(len(block_index)):

@@ -40,7 +40,7 @@ def test_plan_and_run_write_the_reference_rows(pattern):
     qblocks = plan.query_blocks
     if pattern == "dynamic":
         assert plan.static_lists is None and plan.flash is None
-        mask = select_dynamic(plan.workspace.scores, qblocks.block_index, qblocks.last_block, HKV, cfg)
+        mask = select_dynamic(plan.workspace.scores, qblocks.block_index, qblocks.tail_end, HKV, cfg)
     else:
         assert plan.workspace is None and plan.flash is None
         mask = plan.static_lists.to_mask(qblocks.num_kv_blocks)

@@ -5,7 +5,8 @@ holding the diagonal block. Static patterns depend on block indices only (one ma
 every head); ``dynamic`` keeps sink, local and strided blocks and adds the blocks whose score passes
 a threshold relative to the row maximum and stands out from the other candidates' mean.
 Query blocks that start below ``min_seq_len``, and the last ``dense_tail_blocks`` query blocks of
-a chunk, keep every causal block (dense).
+a prompt (of every chunk, where the planner cannot tell which chunk ends the prompt), keep every
+causal block (dense).
 """
 
 from __future__ import annotations
@@ -55,36 +56,39 @@ def pattern_named(name: str) -> Pattern:
 
 
 def dense_query_blocks(
-    block_index: torch.Tensor | np.ndarray, last_block: torch.Tensor | np.ndarray | int, cfg: FlashPrefillConfig
+    block_index: torch.Tensor | np.ndarray, tail_end: torch.Tensor | np.ndarray | int, cfg: FlashPrefillConfig
 ) -> torch.Tensor | np.ndarray:
-    """[n] bool: query blocks that attend densely (below ``min_seq_len`` or in the chunk's tail).
+    """[n] bool: query blocks that attend densely: below ``min_seq_len``, or among the
+    ``dense_tail_blocks`` blocks that end at ``tail_end``.
 
-    last_block: the absolute index of the last block of the chunk each query block belongs to.
-    Tensors or numpy arrays."""
-    return (block_index * cfg.sparse_block < cfg.min_seq_len) | (block_index > last_block - cfg.dense_tail_blocks)
+    tail_end: the absolute index of the block holding the last prompt token of each query block's
+    request (:attr:`plan.QueryBlocks.tail_end`); the last block of its chunk where the prompt
+    length is unknown, which makes every chunk's end dense. Tensors or numpy arrays."""
+    in_tail = (block_index > tail_end - cfg.dense_tail_blocks) & (block_index <= tail_end)
+    return (block_index * cfg.sparse_block < cfg.min_seq_len) | in_tail
 
 
 def content_selectable(
-    block_index: torch.Tensor | np.ndarray, last_block: torch.Tensor | np.ndarray | int, cfg: FlashPrefillConfig
+    block_index: torch.Tensor | np.ndarray, tail_end: torch.Tensor | np.ndarray | int, cfg: FlashPrefillConfig
 ) -> torch.Tensor | np.ndarray:
     """[n] bool: query blocks where ``dynamic`` content selection can add a block; every other one
     keeps all its causal blocks anyway (dense, or sink and local window cover them), so its scores
     are not needed. Tensors or numpy arrays (see :func:`dense_query_blocks`)."""
-    return ~dense_query_blocks(block_index, last_block, cfg) & (block_index > cfg.sink_blocks + cfg.local_blocks)
+    return ~dense_query_blocks(block_index, tail_end, cfg) & (block_index > cfg.sink_blocks + cfg.local_blocks)
 
 
 def forced_block_mask(
     block_index: torch.Tensor,
-    last_block: torch.Tensor | int,
+    tail_end: torch.Tensor | int,
     num_kv_blocks: int,
     cfg: FlashPrefillConfig,
 ) -> torch.Tensor:
     """[n, 1, num_kv_blocks] mask of the blocks a pattern keeps regardless of content
-    (``last_block``: see :func:`dense_query_blocks`)."""
+    (``tail_end``: see :func:`dense_query_blocks`)."""
     qb = block_index.long()[:, None]
     kb = torch.arange(num_kv_blocks, device=block_index.device)[None, :]
     causal = kb <= qb
-    dense = dense_query_blocks(block_index, last_block, cfg)[:, None]
+    dense = dense_query_blocks(block_index, tail_end, cfg)[:, None]
     keep = (kb == qb) | (kb < cfg.sink_blocks) | dense
     pattern = cfg.block_pattern
     if pattern.keeps_local:
@@ -119,7 +123,7 @@ def relative_scores(
 def select_dynamic(
     scores: torch.Tensor,
     block_index: torch.Tensor,
-    last_block: torch.Tensor | int,
+    tail_end: torch.Tensor | int,
     num_kv_heads: int,
     cfg: FlashPrefillConfig,
     forced: torch.Tensor | None = None,
@@ -132,12 +136,12 @@ def select_dynamic(
     head h belongs to KV head h // (Hq / Hkv), as in vLLM). ``min_budget``/``max_budget`` bound how
     many blocks content selection adds on top of the forced blocks of :func:`forced_block_mask`,
     ranked by their best ``s - max`` over the group (``forced``: that mask, if the caller already
-    has it; ``last_block``: see :func:`dense_query_blocks`).
+    has it; ``tail_end``: see :func:`dense_query_blocks`).
     """
     n, num_q_heads, nkb = scores.shape
     gqa = num_q_heads // num_kv_heads
     if forced is None:
-        forced = forced_block_mask(block_index, last_block, nkb, cfg)
+        forced = forced_block_mask(block_index, tail_end, nkb, cfg)
     rel, to_mean = relative_scores(scores, block_index, forced, cfg.above_mean > 0)
     passes = rel >= (math.log(cfg.threshold) if cfg.threshold > 0 else float("-inf"))
     if to_mean is not None:
@@ -157,7 +161,7 @@ def select_dynamic(
 def select_dynamic_lists(
     scores: torch.Tensor,
     qblocks: torch.Tensor,
-    seq_lens: torch.Tensor,
+    tail_end: torch.Tensor,
     num_kv_heads: int,
     num_kv_blocks: int,
     cfg: FlashPrefillConfig,
@@ -166,12 +170,12 @@ def select_dynamic_lists(
 ) -> BlockLists:
     """:func:`select_dynamic` + :meth:`BlockLists.from_mask` as a layer runs them: one Triton kernel
     (``kernels/selection.py``) over block scores [n, Hq, W >= num_kv_blocks], the query-block
-    table and each request's sequence length after the chunk (vLLM's ``seq_lens``); lists of
+    table and each query block's ``tail_end`` (see :func:`dense_query_blocks`); lists of
     width W, written into ``indices`` [n, Hkv, W] and ``counts`` [n, Hkv] when given."""
     from .kernels.selection import select_blocks
 
     return BlockLists(*select_blocks(
-        scores, qblocks, seq_lens, num_kv_heads, num_kv_blocks,
+        scores, qblocks, tail_end, num_kv_heads, num_kv_blocks,
         sparse_block=cfg.sparse_block, threshold=cfg.threshold, above_mean=cfg.above_mean,
         sink_blocks=cfg.sink_blocks,
         local_blocks=cfg.local_blocks, stride=cfg.stride, min_seq_len=cfg.min_seq_len,

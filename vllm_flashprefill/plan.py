@@ -27,8 +27,10 @@ class QueryBlocks:
     table_cpu: np.ndarray
     # [n] absolute block index of each query block (device).
     block_index: torch.Tensor
-    # [n] absolute block index of the last block of the chunk each query block belongs to (device).
-    last_block: torch.Tensor
+    # [n] int32 (device): per query block, the absolute index of the block holding its request's
+    # last prompt token, where the dense tail ends (``patterns.dense_query_blocks``); the last
+    # block of the chunk where the prompt length is unknown.
+    tail_end: torch.Tensor
     # [g, 2] int32 (first query block, count): runs of one request's query blocks for the scoring
     # kernel (with a dynamic config, only blocks where content selection can add a block).
     score_groups: torch.Tensor
@@ -55,12 +57,17 @@ def build_query_blocks(
     device: torch.device | str,
     blocks_per_score_group: int = 16,
     cfg: FlashPrefillConfig | None = None,
+    prefill_lens: np.ndarray | None = None,
 ) -> QueryBlocks:
-    """``cfg``: the config whose dynamic selection the score groups serve (None: every block)."""
+    """``cfg``: the config whose dynamic selection the score groups serve (None: every block).
+    ``prefill_lens``: per request the length its prefill reaches, where its dense tail ends
+    (``compat.prefill_lens``; 0 where this chunk ends the prefill); None: unknown, each chunk's end
+    instead."""
     if cfg is not None and cfg.sparse_block != sparse_block:
         raise ValueError(f"sparse_block {sparse_block} differs from the config's {cfg.sparse_block}")
     qsl = np.asarray(query_start_loc_cpu, dtype=np.int64)
     seq_lens = np.asarray(seq_lens_cpu, dtype=np.int64)
+    tail_ends = (np.maximum(seq_lens, 0 if prefill_lens is None else prefill_lens) - 1) // sparse_block
     rows, groups = [], []
     num_kv_blocks = 0
     for r in requests:
@@ -80,7 +87,7 @@ def build_query_blocks(
         rows.append(blocks)
         scored = np.ones(len(starts), dtype=bool)
         if cfg is not None:
-            scored = content_selectable(np.arange(first_block, last_block + 1), last_block, cfg)
+            scored = content_selectable(np.arange(first_block, last_block + 1), tail_ends[r], cfg)
         scored_blocks = np.flatnonzero(scored)
         for run in np.split(scored_blocks, np.flatnonzero(np.diff(scored_blocks) != 1) + 1):
             for g in range(0, len(run), blocks_per_score_group):
@@ -89,12 +96,12 @@ def build_query_blocks(
     table_cpu = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, QB_COLUMNS), np.int32)
     groups_cpu = np.asarray(groups, dtype=np.int32).reshape(-1, 2)
     table = torch.from_numpy(table_cpu).to(device, non_blocking=True)
-    last_block_cpu = ((seq_lens[table_cpu[:, QB_REQUEST]] - 1) // sparse_block).astype(np.int32)
+    tail_end_cpu = tail_ends[table_cpu[:, QB_REQUEST]].astype(np.int32)
     return QueryBlocks(
         table=table,
         table_cpu=table_cpu,
         block_index=table.select(1, QB_FIRST_POS) // sparse_block,
-        last_block=torch.from_numpy(last_block_cpu).to(device, non_blocking=True),
+        tail_end=torch.from_numpy(tail_end_cpu).to(device, non_blocking=True),
         score_groups=torch.from_numpy(groups_cpu).to(device, non_blocking=True),
         num_kv_blocks=num_kv_blocks,
         sparse_block=sparse_block,

@@ -188,7 +188,7 @@ def plan(
         views = workspace.views(query_blocks.num_blocks)
     else:
         static_lists = BlockLists.from_mask(forced_block_mask(
-            query_blocks.block_index, query_blocks.last_block, query_blocks.num_kv_blocks, cfg))
+            query_blocks.block_index, query_blocks.tail_end, query_blocks.num_kv_blocks, cfg))
     flash = None
     if fa3_page_size is not None:
         flash = plan_flash_sparse(query_blocks, static_lists, block_table, fa3_page_size, device)
@@ -246,7 +246,7 @@ def layer_block_lists(plan: SparsePlan, query: torch.Tensor, key_cache: torch.Te
         workspace.scores, workspace.pooled, scale, query_blocks.sparse_block, q_scale=q_scale, k_scale=k_scale,
     )
     return select_dynamic_lists(
-        workspace.scores, query_blocks.table, seq_lens, key_cache.shape[2], query_blocks.num_kv_blocks,
+        workspace.scores, query_blocks.table, query_blocks.tail_end, key_cache.shape[2], query_blocks.num_kv_blocks,
         plan.cfg, workspace.indices, workspace.counts,
     )
 

@@ -66,7 +66,7 @@ def test_fp8_block_scores_match_reference(env, note, case, fp8_query):
     pooled = torch.empty(qb.num_blocks, b.q.shape[1], b.q.shape[2], device=device)
     block_scores(b.q, b.k_cache, b.block_table, b.seq_lens, qb.table, qb.score_groups, scores, pooled, pipe.scale,
                  pipe.block_size, **scales)
-    scored = content_selectable(qb.block_index, qb.last_block, cfg).nonzero().flatten().tolist()
+    scored = content_selectable(qb.block_index, qb.tail_end, cfg).nonzero().flatten().tolist()
     blocks = [scored[i] for i in env.common.pick_blocks(len(scored), SAMPLE_BLOCKS, seed=3)]
     ref = block_scores_reference(b.q, b.k_cache, b.block_table, b.seq_lens,
                                  torch.from_numpy(qb.table_cpu[blocks]).to(device), pipe.scale, pipe.block_size,

@@ -244,14 +244,14 @@ def test_vllm_baselines_match_reference(env, batches, note, kernel):
     env.check_close(out[rows], ref, f"multi8k/{kernel} vs reference", note)
 
 
-def _boundary_distance(scores, block_index, last_block, num_kv_heads, cfg):
+def _boundary_distance(scores, block_index, tail_end, num_kv_heads, cfg):
     """How close each (query block, KV head, KV block) decision of select_dynamic is to flipping:
     per query head, the distance (log units) of the score relative to the row max from
     log(threshold) and, with above_mean, of the score relative to the candidates' mean from
     log(above_mean); the smallest over the heads of the KV head. Also returns the KV head's best
     score relative to the row max (-inf non-causal)."""
     n, hq, nkb = scores.shape
-    forced = forced_block_mask(block_index, last_block, nkb, cfg)
+    forced = forced_block_mask(block_index, tail_end, nkb, cfg)
     rel, to_mean = relative_scores(scores, block_index, forced, cfg.above_mean > 0)
     dist = (rel - (math.log(cfg.threshold) if cfg.threshold > 0 else float("-inf"))).abs()
     if to_mean is not None:
@@ -268,7 +268,7 @@ def test_dynamic_selection_matches_reference(env, batches, note, case):
     pipe = env.common.Pipeline(b, cfg)
     scores = pipe.scores()
     # Scores exist where content selection can add a block (the others keep every causal block).
-    scored = content_selectable(pipe.qb.block_index, pipe.qb.last_block, cfg).nonzero().flatten().tolist()
+    scored = content_selectable(pipe.qb.block_index, pipe.qb.tail_end, cfg).nonzero().flatten().tolist()
     blocks = [scored[i] for i in env.common.pick_blocks(len(scored), 2 * SAMPLE_BLOCKS, seed=3)]
     sel = torch.tensor(blocks, device=b.q.device)
     table = torch.from_numpy(pipe.qb.table_cpu[blocks]).to(b.q.device)
@@ -287,15 +287,15 @@ def test_dynamic_selection_matches_reference(env, batches, note, case):
     assert score_err <= 1e-2 * score_max + 1e-3, f"block scores off by {score_err} (max {score_max})"
 
     num_kv_heads = b.k_cache.shape[2]
-    last_block = pipe.qb.last_block[sel]
-    mask_got = select_dynamic(got, block_index, last_block, num_kv_heads, cfg)
-    mask_ref = select_dynamic(ref, block_index, last_block, num_kv_heads, cfg)
-    dist, rel = _boundary_distance(ref, block_index, last_block, num_kv_heads, cfg)
+    tail_end = pipe.qb.tail_end[sel]
+    mask_got = select_dynamic(got, block_index, tail_end, num_kv_heads, cfg)
+    mask_ref = select_dynamic(ref, block_index, tail_end, num_kv_heads, cfg)
+    dist, rel = _boundary_distance(ref, block_index, tail_end, num_kv_heads, cfg)
     band = 1e-2 + 2 * score_err  # a relative score moves by at most twice the score error
     near = dist <= band
     disagree = mask_got != mask_ref
     unexplained = int((disagree & ~near).sum())
-    forced = forced_block_mask(block_index, last_block, pipe.qb.num_kv_blocks, cfg).expand_as(mask_ref)
+    forced = forced_block_mask(block_index, tail_end, pipe.qb.num_kv_blocks, cfg).expand_as(mask_ref)
     candidates = int((~forced & (rel > float("-inf"))).sum())
     picked = int((mask_ref & ~forced).sum())
     note(
