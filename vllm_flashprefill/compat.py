@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from enum import Enum
 
+import numpy as np
 import torch
 
 
@@ -40,3 +43,51 @@ def flash_attention_only(fa_metadata) -> str | None:
     if getattr(fa_metadata, "rswa_prefix_lens", None) is not None:
         return "reference sliding-window attention"
     return None
+
+
+# Per request of the step being prepared on this thread: how far its prefill reaches, published by
+# the model runner's input preparation (patches/prefill_lens.py) for the builder of the same step.
+_published = threading.local()
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishedPrefillLens:
+    query_start_loc: np.ndarray  # [num_reqs + 1] the batch the runner prepared, to recognise it
+    seq_lens: np.ndarray  # [num_reqs]
+    prefill_lens: np.ndarray  # [num_reqs]
+
+
+def watch_prefill_lens() -> None:
+    """Make the model runners of this process publish their prefill lengths (idempotent)."""
+    from .patches.prefill_lens import install
+
+    install()
+
+
+def publish_prefill_lens(lens: PublishedPrefillLens | None) -> None:
+    _published.lens = lens
+
+
+def prefill_lens(common_attn_metadata) -> np.ndarray | None:
+    """[num_reqs] per request the length its prefill reaches (its prompt, plus the output tokens
+    of a request recomputed after preemption): a chunk ends its prompt, and its last row yields a
+    token, when its sequence length reaches it. vLLM's metadata carries no prompt length (0.26 to
+    0.33 fill ``rswa_prefix_lens`` for R-SWA models only), so the model runner publishes these
+    while it prepares the step; None when it did not, or when the batch is not the one it
+    prepared (a dummy or capture run, a batch split or reordered since): every chunk then counts
+    as ending its prompt. Rows the runner samples from, and padding rows, hold 0."""
+    lens = getattr(_published, "lens", None)
+    if lens is None:
+        return None
+    n, num_reqs = len(lens.seq_lens), common_attn_metadata.num_reqs
+    qsl = np.asarray(common_attn_metadata.query_start_loc_cpu[: num_reqs + 1])
+    seq_lens = seq_lens_cpu(common_attn_metadata).numpy()[:num_reqs]
+    same_batch = (
+        num_reqs >= n and np.array_equal(qsl[: n + 1], lens.query_start_loc)
+        and np.array_equal(seq_lens[:n], lens.seq_lens) and (qsl[n:] == qsl[n]).all()  # padding
+    )
+    if not same_batch:
+        return None
+    out = np.zeros(num_reqs, dtype=np.int64)
+    out[:n] = lens.prefill_lens
+    return out
