@@ -3,6 +3,7 @@ the FlashAttention sub-batches for the rest, and the sparse path end to end in T
 
 import types
 
+import numpy as np
 import pytest
 import torch
 from vllm.config import set_current_vllm_config
@@ -12,7 +13,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from tests.paged import make_paged_batch
-from vllm_flashprefill import flash_sparse, register, sparse_prefill
+from vllm_flashprefill import compat, flash_sparse, register, sparse_prefill
 from vllm_flashprefill.backend import (
     FlashPrefillBackend,
     FlashPrefillImpl,
@@ -143,6 +144,29 @@ def test_builder_splits_decodes_short_and_long_prefills(model_dir):
         last = (seq_lens[req] - 1) // BLOCK
         assert mask[i, 0, : qb + 1].all() == (qb * BLOCK < 256 or qb == last)
     assert step.query_blocks.tail_end.tolist() == [(seq_lens[r] - 1) // BLOCK for r in table[:, 0]]
+
+
+def test_only_the_chunk_that_ends_its_prompt_keeps_the_dense_tail(model_dir):
+    """With the prefill lengths the model runner published for this batch, a chunk that stops
+    short of its prompt's end lists no dense tail; without them every chunk ends in one."""
+    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2, dense_tail_blocks=1)
+    # Request 0: blocks 4..7 of a 2000-token prompt; request 1: the prompt's last chunk (blocks 8..11).
+    batch = make_paged_batch([256, 256], [256, 512], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    published = compat.PublishedPrefillLens(
+        query_start_loc=batch.query_start_loc.cpu().numpy(), seq_lens=batch.seq_lens.cpu().numpy(),
+        prefill_lens=np.array([2000, 0]))
+
+    def dense_blocks():
+        step = build(config, batch)[1].sparse
+        mask = step.static_lists.to_mask(step.query_blocks.num_kv_blocks)[:, 0]
+        return [qb for qb, row in zip(step.query_blocks.block_index.tolist(), mask) if row[: qb + 1].all()]
+
+    try:
+        compat.publish_prefill_lens(published)
+        assert dense_blocks() == [11]
+    finally:
+        compat.publish_prefill_lens(None)
+    assert dense_blocks() == [7, 11]
 
 
 def test_decode_only_and_dense_pattern_leave_flash_attention_alone(model_dir):
@@ -485,13 +509,11 @@ def test_a_layer_name_without_an_index_is_named_in_a_warning(model_dir):
 def test_backend_config_sees_env_changes_and_numpy_values(monkeypatch):
     """The config is read anew on each call: a FLASHPREFILL_* change later in the process counts
     (it was cached on additional_config alone), and values that JSON cannot encode are no error."""
-    import numpy as np
-
     from vllm_flashprefill import backend
 
     monkeypatch.delenv("FLASHPREFILL_PATTERN", raising=False)
-    config = types.SimpleNamespace(additional_config={"flashprefill": {"pattern": "hybrid", "block_size": np.int64(256)},
-                                                      7: "another plugin's key"})
+    config = types.SimpleNamespace(additional_config={
+        "flashprefill": {"pattern": "hybrid", "block_size": np.int64(256)}, 7: "another plugin's key"})
     assert backend.flashprefill_config(config).pattern == "hybrid"
     monkeypatch.setenv("FLASHPREFILL_PATTERN", "local")
     cfg = backend.flashprefill_config(config)

@@ -126,6 +126,8 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         if self.micro_batched and not self.cfg.is_dense:
             logger.info_once("FlashPrefill: micro-batching (DBO) is on; every row runs on FlashAttention")
         self.flash_sparse = self._flash_sparse_usable()
+        # Only the chunk that ends a prompt needs the dense tail: the runner says which one does.
+        compat.watch_prefill_lens()
         self.workspace = None
         if self.cfg.block_pattern.scores_content and not self.cache_unsupported:
             self.workspace = dynamic_workspace(
@@ -184,6 +186,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
             self.cfg, qsl, seq_lens, sparse, num_q_heads=self.num_heads_q, num_kv_heads=self.num_heads_kv,
             head_size=self.headdim, device=self.device, workspace=self.workspace,
             fa3_page_size=self.page_size if self.flash_sparse else None, block_table=metadata.block_table,
+            prefill_lens=compat.prefill_lens(cm),
         )
         return metadata
 

@@ -1,9 +1,10 @@
 """The sparse rows of a prefill step, without vLLM: :func:`plan` once per step, :func:`run` per layer.
 
 ``plan`` takes the host-side batch metadata (where each request's rows start, each request's
-sequence length after its chunk) and the requests to run sparse, and gives an immutable
-:class:`SparsePlan`: their query blocks, the block lists of a static pattern (shared by every
-layer), views of the dynamic workspace, and the FA3 calls when ``sparse_kernel`` is "flash_attn".
+sequence length after its chunk and, where known, where its prefill ends) and the requests to run
+sparse, and gives an immutable :class:`SparsePlan`: their query blocks, the block lists of a
+static pattern (shared by every layer), views of the dynamic workspace, and the FA3 calls when
+``sparse_kernel`` is "flash_attn".
 ``run`` computes one layer's sparse rows into its output: ``dynamic`` scores and selects the
 layer's blocks first; then our attention kernel for these rows (or FA3) attends.
 
@@ -162,6 +163,7 @@ def plan(
     fa3_page_size: int | None = None,
     block_table: torch.Tensor | None = None,
     score_every_block: bool = False,
+    prefill_lens: np.ndarray | None = None,
 ) -> SparsePlan:
     """The plan of one step's sparse rows: ``requests`` of the batch described by the host-side
     ``query_start_loc`` [requests + 1] and ``seq_lens`` [requests], for layers of these head
@@ -172,12 +174,15 @@ def plan(
     patterns then build their block tables from ``block_table`` (vLLM's [requests, pages]).
     score_every_block: ``dynamic`` scores every query block, not only those where content
     selection can add a block (the start-up run, so that the scoring kernels compile).
+    prefill_lens: [requests] the length each request's prefill reaches (0 where this chunk ends
+    it), so that only the prompt's last blocks keep the dense tail; None: unknown, every chunk's
+    last blocks keep it.
     """
     pattern = cfg.block_pattern
     query_blocks = build_query_blocks(
         query_start_loc, seq_lens, requests, cfg.sparse_block, device,
         blocks_per_group(num_q_heads // num_kv_heads),
-        cfg if pattern.scores_content and not score_every_block else None,
+        cfg if pattern.scores_content and not score_every_block else None, prefill_lens,
     )
     static_lists = views = None
     if pattern.scores_content:
