@@ -1,6 +1,7 @@
 """plan.py: query blocks (the kernels' unit of work) and their score groups from host metadata."""
 
 import numpy as np
+import pytest
 import torch
 
 from vllm_flashprefill.config import FlashPrefillConfig
@@ -69,3 +70,23 @@ def test_the_dense_tail_ends_where_the_prompt_does():
     forced = forced_block_mask(known.block_index, known.tail_end, known.num_kv_blocks, cfg)[:, 0]
     dense = [int(b) for b, row in zip(known.block_index, forced) if b >= 5 and row[: b + 1].all()]
     assert dense == [8, 9, 9]  # request 1's tail, and request 2's block 9 (the prompt's tail: 9, 10)
+
+
+@pytest.mark.parametrize("chunk, per_chunk_tails", [(2048, 1.112), (8192, 0.264)])
+def test_a_chunked_prompt_keeps_the_blocks_of_one_chunk_once_its_end_is_known(chunk, per_chunk_tails):
+    """hybrid with the package defaults, a 131K prompt in block-aligned chunks: with the prompt's
+    length known (compat.prefill_lens) the chunks keep exactly the one-chunk blocks; with a dense
+    tail on every chunk they keep this much more attention work (the counts in docs/design.md)."""
+    cfg = FlashPrefillConfig(pattern="hybrid")
+    length = 131072
+
+    def forced(start, end, prompt_length):
+        qblocks = build_query_blocks(np.array([0, end - start]), np.array([end]), [0], cfg.sparse_block, "cpu",
+                                     prefill_lens=np.array([prompt_length]))
+        return forced_block_mask(qblocks.block_index, qblocks.tail_end, length // cfg.sparse_block, cfg)
+
+    whole = forced(0, length, 0)
+    known = torch.cat([forced(s, s + chunk, length) for s in range(0, length, chunk)])
+    per_chunk = sum(int(forced(s, s + chunk, 0).sum()) for s in range(0, length, chunk))
+    assert torch.equal(known, whole)
+    assert per_chunk / int(whole.sum()) - 1 == pytest.approx(per_chunk_tails, abs=0.001)
