@@ -103,7 +103,7 @@ def _sparse_prefill_kernel(
     DOT_DTYPE: tl.constexpr,
 ):
     SUB_TILES: tl.constexpr = SPARSE_BLOCK // BLOCK_Q
-    # Later query blocks of a request visit more KV blocks (causal; a chunk's dense tail most of
+    # Later query blocks of a request visit more KV blocks (causal; the dense tail most of
     # all): starting them first leaves short programs, not long ones, for the last wave
     # (benchmarks/results/tune-attention-*-2026-11-28-*.json).
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
