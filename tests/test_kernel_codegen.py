@@ -26,9 +26,9 @@ def sm90_build(tmp_path, kernel: str) -> dict:
     out = tmp_path / "sass.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "experiments" / "kernel_sass.py"), "--kernel", kernel,
+        [sys.executable, "-m", "benchmarks.experiments.kernel_sass", "--kernel", kernel,
          "--offline-sm", "90", "--dump-cubin", str(tmp_path / "attention.cubin"), "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())

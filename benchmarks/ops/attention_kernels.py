@@ -4,29 +4,21 @@ what ``auto`` runs on sm_90). Records their largest output difference (the GPU t
 against the fp32 reference), then times them interleaved (``--rounds``), the card held at its power
 limit first as inside a long prefill. No vLLM needed.
 
-    python3 benchmarks/attention_kernels.py --out benchmarks/results/attention-kernels-h200-DATE.json
+    python -m benchmarks.ops.attention_kernels [--out DIR_OR_JSON]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import triton
-from common import bootstrap, causal_flops, static_pattern_prompt
-from plotting import plot_result_file
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "accuracy"))
-from suite import git_commit, source_digest  # noqa: E402  (provenance)
-
-bootstrap()
-from vllm_flashprefill.kernels import attention, attention_hopper  # noqa: E402
+from benchmarks.harness import files, provenance
+from benchmarks.ops.common import causal_flops, static_pattern_prompt
+from vllm_flashprefill.kernels import attention, attention_hopper
 
 KERNELS = {"triton": attention.sparse_prefill_attention, "hopper": attention_hopper.sparse_prefill_attention}
 
@@ -40,7 +32,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup-ms", type=int, default=1500)
     ap.add_argument("--rep-ms", type=int, default=600)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results .json, or a folder for "
+                    f"attention-kernels-<card>-<date>.json (default ./{files.DEFAULT_OUT_DIR}/)")
     args = ap.parse_args()
     hq, hkv, d = map(int, args.heads.split(","))
     rows = []
@@ -66,12 +59,8 @@ def main() -> None:
             rows.append(dict(impl=name, seq_len=seq_len, pattern=pattern, density=p.density, ms=ms,
                              rounds_ms=times[name], tflops=flops / ms / 1e9, max_abs_diff_hopper_vs_triton=diff))
             tqdm.write(f"{case} {name}: {ms:.3f} ms, {rows[-1]['tflops']:.0f} TF/s, max |hopper - triton| {diff:.2e}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
-                           commit=git_commit(), source_digest=source_digest(), triton=triton.__version__,
-                           torch=torch.__version__, settings=vars(args), rows=rows), f, indent=1)
-        plot_result_file(args.out)
+    result = dict(provenance.record(torch.cuda.get_device_name()), settings=vars(args), rows=rows)
+    files.write_result(args.out, "attention-kernels", result)
 
 
 if __name__ == "__main__":
