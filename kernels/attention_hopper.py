@@ -25,8 +25,17 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from vllm_flashprefill.kernels.attention import check_head_dim_contiguous, list_strides
-from vllm_flashprefill.kernels.dispatch import kernel_shape
+from .common import (
+    LOG2E,
+    QB_COLUMNS,
+    QB_FIRST_POS,
+    QB_FIRST_ROW,
+    QB_REQUEST,
+    QB_ROWS,
+    check_head_dim_contiguous,
+    kernel_shape,
+    list_strides,
+)
 
 # Gluon's API moves between Triton releases; the two names this kernel needs differ between 3.6 (the
 # GPU image's, with vLLM 0.26) and 3.9 (vLLM 0.32+). Inside a warp-specialized partition the
@@ -268,10 +277,10 @@ def _hopper_sparse_prefill_kernel(
     kv_head = gl.program_id(1)
     qblock = pid // SUB_TILES
     sub = pid % SUB_TILES
-    req = gl.load(qblocks_ptr + qblock * 4)
-    row_start = gl.load(qblocks_ptr + qblock * 4 + 1)
-    pos_start = gl.load(qblocks_ptr + qblock * 4 + 2)
-    num_rows = gl.load(qblocks_ptr + qblock * 4 + 3)
+    req = gl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_REQUEST)
+    row_start = gl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_ROW)
+    pos_start = gl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_POS)
+    num_rows = gl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_ROWS)
     seq_len = gl.load(seq_lens_ptr + req)
     bt_row = block_table_ptr + req.to(gl.int64) * stride_bt
     idx_row = kv_indices_ptr + qblock.to(gl.int64) * stride_ii + kv_head * stride_ih
@@ -359,7 +368,7 @@ def sparse_prefill_attention(
     _hopper_sparse_prefill_kernel[grid](
         q, out, cache_descriptor(k_cache), cache_descriptor(v_cache),
         block_table, seq_lens, qblocks, kv_indices, kv_counts,
-        scale * 1.4426950408889634,
+        scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_table.stride(0),
         *list_strides(kv_indices, kv_counts),

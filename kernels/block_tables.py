@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import QB_COLUMNS, QB_FIRST_POS, QB_REQUEST, QB_ROWS
+
 _SLOTS = 64
 
 
@@ -28,8 +30,9 @@ def _block_tables_kernel(
 ):
     qblock = tl.program_id(0)
     head = tl.program_id(1)
-    request = tl.load(qblocks_ptr + qblock * 4)
-    last_pos = tl.load(qblocks_ptr + qblock * 4 + 2) + tl.load(qblocks_ptr + qblock * 4 + 3) - 1
+    row = qblocks_ptr + qblock * QB_COLUMNS
+    request = tl.load(row + QB_REQUEST)
+    last_pos = tl.load(row + QB_FIRST_POS) + tl.load(row + QB_ROWS) - 1
     count = tl.load(counts_ptr + qblock * stride_ci + head * stride_ch)
     indices = indices_ptr + qblock.to(tl.int64) * stride_ii + head * stride_ih
     pages_of_request = block_table_ptr + request.to(tl.int64) * stride_bt
@@ -62,7 +65,7 @@ def sparse_block_tables(
     """Per KV-head group h and query block i: ``tables[h, i]``, the pages of its listed KV blocks,
     and ``seqused[h, i]``, how many keys of them it attends to.
 
-    qblocks: the [n, 4] query-block table; block_table: vLLM's [requests, pages] int32;
+    qblocks: the query-block table (kernels/common.py); block_table: vLLM's [requests, pages] int32;
     kv_indices [n, H, L] and kv_counts [n, H] int32 (H = 1 when all heads share the lists).
     tables [H, n, >= L * pages per block] and seqused [H, n] int32 are written when given (slots
     past a count keep what they held: FA3 reads no page past ``seqused``), else zero-filled.

@@ -13,7 +13,7 @@ def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) 
 
 
 def sparse_attention_reference(
-    q, k_cache, v_cache, block_table, seq_lens, qblocks, block_mask, scale, block_size
+    q, k_cache, v_cache, block_table, seq_lens, qblocks, block_mask, scale, sparse_block
 ) -> torch.Tensor:
     """Attention of every query row over the KV blocks ``block_mask`` [n, Hkv or 1, nkb] keeps,
     causal inside them. Returns [tokens, Hq, D] fp32 (rows outside ``qblocks`` are zero)."""
@@ -31,7 +31,7 @@ def sparse_attention_reference(
         _, k, v = cached
         qpos = torch.arange(pos0, pos0 + rows, device=q.device)
         kpos = torch.arange(seq_len, device=q.device)
-        allowed = block_mask[i].expand(k_cache.shape[2], -1)[:, kpos // block_size]
+        allowed = block_mask[i].expand(k_cache.shape[2], -1)[:, kpos // sparse_block]
         allowed = allowed.repeat_interleave(gqa, 0)  # [Hq, seq]
         allowed = allowed[:, None, :] & (kpos[None, None, :] <= qpos[None, :, None])
         logits = torch.einsum("thd,shd->hts", q[row0:row0 + rows].float(), k) * scale
@@ -41,7 +41,7 @@ def sparse_attention_reference(
 
 
 def block_scores_reference(
-    q, k_cache, block_table, seq_lens, qblocks, scale, block_size, num_kv_blocks
+    q, k_cache, block_table, seq_lens, qblocks, scale, sparse_block, num_kv_blocks
 ) -> torch.Tensor:
     """[n, Hq, nkb]: max over keys of each KV block of scale * mean-pooled query . key (fp32);
     -inf for KV blocks after the query block."""
@@ -52,11 +52,11 @@ def block_scores_reference(
     table = qblocks.cpu()
     for i in range(n):
         req, row0, pos0, rows = (int(x) for x in table[i])
-        qb = pos0 // block_size
+        qb = pos0 // sparse_block
         seq_len = int(seq_lens[req])
         pooled = q[row0:row0 + rows].float().mean(0)  # [Hq, D]
         k = gather_kv(k_cache, block_table[req], seq_len).float().repeat_interleave(gqa, dim=1)
         logits = torch.einsum("hd,shd->hs", pooled, k) * scale
         for kb in range(qb + 1):
-            scores[i, :, kb] = logits[:, kb * block_size:(kb + 1) * block_size].amax(-1)
+            scores[i, :, kb] = logits[:, kb * sparse_block:(kb + 1) * sparse_block].amax(-1)
     return scores

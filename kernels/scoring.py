@@ -14,6 +14,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .attention import tma_block_n, tma_supported
+from .common import QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
 
 
 @triton.jit
@@ -27,8 +28,8 @@ def _pool_queries_kernel(
     if member >= tl.load(groups_ptr + tl.program_id(1) * 2 + 1):
         return
     qblock = tl.load(groups_ptr + tl.program_id(1) * 2) + member
-    row_start = tl.load(qblocks_ptr + qblock * 4 + 1)
-    num_rows = tl.load(qblocks_ptr + qblock * 4 + 3)
+    row_start = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_ROW)
+    num_rows = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_ROWS)
     offs_r = tl.arange(0, ROWS)
     # The columns of HEADS consecutive heads: with q's heads packed in a token's row, each row
     # is one contiguous run of HEADS x HEAD_SIZE values.
@@ -71,11 +72,11 @@ def _block_scores_kernel(
     qblock = first + offs_m // GQA
     head = kv_head * GQA + offs_m % GQA
     row_ok = (offs_m < BLOCKS_PER_GROUP * GQA) & (offs_m // GQA < count)
-    row_qb = tl.load(qblocks_ptr + qblock * 4 + 2, mask=row_ok, other=0) // SPARSE_BLOCK
+    row_qb = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_POS, mask=row_ok, other=0) // SPARSE_BLOCK
 
-    req = tl.load(qblocks_ptr + first * 4)
+    req = tl.load(qblocks_ptr + first * QB_COLUMNS + QB_REQUEST)
     seq_len = tl.load(seq_lens_ptr + req)
-    last_qb = tl.load(qblocks_ptr + (first + count - 1) * 4 + 2) // SPARSE_BLOCK
+    last_qb = tl.load(qblocks_ptr + (first + count - 1) * QB_COLUMNS + QB_FIRST_POS) // SPARSE_BLOCK
     if kv_first > last_qb:
         return
 

@@ -1,6 +1,6 @@
 """Dynamic block selection (Triton): block scores -> the attention kernel's block lists, in one pass.
 
-Same rule as ``vllm_flashprefill.patterns.select_dynamic`` followed by ``mask_to_lists`` (the torch
+Same rule as ``vllm_flashprefill.patterns.select_dynamic`` followed by ``BlockLists.from_mask`` (the torch
 definition the tests compare against), fused so that a layer pays one small launch instead of
 about twenty torch operations: per query block and KV head, each query head's causal scores
 relative to that head's maximum and to its candidates' mean, the union over the heads of the group
@@ -17,6 +17,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from .common import QB_COLUMNS, QB_FIRST_POS, QB_REQUEST
 
 
 @triton.jit
@@ -49,8 +51,9 @@ def _select_blocks_kernel(
 ):
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
-    qb = tl.load(qblocks_ptr + qblock * 4 + 2) // SPARSE_BLOCK
-    last_block = (tl.load(seq_lens_ptr + tl.load(qblocks_ptr + qblock * 4)) - 1) // SPARSE_BLOCK
+    qb = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_FIRST_POS) // SPARSE_BLOCK
+    request = tl.load(qblocks_ptr + qblock * QB_COLUMNS + QB_REQUEST)
+    last_block = (tl.load(seq_lens_ptr + request) - 1) // SPARSE_BLOCK
     kb = tl.arange(0, WIDTH)
     causal = kb <= qb
     pinned = causal & ((kb == qb) | (kb < SINK_BLOCKS) | (kb >= qb - LOCAL_BLOCKS))
@@ -114,7 +117,7 @@ def select_blocks(
     scores: [n, Hq, W] fp32 (W >= num_kv_blocks; entries after a query block's own block are
     ignored, and so are the rows of query blocks whose causal blocks are all forced (see
     ``patterns.content_selectable``), so a workspace may hold stale values there); qblocks: the
-    [n, 4] query-block table;
+    query-block table (kernels/common.py);
     seq_lens: [num requests] int32, each request's length after its chunk.
     Returns indices [n, Hkv, W] int32 (the first ``counts`` of each row are valid, ascending) and
     counts [n, Hkv] int32, written into ``indices``/``counts`` when given. The kernel is compiled

@@ -77,7 +77,7 @@ def test_chunked_prefill_and_decode_match_one_pass(model, ids):
 
 def test_block_aligned_chunks_select_like_one_pass(model, ids):
     """Blocks sit at absolute positions: a chunk boundary on a block boundary changes nothing."""
-    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BS, sink_blocks=0, local_blocks=0,
+    cfg = FlashPrefillConfig(pattern="dynamic", sparse_block=BS, sink_blocks=0, local_blocks=0,
                              threshold=1.0, min_seq_len=0, dense_tail_blocks=0, dense_layers=0)
     one_pass = logits(model, ids, hf_reference.ATTN_NAME, cfg)
     with torch.inference_mode():
@@ -89,7 +89,7 @@ def test_block_aligned_chunks_select_like_one_pass(model, ids):
 
 def test_sparse_pattern_changes_only_rows_that_lost_blocks(model, ids):
     dense = logits(model, ids, "sdpa")
-    cfg = FlashPrefillConfig(pattern="local", block_size=BS, sink_blocks=0, local_blocks=1, min_seq_len=0,
+    cfg = FlashPrefillConfig(pattern="local", sparse_block=BS, sink_blocks=0, local_blocks=1, min_seq_len=0,
                              dense_tail_blocks=0, dense_layers=0)
     hf_reference.STATS.reset()
     out = logits(model, ids, hf_reference.ATTN_NAME, cfg)
@@ -104,7 +104,7 @@ def test_sparse_pattern_changes_only_rows_that_lost_blocks(model, ids):
 
 def test_min_seq_len_and_dense_layers_stay_dense(model, ids):
     dense = logits(model, ids, "sdpa")
-    base = {"pattern": "local", "block_size": BS, "sink_blocks": 0, "local_blocks": 0, "dense_tail_blocks": 0,
+    base = {"pattern": "local", "sparse_block": BS, "sink_blocks": 0, "local_blocks": 0, "dense_tail_blocks": 0,
             "dense_layers": 0}
     out = logits(model, ids, hf_reference.ATTN_NAME, FlashPrefillConfig(**base, min_seq_len=3 * BS))
     torch.testing.assert_close(out[:, : 3 * BS], dense[:, : 3 * BS], atol=2e-4, rtol=1e-4)
@@ -115,7 +115,7 @@ def test_min_seq_len_and_dense_layers_stay_dense(model, ids):
 
 def test_dynamic_threshold_zero_is_dense_and_threshold_one_is_forced(model, ids):
     dense = logits(model, ids, "sdpa")
-    base = {"pattern": "dynamic", "block_size": BS, "sink_blocks": 0, "local_blocks": 0, "min_seq_len": 0,
+    base = {"pattern": "dynamic", "sparse_block": BS, "sink_blocks": 0, "local_blocks": 0, "min_seq_len": 0,
             "dense_tail_blocks": 0, "dense_layers": 0, "above_mean": 0.0}
     out = logits(model, ids, hf_reference.ATTN_NAME, FlashPrefillConfig(**base, threshold=0.0))
     torch.testing.assert_close(out, dense, atol=2e-4, rtol=1e-4)
@@ -147,7 +147,7 @@ def test_block_scores_match_package_reference(q_start):
 
 
 def test_static_mask_is_the_package_mask():
-    cfg = FlashPrefillConfig(pattern="hybrid", block_size=BS, local_blocks=1, stride=2, min_seq_len=0)
+    cfg = FlashPrefillConfig(pattern="hybrid", sparse_block=BS, local_blocks=1, stride=2, min_seq_len=0)
     q, k = torch.randn(6, SEQ, 16), torch.randn(2, SEQ, 16)
     mask, block_index = hf_reference.block_mask_for(q, k, 0, cfg, 0.25, dense=False)
     expected = forced_block_mask(block_index, 5, 6, cfg).expand(-1, 2, -1)

@@ -12,7 +12,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from tests.paged import make_paged_batch
-from vllm_flashprefill import register
+from vllm_flashprefill import flash_sparse, register, sparse_prefill
 from vllm_flashprefill.backend import (
     FlashPrefillBackend,
     FlashPrefillImpl,
@@ -20,7 +20,6 @@ from vllm_flashprefill.backend import (
 )
 from vllm_flashprefill.kernels.attention import preferred_page_size
 from vllm_flashprefill.kernels.reference import sparse_attention_reference
-from vllm_flashprefill.patterns import lists_to_mask
 from vllm_flashprefill.stats import read_selection_stats
 
 HQ, HKV, HEAD, PAGE, BLOCK = 8, 2, 64, 16, 64
@@ -124,12 +123,12 @@ def test_builder_splits_decodes_short_and_long_prefills(model_dir):
     qsl = batch.query_start_loc.tolist()
     # Requests 3 (positions 300..499) and 5 (0..299) reach min_seq_len; the rest run on FlashAttention.
     assert sorted(set(step.query_blocks.table_cpu[:, 0].tolist())) == [3, 5]
-    assert [(r.token_start, r.token_end) for r in step.dense_runs] == [(0, qsl[3]), (qsl[4], qsl[5])]
-    first = step.dense_runs[0].metadata
+    assert [(r.token_start, r.token_end) for r in meta.dense_runs] == [(0, qsl[3]), (qsl[4], qsl[5])]
+    first = meta.dense_runs[0].metadata
     assert first.num_actual_tokens == qsl[3] and first.max_query_len == 40 and first.max_seq_len == 501
     assert first.query_start_loc.tolist() == qsl[:4]
     assert torch.equal(first.block_table, batch.block_table[:3])
-    second = step.dense_runs[1].metadata
+    second = meta.dense_runs[1].metadata
     assert second.query_start_loc.tolist() == [0, 30] and second.seq_lens.tolist() == [40]
     # Every query row of the sparse requests is covered exactly once.
     table = step.query_blocks.table_cpu
@@ -137,7 +136,7 @@ def test_builder_splits_decodes_short_and_long_prefills(model_dir):
     assert rows == list(range(qsl[3], qsl[4])) + list(range(qsl[5], qsl[6]))
     # Blocks starting below min_seq_len and each chunk's last block are dense, the others follow
     # the pattern.
-    mask = lists_to_mask(step.kv_indices, step.kv_counts, step.query_blocks.num_kv_blocks)
+    mask = step.static_lists.to_mask(step.query_blocks.num_kv_blocks)
     seq_lens = batch.seq_lens.tolist()
     for i, (req, _, pos, _) in enumerate(table):
         qb = pos // BLOCK
@@ -214,18 +213,16 @@ def test_impl_forward_sparse_batch_matches_reference(
     fa3_calls = []
     if DEVICE == "cpu":
         # No FA3 on CPU: its documented semantics stand in (the GPU runs the real call).
-        from vllm_flashprefill import backend
-
         fa3_calls = request.getfixturevalue("fake_fa3")
         if sparse_kernel == "flash_attn":
-            monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
+            monkeypatch.setattr(flash_sparse, "flash_attn_version", lambda *args, **kw: 3)
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=5)
     _, meta = build(config, batch)
     if DEVICE == "cpu":  # the builder's start-up run: two query blocks, through FA3 when asked for
         startup = {"triton": [], "flash_attn": [(HQ // HKV, 1, 2)] * HKV if pattern == "dynamic" else [(HQ, HKV, 2)]}
         assert fa3_calls == startup[sparse_kernel]
     fa3_calls.clear()
-    assert (meta.sparse.flash_runs is not None) == (sparse_kernel == "flash_attn")
+    assert (meta.sparse.flash is not None) == (sparse_kernel == "flash_attn")
     impl = make_impl(config)
     if sparse_kernel == "flash_attn" and DEVICE == "cpu":
         impl.vllm_flash_attn_version = 3  # what vLLM picks on Hopper
@@ -247,14 +244,14 @@ def test_impl_forward_sparse_batch_matches_reference(
         from vllm_flashprefill.patterns import select_dynamic
 
         qblocks = step.query_blocks
-        scores, _, _, _ = step.workspace.views(qblocks.num_blocks)  # the impl's own
+        scores = step.workspace.scores  # the impl's own
         mask = select_dynamic(
             scores[..., : qblocks.num_kv_blocks], qblocks.block_index, qblocks.last_block, HKV, impl.cfg
         )
         causal_pairs = HKV * sum(pos // BLOCK + 1 for _, _, pos, _ in qblocks.table_cpu)
         assert 0 < mask.sum() < causal_pairs, "threshold 1.0 keeps only each head's top block"
     else:
-        mask = lists_to_mask(step.kv_indices, step.kv_counts, step.query_blocks.num_kv_blocks)
+        mask = step.static_lists.to_mask(step.query_blocks.num_kv_blocks)
     ref = sparse_attention_reference(
         batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
         step.query_blocks.table, mask, HEAD**-0.5, BLOCK,
@@ -269,42 +266,38 @@ def test_impl_forward_sparse_batch_matches_reference(
 
 
 def test_flash_attn_sparse_kernel_needs_fa3_and_pages_within_a_block(model_dir, monkeypatch, request):
-    from vllm_flashprefill import backend
-
     request.getfixturevalue("fake_fa3")  # the builder's start-up run calls FA3 (faked: any device)
 
     config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, sparse_kernel="flash_attn")
     batch = make_paged_batch([1, 300, 20, 260], [90, 0, 0, 300], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
     qsl = batch.query_start_loc.tolist()
-    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
+    monkeypatch.setattr(flash_sparse, "flash_attn_version", lambda *args, **kw: 3)
     builder, meta = build(config, batch)
     assert builder.flash_sparse
     # One FA3 call per stretch of consecutive sparse rows; the short prompt between stays dense.
-    assert [(r.token_start, r.token_end) for r in meta.sparse.flash_runs] == [(qsl[1], qsl[2]), (qsl[3], qsl[4])]
-    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 2)
+    assert [(r.token_start, r.token_end) for r in meta.sparse.flash.runs] == [(qsl[1], qsl[2]), (qsl[3], qsl[4])]
+    monkeypatch.setattr(flash_sparse, "flash_attn_version", lambda *args, **kw: 2)
     builder, meta = build(config, batch)
-    assert not builder.flash_sparse and meta.sparse.flash_runs is None  # the Triton kernel runs them
+    assert not builder.flash_sparse and meta.sparse.flash is None  # the Triton kernel runs them
 
 
 def test_a_layer_on_another_flash_attention_version_runs_the_triton_kernel(model_dir, monkeypatch, request):
-    from vllm_flashprefill import backend
-
     def no_fa3(*args):
         raise AssertionError("only FA3 takes per-block tables")
 
-    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
+    monkeypatch.setattr(flash_sparse, "flash_attn_version", lambda *args, **kw: 3)
     request.getfixturevalue("fake_fa3")  # the builder's start-up run calls FA3 (faked: any device)
     config = vllm_config(model_dir, pattern="hybrid", min_seq_len=0, local_blocks=1, stride=2,
                          sparse_kernel="flash_attn")
     batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=2)
     _, meta = build(config, batch)
-    monkeypatch.setattr(backend, "flash_sparse_attention", no_fa3)
-    assert meta.sparse.flash_runs is not None
+    monkeypatch.setattr(flash_sparse, "flash_sparse_attention", no_fa3)
+    assert meta.sparse.flash is not None
     impl = make_impl(config)
     impl.vllm_flash_attn_version = 2  # e.g. a head size the platform runs on another version
     out = torch.full_like(batch.q, float("nan"))
     impl.forward(LAYER, batch.q, None, None, batch.kv_cache, meta, out)
-    mask = lists_to_mask(meta.sparse.kv_indices, meta.sparse.kv_counts, meta.sparse.query_blocks.num_kv_blocks)
+    mask = meta.sparse.static_lists.to_mask(meta.sparse.query_blocks.num_kv_blocks)
     ref = sparse_attention_reference(
         batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
         meta.sparse.query_blocks.table, mask, HEAD**-0.5, BLOCK,
@@ -323,7 +316,7 @@ def test_dense_runs_hand_flash_attention_slices_or_no_key_value(model_dir, monke
     config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2)
     batch = make_paged_batch([1, 40, 300], [90, 0, 0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
     _, meta = build(config, batch)
-    runs = [(run.token_start, run.token_end) for run in meta.sparse.dense_runs]
+    runs = [(run.token_start, run.token_end) for run in meta.dense_runs]
     assert runs == [(0, 41)]
     impl = make_impl(config)
     impl.forward(LAYER, batch.q, None, None, batch.kv_cache, meta, torch.zeros_like(batch.q))
@@ -365,16 +358,14 @@ def test_start_up_run_scores_its_blocks_so_the_scoring_kernels_compile(model_dir
     """The start-up run's two blocks lie below the default min_seq_len, where a real step scores
     nothing; it scores them all the same, or the pooling and scoring kernels would compile during
     the first long prompt (vLLM's JIT monitor warned so on an H200)."""
-    from vllm_flashprefill import backend
-
     scored = []
-    real = backend.block_scores
+    real = sparse_prefill.block_scores
 
     def spy(query, key_cache, block_table, seq_lens, qblocks, groups, *args):
         scored.append(int(groups[:, 1].sum()))
         return real(query, key_cache, block_table, seq_lens, qblocks, groups, *args)
 
-    monkeypatch.setattr(backend, "block_scores", spy)
+    monkeypatch.setattr(sparse_prefill, "block_scores", spy)
     batch = make_paged_batch([64], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
     builder, _ = build(vllm_config(model_dir, pattern="dynamic"), batch)
     assert builder.cfg.min_seq_len > 2 * BLOCK
@@ -395,16 +386,17 @@ def test_dynamic_workspace_comes_with_the_model(model_dir):
     assert make_impl(config, sliding_window=128)._workspace is None  # a dense layer needs none
     batch = make_paged_batch([300], [0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
     builder, meta = build(config, batch)
-    assert builder.workspace is impl._workspace and meta.sparse.workspace is impl._workspace
+    assert builder.workspace is impl._workspace
+    assert meta.sparse.workspace.scores.data_ptr() == impl._workspace.scores.data_ptr()
     # vLLM may lower max_model_len after loading the model (to fit the KV cache): same buffers.
     lowered = types.SimpleNamespace(scheduler_config=config.scheduler_config,
                                     model_config=types.SimpleNamespace(max_model_len=1024))
-    again = backend.DynamicWorkspace.shared(lowered, impl.cfg, HQ, HKV, HEAD, DEVICE)
+    again = backend.dynamic_workspace(lowered, impl.cfg, HQ, HKV, HEAD, DEVICE)
     assert again is impl._workspace
-    before = len(backend._WORKSPACES)
+    before = len(sparse_prefill._WORKSPACES)
     del impl, builder, meta, again
     gc.collect()
-    assert len(backend._WORKSPACES) == before - 1
+    assert len(sparse_prefill._WORKSPACES) == before - 1
 
 
 def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(model_dir, monkeypatch, caplog, request):
@@ -420,9 +412,9 @@ def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(mod
         return workspace.tables.shape == (HKV, rows, width * BLOCK // page)
 
     config = vllm_config(model_dir, pattern="dynamic", min_seq_len=0, sparse_kernel="flash_attn")
-    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 2)
+    monkeypatch.setattr(flash_sparse, "flash_attn_version", lambda *args, **kw: 2)
     assert backend._expected_fa3_page_size(config, backend.flashprefill_config(config), HEAD) is None
-    monkeypatch.setattr(backend, "get_flash_attn_version", lambda *args, **kw: 3)
+    monkeypatch.setattr(flash_sparse, "flash_attn_version", lambda *args, **kw: 3)
     request.getfixturevalue("fake_fa3")  # the builder's start-up run calls FA3 (faked: any device)
     triton = vllm_config(model_dir, pattern="dynamic", min_seq_len=0)
     assert backend._expected_fa3_page_size(triton, backend.flashprefill_config(triton), HEAD) is None
@@ -438,13 +430,13 @@ def test_dynamic_workspace_holds_fa3_tables_for_the_page_size_vllm_will_pick(mod
     with caplog.at_level("WARNING", logger="vllm.flashprefill"):
         builder, meta = build(config, batch)
     assert "FA3 block tables grow" in caplog.text
-    assert builder.flash_sparse and meta.sparse.workspace is impl._workspace
+    assert builder.flash_sparse and meta.sparse.workspace.scores.data_ptr() == impl._workspace.scores.data_ptr()
     assert table_pages(impl._workspace, PAGE)
-    assert meta.sparse.flash_tables is None  # dynamic: the layer fills the workspace's tables
+    assert meta.sparse.flash.tables is None  # dynamic: the layer fills the workspace's tables
     # A later config with a shorter max_model_len reuses the wider workspace and its tables.
     lowered = types.SimpleNamespace(scheduler_config=config.scheduler_config,
                                     model_config=types.SimpleNamespace(max_model_len=512))
-    again = backend.DynamicWorkspace.shared(lowered, impl.cfg, HQ, HKV, HEAD, DEVICE, PAGE)
+    again = backend.dynamic_workspace(lowered, impl.cfg, HQ, HKV, HEAD, DEVICE, PAGE)
     assert again is impl._workspace and table_pages(again, PAGE)
 
 
@@ -480,7 +472,7 @@ def test_mixed_batch_dense_rows_on_flash_attention_sparse_rows_on_ours(model_dir
                          sparse_kernel=sparse_kernel)
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=9)
     _, meta = build(config, batch)
-    assert (meta.sparse.flash_runs is not None) == (sparse_kernel == "flash_attn")
+    assert (meta.sparse.flash is not None) == (sparse_kernel == "flash_attn")
     out = torch.full_like(batch.q, float("nan"))
     make_impl(config).forward(LAYER, batch.q, batch.q, batch.q, batch.kv_cache, meta, out)
     every = build_query_blocks(batch.query_start_loc.cpu(), batch.seq_lens.cpu(), range(6), BLOCK, DEVICE)
@@ -490,7 +482,7 @@ def test_mixed_batch_dense_rows_on_flash_attention_sparse_rows_on_ours(model_dir
     causal = torch.arange(every.num_kv_blocks, device=DEVICE)[None, :] <= every.block_index[:, None]
     mask = causal[:, None, :].clone()
     rows = {tuple(r[:3]): i for i, r in enumerate(step.query_blocks.table_cpu.tolist())}
-    pattern = lists_to_mask(step.kv_indices, step.kv_counts, step.query_blocks.num_kv_blocks)
+    pattern = step.static_lists.to_mask(step.query_blocks.num_kv_blocks)
     for i, (req, row0, pos0, _) in enumerate(every.table_cpu.tolist()):
         if req in sparse_reqs:
             mask[i, :, : pattern.shape[-1]] = pattern[rows[(req, row0, pos0)]]
@@ -524,10 +516,9 @@ def test_sparse_rows_run_on_the_hopper_kernel_where_it_can(model_dir):
     else the portable kernel does, with a warning that says why. Either way the rows are right."""
     import logging
 
-    from vllm_flashprefill import backend
     from vllm_flashprefill.kernels import attention_hopper
 
-    backend.sparse_attention_kernel.cache_clear()  # (its log lines come once per shape)
+    sparse_prefill.attention_kernel.cache_clear()  # (its log lines come once per shape)
     query_lens, context_lens = [300, 200], [0, 190]
     config = vllm_config(model_dir, pattern="hybrid", block_size=128, min_seq_len=0, sink_blocks=1,
                          local_blocks=0, stride=2, dense_tail_blocks=0, sparse_kernel="hopper")
@@ -543,7 +534,7 @@ def test_sparse_rows_run_on_the_hopper_kernel_where_it_can(model_dir):
         make_impl(config).forward(LAYER, batch.q, None, None, batch.kv_cache, meta, out)
     finally:
         vllm_log.removeHandler(handler)
-    kernel = backend.sparse_attention_kernel("hopper", batch.q.device, batch.q.dtype, batch.k_cache.dtype, HEAD,
+    kernel = sparse_prefill.attention_kernel("hopper", batch.q.device, batch.q.dtype, batch.k_cache.dtype, HEAD,
                                              PAGE, 128, HQ // HKV)
     lines = [r for r in records if "sparse rows" in r.getMessage()]
     assert len(lines) == 1, [r.getMessage() for r in lines]
@@ -554,7 +545,7 @@ def test_sparse_rows_run_on_the_hopper_kernel_where_it_can(model_dir):
         assert kernel is not attention_hopper.sparse_prefill_attention
         assert lines[0].levelno == logging.WARNING and "sm_90" in lines[0].getMessage()
     step = meta.sparse
-    mask = lists_to_mask(step.kv_indices, step.kv_counts, step.query_blocks.num_kv_blocks)
+    mask = step.static_lists.to_mask(step.query_blocks.num_kv_blocks)
     assert int(mask.sum()) < sum(pos // 128 + 1 for _, _, pos, _ in step.query_blocks.table_cpu), "nothing skipped"
     ref = sparse_attention_reference(
         batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
@@ -568,16 +559,15 @@ def test_a_hopper_kernel_that_fails_at_start_up_leaves_the_portable_one(model_di
     know), the builder's start-up run says so in a warning and the portable kernel takes the rows."""
     import logging
 
-    from vllm_flashprefill import backend
-    from vllm_flashprefill.kernels import attention_hopper, dispatch
+    from vllm_flashprefill.kernels import attention_hopper
 
     def broken(*args, **kwargs):
         raise RuntimeError("no such Gluon builtin")
 
-    monkeypatch.setattr(dispatch, "_hopper_failure", None)
+    monkeypatch.setattr(sparse_prefill, "_hopper_failure", None)
     monkeypatch.setattr(attention_hopper, "unsupported_reason", lambda *args: None)  # as on an H100/H200
     monkeypatch.setattr(attention_hopper, "sparse_prefill_attention", broken)
-    backend.sparse_attention_kernel.cache_clear()
+    sparse_prefill.attention_kernel.cache_clear()
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -591,12 +581,12 @@ def test_a_hopper_kernel_that_fails_at_start_up_leaves_the_portable_one(model_di
         make_impl(config).forward(LAYER, batch.q, None, None, batch.kv_cache, meta, out)
     finally:
         logging.getLogger("vllm").removeHandler(handler)
-        backend.sparse_attention_kernel.cache_clear()
+        sparse_prefill.attention_kernel.cache_clear()
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert any("Hopper kernel failed its start-up run (RuntimeError: no such Gluon builtin)" in w
                for w in warnings), warnings
     step = meta.sparse
-    mask = lists_to_mask(step.kv_indices, step.kv_counts, step.query_blocks.num_kv_blocks)
+    mask = step.static_lists.to_mask(step.query_blocks.num_kv_blocks)
     ref = sparse_attention_reference(
         batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
         step.query_blocks.table, mask, HEAD**-0.5, 128,

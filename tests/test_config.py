@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from vllm_flashprefill.config import PATTERNS, FlashPrefillConfig
+from vllm_flashprefill.config import PATTERNS, FlashPrefillConfig, option_name
 
 pytestmark = pytest.mark.usefixtures("clean_flashprefill_env")
 
@@ -25,10 +25,10 @@ def load(options, environ=None):
 def test_defaults_are_valid():
     default = FlashPrefillConfig()
     assert default.pattern in PATTERNS
-    assert default.block_size >= 64 and default.block_size & (default.block_size - 1) == 0
+    assert default.sparse_block >= 64 and default.sparse_block & (default.sparse_block - 1) == 0
     assert 0.0 <= default.threshold <= 1.0
     # Re-validating the default values through the dict path gives the same config.
-    assert FlashPrefillConfig.from_dict(dataclasses.asdict(default)) == default
+    assert FlashPrefillConfig.from_dict(default.as_dict()) == default
 
 
 @pytest.mark.parametrize(
@@ -64,11 +64,11 @@ def test_every_field_can_be_set():
         "dense_layers": [0, 3],
         "sparse_kernel": "FLASH_ATTN",
     }
-    assert set(options) == {f.name for f in dataclasses.fields(FlashPrefillConfig)}
+    assert set(options) == {option_name(f.name) for f in dataclasses.fields(FlashPrefillConfig)}
     cfg = load(options)
     assert cfg == FlashPrefillConfig(
         pattern="hybrid",
-        block_size=256,
+        sparse_block=256,
         sink_blocks=0,
         local_blocks=4,
         stride=8,
@@ -88,10 +88,10 @@ def test_every_field_can_be_set():
 def test_summary_names_every_field():
     summary = load({"pattern": "local", "stride": 4}).summary()
     for field in dataclasses.fields(FlashPrefillConfig):
-        assert f"{field.name}=" in summary
+        assert f"{option_name(field.name)}=" in summary
     assert "pattern=local" in summary
     assert load({"pattern": "local"}).as_dict() == {
-        **{f.name: f.default for f in dataclasses.fields(FlashPrefillConfig)}, "pattern": "local"
+        **{option_name(f.name): f.default for f in dataclasses.fields(FlashPrefillConfig)}, "pattern": "local"
     }
 
 
@@ -173,7 +173,7 @@ FROM_FILE = {"pattern": "hybrid", "block_size": 128, "dense_layers": 4, "thresho
 def test_env_overrides_additional_config():
     cfg = load(FROM_FILE, environ=ENV_OVERRIDES)
     assert cfg.pattern == "local"
-    assert cfg.block_size == 256
+    assert cfg.sparse_block == 256
     assert cfg.dense_layers == (0, 1)
     assert cfg.threshold == pytest.approx(0.2)
     assert cfg.stride == 8  # not overridden: the additional_config value stays
@@ -184,7 +184,7 @@ def test_env_overrides_additional_config():
     [
         ("FLASHPREFILL_PATTERN", "local", "pattern", "local"),
         ("FLASHPREFILL_PATTERN", "Strided", "pattern", "strided"),
-        ("FLASHPREFILL_BLOCK_SIZE", "256", "block_size", 256),
+        ("FLASHPREFILL_BLOCK_SIZE", "256", "sparse_block", 256),
         ("FLASHPREFILL_DENSE_LAYERS", "[0,1]", "dense_layers", (0, 1)),
         ("FLASHPREFILL_DENSE_LAYERS", "2", "dense_layers", 2),
         ("FLASHPREFILL_THRESHOLD", "0.2", "threshold", 0.2),
@@ -219,7 +219,7 @@ def test_from_vllm_config_reads_process_environment(monkeypatch):
     for name, value in ENV_OVERRIDES.items():
         monkeypatch.setenv(name, value)
     cfg = FlashPrefillConfig.from_vllm_config(vllm_config)
-    assert (cfg.pattern, cfg.block_size, cfg.dense_layers) == ("local", 256, (0, 1))
+    assert (cfg.pattern, cfg.sparse_block, cfg.dense_layers) == ("local", 256, (0, 1))
     assert cfg.threshold == pytest.approx(0.2)
     assert cfg.stride == 4
 

@@ -4,7 +4,6 @@
 import pytest
 import torch
 
-from vllm_flashprefill.kernels import dispatch
 from vllm_flashprefill.kernels.attention import sparse_prefill_attention
 from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel
 
@@ -97,11 +96,9 @@ def test_hopper_kernel_refuses_what_it_cannot_run(capability, monkeypatch):
         call(sparse_block=64)
 
 
-def test_a_failed_hopper_kernel_leaves_the_portable_one(capability, monkeypatch):
+def test_a_failed_hopper_kernel_leaves_the_portable_one(capability):
     capability(9)
-    monkeypatch.setattr(dispatch, "_hopper_failure", None)
     args = (GPU, torch.bfloat16, torch.bfloat16, 128, 64, 128, 4)
     assert choose_sparse_kernel("auto", *args)[1] is None
-    dispatch.disable_hopper_kernel("it failed its start-up run (CompilationError: ...)")
-    assert choose_sparse_kernel("auto", *args) == (sparse_prefill_attention,
-                                                   "it failed its start-up run (CompilationError: ...)")
+    failure = "it failed its start-up run (CompilationError: ...)"
+    assert choose_sparse_kernel("auto", *args, hopper_failure=failure) == (sparse_prefill_attention, failure)

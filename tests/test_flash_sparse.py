@@ -5,13 +5,14 @@ PyTorch, against the sparse reference. The real FA3 call runs in tests/test_back
 
 import pytest
 import torch
-from vllm_flashprefill.kernels.block_tables import sparse_block_tables
-from vllm_flashprefill.kernels.reference import sparse_attention_reference
 
 from tests.paged import make_paged_batch
+from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.flash_sparse import flash_sparse_attention, plan_runs
-from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists
+from vllm_flashprefill.kernels.block_tables import sparse_block_tables
+from vllm_flashprefill.kernels.reference import sparse_attention_reference
+from vllm_flashprefill.patterns import forced_block_mask
 from vllm_flashprefill.plan import build_query_blocks
 
 HQ, HKV, HEAD, BLOCK = 4, 2, 32, 64
@@ -37,14 +38,14 @@ def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists, fake_
     batch = make_paged_batch(query_lens, context_lens, HQ, HKV, HEAD, page, torch.float32, seed=3, device=DEVICE)
     qblocks = build_query_blocks(batch.query_start_loc.cpu(), batch.seq_lens.cpu(), [0, 2], BLOCK, DEVICE)
     if lists == "shared":  # a static pattern: one list for all heads
-        cfg = FlashPrefillConfig(pattern="hybrid", block_size=BLOCK, min_seq_len=0, sink_blocks=1,
+        cfg = FlashPrefillConfig(pattern="hybrid", sparse_block=BLOCK, min_seq_len=0, sink_blocks=1,
                                  local_blocks=1, stride=3, dense_tail_blocks=1)
         mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
     else:  # dynamic selection: one list per KV head
         mask = per_head_mask(qblocks, seed=page)
         assert not torch.equal(mask[:, 0], mask[:, 1])
     assert not mask.all(), "the pattern must skip blocks for the test to mean anything"
-    indices, counts = mask_to_lists(mask)
+    indices, counts = BlockLists.from_mask(mask)
     runs = plan_runs(qblocks.table_cpu, DEVICE)
     qsl = batch.query_start_loc.tolist()
     assert [(r.token_start, r.token_end) for r in runs] == [(0, qsl[1]), (qsl[2], qsl[3])]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.paged import make_paged_batch
+from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention, tma_supported
 from vllm_flashprefill.kernels.reference import (
@@ -14,8 +15,6 @@ from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group, po
 from vllm_flashprefill.patterns import (
     content_selectable,
     forced_block_mask,
-    lists_to_mask,
-    mask_to_lists,
     select_dynamic,
     select_dynamic_lists,
 )
@@ -32,7 +31,7 @@ def plan(batch, gqa):
 
 
 def run_sparse(batch, qblocks, mask, scale):
-    indices, counts = mask_to_lists(mask)
+    indices, counts = BlockLists.from_mask(mask)
     out = torch.full_like(batch.q, float("nan"))
     sparse_prefill_attention(
         batch.q, batch.k_cache, batch.v_cache, out, batch.block_table, batch.seq_lens,
@@ -75,7 +74,7 @@ def case_mask(pattern, case):
     options = dict(sink_blocks=1, local_blocks=1, stride=3, threshold=1.0)
     if pattern == "dynamic":
         options.update(sink_blocks=0, local_blocks=0, stride=0, above_mean=0.0)
-    cfg = FlashPrefillConfig(pattern=pattern, block_size=BLOCK, min_seq_len=0, dense_tail_blocks=0, **options)
+    cfg = FlashPrefillConfig(pattern=pattern, sparse_block=BLOCK, min_seq_len=0, dense_tail_blocks=0, **options)
     scale = head_size**-0.5
     qblocks = plan(batch, hq // hkv)
     if pattern == "dynamic":
@@ -120,9 +119,9 @@ def test_tma_tiles_match_gathered_tiles(head_size):
     batch = make_paged_batch([200, 90], [60, 128], 8, 2, head_size, 64, torch.float32, seed=2)
     qblocks = plan(batch, 4)
     cfg = FlashPrefillConfig(
-        pattern="hybrid", block_size=BLOCK, local_blocks=1, stride=2, min_seq_len=0, dense_tail_blocks=0
+        pattern="hybrid", sparse_block=BLOCK, local_blocks=1, stride=2, min_seq_len=0, dense_tail_blocks=0
     )
-    indices, counts = mask_to_lists(
+    indices, counts = BlockLists.from_mask(
         forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
     )
     tma = launch_config(head_size, 4, BLOCK, page_size=64, tma=tma_supported(batch.q.device))
@@ -143,12 +142,12 @@ def test_sparse_patterns_actually_skip_blocks():
     batch = make_paged_batch([640], [0], 2, 2, 64, 16, torch.float32)
     qblocks = plan(batch, 1)
     cfg = FlashPrefillConfig(
-        pattern="local", block_size=BLOCK, sink_blocks=1, local_blocks=1, min_seq_len=0,
+        pattern="local", sparse_block=BLOCK, sink_blocks=1, local_blocks=1, min_seq_len=0,
         dense_tail_blocks=1,
     )
     qb, last = qblocks.block_index, qblocks.last_block
     mask = forced_block_mask(qb, last, qblocks.num_kv_blocks, cfg)
-    dense = forced_block_mask(qb, last, qblocks.num_kv_blocks, FlashPrefillConfig(pattern="dense", block_size=BLOCK))
+    dense = forced_block_mask(qb, last, qblocks.num_kv_blocks, FlashPrefillConfig(pattern="dense", sparse_block=BLOCK))
     assert mask.sum() < dense.sum()
     out = run_sparse(batch, qblocks, mask, 0.125)
     out_dense = run_sparse(batch, qblocks, dense, 0.125)
@@ -162,7 +161,7 @@ def test_block_scores_match_reference_and_give_same_selection(page_size):
     batch = make_paged_batch([300, 77], [40, 129], 8, 2, 64, page_size, torch.float32)
     qblocks = plan(batch, 4)
     scale = 0.125
-    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.97,
+    cfg = FlashPrefillConfig(pattern="dynamic", sparse_block=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.97,
                              above_mean=0.0, min_seq_len=0, dense_tail_blocks=0)
     scores, mask = dynamic_mask(batch, qblocks, cfg, scale)
     ref_scores = block_scores_reference(
@@ -246,7 +245,7 @@ def test_selection_ignores_the_chunk_around_a_block():
     tail: with one, the tail of the first chunk is dense as well)."""
     whole = make_paged_batch([512], [0], 4, 2, 64, 16, torch.float32, seed=3)
     cfg = FlashPrefillConfig(
-        pattern="dynamic", block_size=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.95,
+        pattern="dynamic", sparse_block=BLOCK, sink_blocks=0, local_blocks=0, threshold=0.95,
         above_mean=0.0, min_seq_len=0, dense_tail_blocks=0,
     )
     qb_whole = plan(whole, 2)
@@ -265,7 +264,7 @@ def test_selection_ignores_the_chunk_around_a_block():
 @pytest.mark.parametrize("pattern", ["local", "strided", "hybrid", "dynamic"])
 def test_forced_blocks(pattern):
     cfg = FlashPrefillConfig(
-        pattern=pattern, block_size=BLOCK, sink_blocks=2, local_blocks=2, stride=4,
+        pattern=pattern, sparse_block=BLOCK, sink_blocks=2, local_blocks=2, stride=4,
         min_seq_len=5 * BLOCK, dense_tail_blocks=2,
     )
     block_index = torch.arange(20)
@@ -287,7 +286,7 @@ def test_forced_blocks(pattern):
 def test_budgets_bound_content_selection():
     scores = torch.randn(6, 2, 10)
     block_index = torch.arange(4, 10)
-    base = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=0, min_seq_len=0, dense_tail_blocks=0,
+    base = dict(pattern="dynamic", sparse_block=BLOCK, sink_blocks=1, local_blocks=0, min_seq_len=0, dense_tail_blocks=0,
                 above_mean=0.0)
     forced = forced_block_mask(block_index, 9, 10, FlashPrefillConfig(**base))
     free = select_dynamic(scores, block_index, 9, 1, FlashPrefillConfig(**base, threshold=0.0))
@@ -304,7 +303,7 @@ def test_above_mean_adds_nothing_on_flat_scores_and_keeps_what_stands_out():
     block that stands out from the other candidates, per query head (a block that is near the
     max in one head of a GQA group and above the mean only in another is not kept)."""
     nkb, block_index = 12, torch.tensor([11, 11])
-    base = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=1, stride=0, min_seq_len=0,
+    base = dict(pattern="dynamic", sparse_block=BLOCK, sink_blocks=1, local_blocks=1, stride=0, min_seq_len=0,
                 dense_tail_blocks=0, threshold=0.1)
     forced = forced_block_mask(block_index, 11, nkb, FlashPrefillConfig(**base))[:, 0]
     flat = torch.rand(2, 2, nkb, generator=torch.Generator().manual_seed(0)) * 0.05
@@ -332,7 +331,7 @@ def test_score_groups_cover_only_blocks_content_selection_can_add_to():
     """Query blocks that keep every causal block anyway (below min_seq_len, in a chunk's dense
     tail, or within sink + local of the start) get no scores; the rest are cut into runs of one
     request of at most blocks_per_score_group."""
-    cfg = FlashPrefillConfig(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=2,
+    cfg = FlashPrefillConfig(pattern="dynamic", sparse_block=BLOCK, sink_blocks=1, local_blocks=2,
                              min_seq_len=5 * BLOCK, dense_tail_blocks=1)
     # Request 0: blocks 0..12 in one chunk; request 1: a chunk of blocks 6..9 after a cached prefix.
     query_start_loc = torch.tensor([0, 13 * BLOCK, 17 * BLOCK])
@@ -366,7 +365,7 @@ SELECTION_CASES = [
 @pytest.mark.parametrize("case", range(len(SELECTION_CASES)))
 def test_fused_selection_matches_torch_selection(case):
     gqa, options = SELECTION_CASES[case]
-    defaults = dict(pattern="dynamic", block_size=BLOCK, sink_blocks=1, local_blocks=2, stride=0,
+    defaults = dict(pattern="dynamic", sparse_block=BLOCK, sink_blocks=1, local_blocks=2, stride=0,
                     min_seq_len=0, dense_tail_blocks=0)
     cfg = FlashPrefillConfig(**{**defaults, **options})
     num_kv_heads, nkb, width = 2, 23, 37  # a workspace wider than the step's rows
@@ -388,7 +387,7 @@ def test_fused_selection_matches_torch_selection(case):
     ref = select_dynamic(scores[..., :nkb], block_index, last_block, num_kv_heads, cfg)
     indices, counts = select_dynamic_lists(scores, table, seq_lens, num_kv_heads, nkb, cfg)
     assert torch.equal(counts, ref.sum(-1, dtype=torch.int32))
-    assert torch.equal(lists_to_mask(indices, counts, nkb), ref)
+    assert torch.equal(BlockLists(indices, counts).to_mask(nkb), ref)
     for i in range(len(block_index)):
         for h in range(num_kv_heads):
             listed = indices[i, h, : counts[i, h]].tolist()
@@ -398,8 +397,8 @@ def test_fused_selection_matches_torch_selection(case):
 def test_lists_round_trip():
     mask = torch.rand(5, 3, 17) > 0.6
     mask[..., 0] = True
-    indices, counts = mask_to_lists(mask)
-    assert torch.equal(lists_to_mask(indices, counts, 17), mask)
+    indices, counts = BlockLists.from_mask(mask)
+    assert torch.equal(BlockLists(indices, counts).to_mask(17), mask)
     for i in range(5):
         for h in range(3):
             listed = indices[i, h, : counts[i, h]].tolist()

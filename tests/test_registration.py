@@ -253,7 +253,7 @@ def test_cli_json_additional_config(engine_parser, tiny_llama, spelling):
     assert vllm_config.attention_config.backend is AttentionBackendEnum.FLASHPREFILL
     cfg = FlashPrefillConfig.from_vllm_config(vllm_config)
     assert (cfg.pattern, cfg.stride) == ("hybrid", 8)
-    assert cfg.block_size == FlashPrefillConfig().block_size
+    assert cfg.sparse_block == FlashPrefillConfig().sparse_block
 
 
 @pytest.mark.parametrize(
@@ -307,7 +307,7 @@ def test_cli_env_overrides_reach_from_vllm_config(engine_parser, tiny_llama, mon
     monkeypatch.setenv("FLASHPREFILL_PATTERN", "local")
     monkeypatch.setenv("FLASHPREFILL_BLOCK_SIZE", "256")
     cfg = FlashPrefillConfig.from_vllm_config(vllm_config)
-    assert (cfg.pattern, cfg.block_size) == ("local", 256)
+    assert (cfg.pattern, cfg.sparse_block) == ("local", 256)
 
 
 def test_serve_parser_accepts_backend_per_kind_and_config_survives_spawn(tiny_llama):

@@ -11,7 +11,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 ):
     __path__.append(_checkout)
 
-from vllm_flashprefill.config import FlashPrefillConfig  # noqa: E402
-from vllm_flashprefill.registration import BACKEND_NAME, register  # noqa: E402
+from .config import FlashPrefillConfig  # noqa: E402
+from .registration import BACKEND_NAME, register  # noqa: E402
 
 __all__ = ["BACKEND_NAME", "FlashPrefillConfig", "register"]

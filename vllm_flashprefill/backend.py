@@ -2,8 +2,9 @@
 
 Per step the builder splits the batch: decode rows, short prompts and whatever a layer cannot run
 sparse go through FlashAttention (FA3 on Hopper) exactly as FLASH_ATTN would run them; prefill
-rows of requests that reach ``min_seq_len`` go through our block-sparse kernels (Triton; on Hopper
-its Gluon dialect), reading the same paged KV cache that vLLM's own cache write filled.
+rows of requests that reach ``min_seq_len`` get a ``sparse_prefill.plan``, which every layer's
+impl runs (``sparse_prefill.run``) over the same paged KV cache that vLLM's own cache write filled.
+This module is the vLLM glue; ``sparse_prefill.py`` and everything it calls import no vLLM.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import weakref
 from typing import ClassVar
 
-import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
@@ -24,24 +23,14 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadata,
     FlashAttentionMetadataBuilder,
 )
-from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_flashprefill import compat
-from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.flash_sparse import FlashSparseRun, flash_sparse_attention, plan_runs
-from vllm_flashprefill.kernels.attention import (
-    SUPPORTED_HEAD_SIZES,
-    preferred_page_size,
-    sparse_prefill_attention,
-)
-from vllm_flashprefill.kernels.block_tables import sparse_block_tables
-from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel, disable_hopper_kernel, kernel_shape
-from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
-from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists, select_dynamic_lists
-from vllm_flashprefill.plan import QueryBlocks, build_query_blocks
-from vllm_flashprefill.registration import BACKEND_NAME
-from vllm_flashprefill.stats import STATS
+from . import compat, sparse_prefill
+from .config import FlashPrefillConfig
+from .flash_sparse import fa3_sparse_usable, flash_attn_version
+from .kernels.attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_SIZES, preferred_page_size
+from .registration import BACKEND_NAME
+from .stats import STATS
 
 # Under "vllm." so that vLLM's handler and VLLM_LOGGING_LEVEL apply: a logger outside that tree
 # has no handler, and its INFO lines would be dropped.
@@ -61,31 +50,19 @@ def flashprefill_config(vllm_config) -> FlashPrefillConfig:
     return _config_for(json.dumps(extra if isinstance(extra, dict) else {}, sort_keys=True))
 
 
-class FlashPrefillBackend(FlashAttentionBackend):
-    @staticmethod
-    def get_name() -> str:
-        return BACKEND_NAME
-
-    @staticmethod
-    def get_impl_cls() -> type["FlashPrefillImpl"]:
-        return FlashPrefillImpl
-
-    @staticmethod
-    def get_builder_cls() -> type["FlashPrefillMetadataBuilder"]:
-        return FlashPrefillMetadataBuilder
-
-    @classmethod
-    def get_preferred_block_size(cls, default_block_size: int) -> int:
-        """KV pages that hold whole key tiles of the sparse kernel (TMA copies instead of row
-        gathers); vLLM asks with the engine's config current, and ``--block-size`` overrides it."""
-        preferred = super().get_preferred_block_size(default_block_size)
-        from vllm.config import get_current_vllm_config
-
-        vllm_config = get_current_vllm_config()
-        if flashprefill_config(vllm_config).is_dense or vllm_config.model_config is None:
-            return preferred
-        pages = preferred_page_size(vllm_config.model_config.get_head_size())
-        return max(preferred, pages) if pages else preferred
+def dynamic_workspace(vllm_config, cfg: FlashPrefillConfig, num_q_heads: int, num_kv_heads: int, head_size: int,
+                      device, fa3_page_size: int | None = None) -> sparse_prefill.DynamicWorkspace:
+    """The engine's dynamic workspace, sized for its largest step: every query block of
+    ``max_num_batched_tokens``, plus two partial blocks per request (a chunk may start and end
+    inside a block), over ``max_model_len``. ``fa3_page_size``: the KV page size its FA3 block
+    tables are for (None: none needed)."""
+    sched = vllm_config.scheduler_config
+    return sparse_prefill.DynamicWorkspace.shared(
+        rows=sched.max_num_batched_tokens // cfg.sparse_block + 2 * sched.max_num_seqs,
+        width=-(-vllm_config.model_config.max_model_len // cfg.sparse_block),
+        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size, device=device,
+        fa3_pages_per_block=cfg.sparse_block // fa3_page_size if fa3_page_size else None,
+    )
 
 
 @dataclasses.dataclass
@@ -98,23 +75,11 @@ class DenseRun:
 
 
 @dataclasses.dataclass
-class SparseStep:
-    """What the sparse rows of one step need; shared by every layer."""
-
-    query_blocks: QueryBlocks
-    kv_indices: torch.Tensor | None  # static patterns: lists ready for the kernel; dynamic: per layer
-    kv_counts: torch.Tensor | None
-    dense_runs: list[DenseRun]
-    workspace: "DynamicWorkspace | None"
-    # sparse_kernel "flash_attn": the FA3 calls that replace our kernel, and for static
-    # patterns their block tables and key counts (dynamic: the workspace's, per layer).
-    flash_runs: list[FlashSparseRun] | None = None
-    flash_tables: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-@dataclasses.dataclass
 class FlashPrefillMetadata(FlashAttentionMetadata):
-    sparse: SparseStep | None = None
+    # The step's sparse rows (None: FlashAttention runs the whole batch) ...
+    sparse: sparse_prefill.SparsePlan | None = None
+    # ... and, beside them, the runs of requests FlashAttention runs.
+    dense_runs: list[DenseRun] = dataclasses.field(default_factory=list)
 
 
 class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
@@ -133,68 +98,37 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.cfg = flashprefill_config(vllm_config)
+        self.page_size = kv_cache_spec.block_size  # vLLM's KV page, in tokens
         # Micro-batches (DBO) would run their sparse rows concurrently on one shared workspace.
         self.micro_batched = vllm_config.parallel_config.use_ubatching
         if self.micro_batched and not self.cfg.is_dense:
             logger.info_once("FlashPrefill: micro-batching (DBO) is on; every row runs on FlashAttention")
         self.flash_sparse = self._flash_sparse_usable()
-        self.workspace = (
-            DynamicWorkspace.shared(
+        self.workspace = None
+        if self.cfg.block_pattern.scores_content:
+            self.workspace = dynamic_workspace(
                 vllm_config, self.cfg, self.num_heads_q, self.num_heads_kv, self.headdim, device,
-                self.block_size if self.flash_sparse else None,
+                self.page_size if self.flash_sparse else None,
             )
-            if self.cfg.pattern == "dynamic"
-            else None
-        )
         if (not (self.cfg.is_dense or self.micro_batched) and self.dcp_world_size == 1
-                and self.headdim in SUPPORTED_HEAD_SIZES):
-            self._compile_kernels()
+                and self.headdim in SUPPORTED_HEAD_SIZES and self.kv_cache_dtype in SUPPORTED_DTYPES):
+            sparse_prefill.warm_up(
+                self.cfg, num_q_heads=self.num_heads_q, num_kv_heads=self.num_heads_kv, head_size=self.headdim,
+                page_size=self.page_size, dtype=self.kv_cache_dtype, device=self.device,
+                workspace=self.workspace, on_fa3=self.flash_sparse,
+            )
 
     def _flash_sparse_usable(self) -> bool:
         if self.cfg.sparse_kernel != "flash_attn" or self.cfg.is_dense:
             return False
-        if fa3_sparse_usable(self.cfg, self.block_size, self.headdim):
+        if fa3_sparse_usable(self.cfg, self.page_size, self.headdim):
             return True
         logger.warning_once(
             "FlashPrefill: sparse_kernel 'flash_attn' needs FlashAttention 3 (found %s) and KV pages "
             "that divide block_size %d (found %d); our kernels run the sparse rows",
-            get_flash_attn_version(head_size=self.headdim), self.cfg.block_size, self.block_size,
+            flash_attn_version(self.headdim), self.cfg.sparse_block, self.page_size,
         )
         return False
-
-    def _compile_kernels(self) -> None:
-        """Run the sparse path once on a tiny batch, so that Triton compiles its kernels at start-up
-        instead of during the first long request (vLLM's profiling run passes no metadata), and the
-        log says which attention kernel runs the sparse rows. With ``sparse_kernel: flash_attn``
-        that includes one FA3 call (precompiled; it compiles nothing), and our attention kernel,
-        which then runs only on layers whose FlashAttention version is not 3, is left to compile
-        on first use."""
-        if self.kv_cache_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return
-        tokens, d = 2 * self.cfg.block_size, self.headdim
-        pages = -(-tokens // self.block_size)
-        kv = torch.randn(pages, self.block_size, self.num_heads_kv, 2 * d, device=self.device)
-        kv = kv.to(self.kv_cache_dtype)
-        q = torch.randn(tokens, self.num_heads_q, d, device=self.device).to(self.kv_cache_dtype)
-        block_table = torch.arange(pages, dtype=torch.int32, device=self.device)[None]
-        seq_lens = torch.tensor([tokens], dtype=torch.int32, device=self.device)
-        # Its two blocks need no scores (they lie below min_seq_len); scored anyway, so that the
-        # scoring kernels compile here too.
-        step = self._sparse_step(np.array([0, tokens]), np.array([tokens]), [0], [], block_table,
-                                 score_every_block=True)
-        key_cache, value_cache = kv[..., :d], kv[..., d:]
-        args = (q, key_cache, value_cache, torch.empty_like(q), block_table, seq_lens, step, self.cfg, d**-0.5)
-        try:
-            attend_sparse_rows(*args, on_fa3=self.flash_sparse)
-        except Exception as e:
-            if sparse_kernel_for(self.cfg, q, key_cache) is sparse_prefill_attention:
-                raise
-            # E.g. a Triton release whose Gluon API the Hopper kernel does not know.
-            reason = f"the Hopper kernel failed its start-up run ({type(e).__name__}: {str(e)[:300]})"
-            logger.warning("FlashPrefill: %s; the portable Triton kernel runs the sparse rows", reason)
-            disable_hopper_kernel(reason)
-            sparse_attention_kernel.cache_clear()
-            attend_sparse_rows(*args, on_fa3=self.flash_sparse)
 
     def build(
         self,
@@ -210,51 +144,20 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         if (self.cfg.is_dense or self.micro_batched or self.dcp_world_size > 1
                 or compat.flash_attention_only(fa)):
             return metadata
-        metadata.sparse = self._plan_sparse_step(common_attn_metadata, metadata)
-        return metadata
-
-    def _plan_sparse_step(
-        self, cm: CommonAttentionMetadata, fa: FlashAttentionMetadata
-    ) -> SparseStep | None:
-        num_decodes, _, _, _ = split_decodes_and_prefills(
-            cm, decode_threshold=self.reorder_batch_threshold
-        )
+        cm = common_attn_metadata
+        num_decodes, _, _, _ = split_decodes_and_prefills(cm, decode_threshold=self.reorder_batch_threshold)
         qsl = cm.query_start_loc_cpu.numpy()
         seq_lens = compat.seq_lens_cpu(cm).numpy()
-        bs = self.cfg.block_size
-        sparse = [
-            r
-            for r in range(num_decodes, cm.num_reqs)
-            if ((int(seq_lens[r]) - 1) // bs) * bs >= self.cfg.min_seq_len
-        ]
+        sparse = sparse_prefill.sparse_requests(self.cfg, seq_lens, range(num_decodes, cm.num_reqs))
         if not sparse:
-            return None
-        return self._sparse_step(
-            qsl, seq_lens, sparse, self._dense_runs(cm, fa, set(sparse), qsl, seq_lens), fa.block_table
+            return metadata
+        metadata.dense_runs = self._dense_runs(cm, metadata, set(sparse), qsl, seq_lens)
+        metadata.sparse = sparse_prefill.plan(
+            self.cfg, qsl, seq_lens, sparse, num_q_heads=self.num_heads_q, num_kv_heads=self.num_heads_kv,
+            head_size=self.headdim, device=self.device, workspace=self.workspace,
+            fa3_page_size=self.page_size if self.flash_sparse else None, block_table=metadata.block_table,
         )
-
-    def _sparse_step(self, qsl, seq_lens, requests, dense_runs, block_table,
-                     score_every_block: bool = False) -> SparseStep:
-        qblocks = build_query_blocks(
-            qsl, seq_lens, requests, self.cfg.block_size, self.device,
-            blocks_per_group(self.num_heads_q // self.num_heads_kv),
-            self.cfg if self.cfg.pattern == "dynamic" and not score_every_block else None,
-        )
-        step = SparseStep(
-            query_blocks=qblocks, kv_indices=None, kv_counts=None, dense_runs=dense_runs,
-            workspace=self.workspace,
-        )
-        if self.cfg.pattern != "dynamic":
-            forced = forced_block_mask(
-                qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, self.cfg
-            )
-            step.kv_indices, step.kv_counts = mask_to_lists(forced)
-        if self.flash_sparse:
-            step.flash_runs = plan_runs(qblocks.table_cpu, self.device)
-            if step.kv_indices is not None:
-                step.flash_tables = fa3_block_tables(
-                    step, block_table, step.kv_indices, step.kv_counts, self.block_size)
-        return step
+        return metadata
 
     @staticmethod
     def _dense_runs(cm, fa, sparse: set[int], qsl, seq_lens) -> list[DenseRun]:
@@ -288,75 +191,31 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         return runs
 
 
-@dataclasses.dataclass(eq=False)
-class DynamicWorkspace:
-    """Buffers for dynamic selection, shared by all layers. The first attention layer allocates
-    them while vLLM loads the model, so the memory counts with the weights: builders come only
-    after vLLM has measured memory and sized the KV cache, and they take the same buffers. Rows
-    keep the full width: the selection kernel is compiled for it once, whatever the prompt length."""
+class FlashPrefillBackend(FlashAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
 
-    scores: torch.Tensor  # [max query blocks, Hq, max KV blocks] fp32
-    pooled: torch.Tensor  # [max query blocks, Hq, D] fp32
-    indices: torch.Tensor  # [max query blocks, Hkv, max KV blocks] int32
-    counts: torch.Tensor  # [max query blocks, Hkv] int32
-    # sparse_kernel "flash_attn": FA3 block tables [Hkv, max query blocks, max KV blocks x pages
-    # per block] and key counts [Hkv, max query blocks], int32. FA3 reads no table slot past a
-    # count; zero-filled all the same, so that every slot names a real page.
-    tables: torch.Tensor | None = None
-    seqused: torch.Tensor | None = None
+    @staticmethod
+    def get_impl_cls() -> type[FlashPrefillImpl]:
+        return FlashPrefillImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[FlashPrefillMetadataBuilder]:
+        return FlashPrefillMetadataBuilder
 
     @classmethod
-    def shared(cls, vllm_config, cfg: FlashPrefillConfig, num_q_heads, num_kv_heads, head_size,
-               device, fa3_page_size: int | None = None):
-        """The engine's workspace for these heads on this device: allocated on first use, reused
-        while large enough (vLLM may lower ``max_model_len`` between model load and the
-        builders), freed with the last layer or builder holding it. ``fa3_page_size``: the KV
-        page size FA3 block tables are needed for (None: none needed). The model's layers guess
-        it (vLLM settles it after loading the model); a builder that finds it smaller adds
-        larger tables to the same workspace, which vLLM has not counted: it says so."""
-        device = torch.empty(0, device=device).device  # "cuda" and "cuda:0" name one device
-        sched = vllm_config.scheduler_config
-        rows = sched.max_num_batched_tokens // cfg.block_size + 2 * sched.max_num_seqs
-        width = -(-vllm_config.model_config.max_model_len // cfg.block_size)
-        key = (device, num_q_heads, num_kv_heads, head_size)
-        workspace = _WORKSPACES.get(key)
-        if workspace is None or workspace.scores.shape[0] < rows or workspace.scores.shape[2] < width:
-            workspace = cls(
-                scores=torch.empty(rows, num_q_heads, width, dtype=torch.float32, device=device),
-                pooled=torch.empty(rows, num_q_heads, head_size, dtype=torch.float32, device=device),
-                indices=torch.empty(rows, num_kv_heads, width, dtype=torch.int32, device=device),
-                counts=torch.empty(rows, num_kv_heads, dtype=torch.int32, device=device),
-            )
-            _WORKSPACES[key] = workspace
-        if fa3_page_size:
-            workspace._add_fa3_tables(cfg.block_size // fa3_page_size)
-        return workspace
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        """KV pages that hold whole key tiles of the sparse kernel (TMA copies instead of row
+        gathers); vLLM asks with the engine's config current, and ``--block-size`` overrides it."""
+        preferred = super().get_preferred_block_size(default_block_size)
+        from vllm.config import get_current_vllm_config
 
-    def _add_fa3_tables(self, pages_per_block: int) -> None:
-        rows, num_kv_heads, width = self.indices.shape
-        if self.tables is not None and self.tables.shape[2] >= width * pages_per_block:
-            return
-        if self.tables is not None:
-            logger.warning(
-                "FlashPrefill: KV pages are smaller than expected at model load; FA3 block tables "
-                "grow to %d pages per row after vLLM sized the KV cache", width * pages_per_block)
-        self.tables = torch.zeros(
-            num_kv_heads, rows, width * pages_per_block, dtype=torch.int32, device=self.indices.device)
-        self.seqused = torch.zeros(num_kv_heads, rows, dtype=torch.int32, device=self.indices.device)
-
-    def fits(self, num_q_heads: int, num_kv_heads: int, head_size: int) -> bool:
-        return (self.scores.shape[1], self.indices.shape[1], self.pooled.shape[2]) == (
-            num_q_heads, num_kv_heads, head_size)
-
-    def views(self, num_qblocks: int):
-        n = slice(0, num_qblocks)
-        return self.scores[n], self.pooled[n], self.indices[n], self.counts[n]
-
-    def fa3_views(self, num_qblocks: int):
-        return self.tables[:, :num_qblocks], self.seqused[:, :num_qblocks]
-
-
-_WORKSPACES: "weakref.WeakValueDictionary[tuple, DynamicWorkspace]" = weakref.WeakValueDictionary()
+        vllm_config = get_current_vllm_config()
+        if flashprefill_config(vllm_config).is_dense or vllm_config.model_config is None:
+            return preferred
+        pages = preferred_page_size(vllm_config.model_config.get_head_size())
+        return max(preferred, pages) if pages else preferred
 
 
 class FlashPrefillImpl(FlashAttentionImpl):
@@ -391,10 +250,9 @@ class FlashPrefillImpl(FlashAttentionImpl):
         self._layer_sparse: bool | None = None
         # Held so that the buffers outlive model loading until the builders take them.
         self._workspace = None
-        if self.cfg.pattern == "dynamic" and not self.dense_reason:
-            self._workspace = DynamicWorkspace.shared(
-                vllm_config, self.cfg, num_heads, num_kv_heads, head_size,
-                vllm_config.device_config.device,
+        if self.cfg.block_pattern.scores_content and not self.dense_reason:
+            self._workspace = dynamic_workspace(
+                vllm_config, self.cfg, num_heads, num_kv_heads, head_size, vllm_config.device_config.device,
                 _expected_fa3_page_size(vllm_config, self.cfg, head_size),
             )
 
@@ -433,109 +291,32 @@ class FlashPrefillImpl(FlashAttentionImpl):
         output_scale=None,
         output_block_scale=None,
     ):
-        step = getattr(attn_metadata, "sparse", None)
+        plan = getattr(attn_metadata, "sparse", None)
         # A builder sized for other head counts (vLLM 0.26 takes them from the model config, so
         # models whose layers differ get one workspace for all) cannot score this layer.
-        misfit = step is not None and step.workspace is not None and not step.workspace.fits(
+        misfit = plan is not None and plan.workspace is not None and not plan.workspace.fits(
             self.num_heads, self.num_kv_heads, self.head_size)
-        if step is None or output_scale is not None or not self._runs_sparse(layer) or misfit:
+        if plan is None or output_scale is not None or not self._runs_sparse(layer) or misfit:
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale, output_block_scale,
             )
-        for run in step.dense_runs:
+        for run in attn_metadata.dense_runs:
             lo, hi = run.token_start, run.token_end
             super().forward(  # KV-sharing layers pass no key/value: they read another layer's cache
                 layer, query[lo:hi], None if key is None else key[lo:hi],
                 None if value is None else value[lo:hi], kv_cache, run.metadata, output[lo:hi],
             )
-        self.forward_sparse(query, kv_cache, attn_metadata, step, output)
-        return output
-
-    def forward_sparse(self, query, kv_cache, attn_metadata, step: SparseStep, output) -> None:
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
-        # The builder checked the platform's FlashAttention version; a layer may still run another
-        # (vLLM picks it per head size), and only FA3 takes these block tables.
-        counts = attend_sparse_rows(
-            query, key_cache, value_cache, output, attn_metadata.block_table, attn_metadata.seq_lens,
-            step, self.cfg, self.scale, on_fa3=self.vllm_flash_attn_version == 3,
+        counts = sparse_prefill.run(
+            plan, query=query, key_cache=key_cache, value_cache=value_cache, output=output,
+            block_table=attn_metadata.block_table, seq_lens=attn_metadata.seq_lens, scale=self.scale,
+            # The builder checked the platform's FlashAttention version; a layer may still run
+            # another (vLLM picks it per head size), and only FA3 takes the plan's block tables.
+            on_fa3=self.vllm_flash_attn_version == 3,
         )
-        STATS.record(counts, step.query_blocks.causal_pairs, self.num_kv_heads)
-
-
-def attend_sparse_rows(query, key_cache, value_cache, output, block_table, seq_lens, step: SparseStep,
-                       cfg: FlashPrefillConfig, scale: float, on_fa3: bool) -> torch.Tensor:
-    """Attention of the step's sparse rows into ``output``: FA3 over per-query-block block tables
-    when the step planned it and ``on_fa3``, else our kernel for this shape. Returns the KV block
-    counts."""
-    indices, counts = block_lists(query, key_cache, block_table, seq_lens, step, cfg, scale)
-    if step.flash_runs is not None and on_fa3:
-        tables, seqused = step.flash_tables or fa3_block_tables(
-            step, block_table, indices, counts, key_cache.shape[1])
-        flash_sparse_attention(query, key_cache, value_cache, output, step.flash_runs, tables, seqused, scale)
-    else:
-        sparse_kernel_for(cfg, query, key_cache)(
-            query, key_cache, value_cache, output, block_table, seq_lens, step.query_blocks.table, indices,
-            counts, scale, cfg.block_size)
-    return counts
-
-
-def sparse_kernel_for(cfg: FlashPrefillConfig, query: torch.Tensor, key_cache: torch.Tensor):
-    """Our attention kernel for these rows (``sparse_attention_kernel`` of their shape)."""
-    return sparse_attention_kernel(cfg.sparse_kernel, *kernel_shape(query, key_cache, cfg.block_size))
-
-
-@functools.cache
-def sparse_attention_kernel(sparse_kernel: str, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype,
-                            head_size: int, page_size: int, sparse_block: int, gqa: int):
-    """``kernels.dispatch.choose_sparse_kernel``, logged once per shape (a warning when "hopper" was
-    asked for and cannot run)."""
-    kernel, reason = choose_sparse_kernel(sparse_kernel, device, dtype, kv_dtype, head_size, page_size,
-                                          sparse_block, gqa)
-    shape = f"d {head_size}, pages of {page_size}, GQA {gqa}"
-    if reason is None:
-        logger.info("FlashPrefill: sparse rows (%s) run on the Hopper kernel", shape)
-    else:
-        log = logger.warning if sparse_kernel == "hopper" else logger.info
-        log("FlashPrefill: sparse rows (%s) run on the portable Triton kernel: %s", shape, reason)
-    return kernel
-
-
-def block_lists(query, key_cache, block_table, seq_lens, step: SparseStep, cfg: FlashPrefillConfig,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The KV blocks each query block visits: the step's static lists ([n, 1, L], shared by all
-    heads), or this layer's dynamic selection ([n, Hkv, L], in the workspace), with their counts."""
-    if step.kv_indices is not None:
-        return step.kv_indices, step.kv_counts
-    qblocks = step.query_blocks
-    scores, pooled, indices, counts = step.workspace.views(qblocks.num_blocks)
-    block_scores(
-        query, key_cache, block_table, seq_lens, qblocks.table, qblocks.score_groups,
-        scores, pooled, scale, qblocks.block_size,
-    )
-    select_dynamic_lists(
-        scores, qblocks.table, seq_lens, key_cache.shape[2], qblocks.num_kv_blocks, cfg,
-        indices, counts,
-    )
-    return indices, counts
-
-
-def fa3_block_tables(step: SparseStep, block_table, indices, counts, page_size: int):
-    """FA3 block tables for the step's lists: new tensors for static lists (built once per step),
-    the workspace's buffers for a layer's dynamic selection."""
-    qblocks = step.query_blocks
-    buffers = step.workspace.fa3_views(qblocks.num_blocks) if step.kv_indices is None else (None, None)
-    return sparse_block_tables(
-        qblocks.table, block_table, indices, counts, qblocks.block_size, page_size, *buffers)
-
-
-def fa3_sparse_usable(cfg: FlashPrefillConfig, page_size: int | None, head_size: int) -> bool:
-    """Whether FA3 can compute the sparse rows: asked for, FA3 for this head size (vLLM picks the
-    version per head size), and KV pages that tile a sparse block (each block maps to whole pages
-    in the per-query-block block tables); ``page_size`` None: not known yet, leave that check out."""
-    return (cfg.sparse_kernel == "flash_attn" and not cfg.is_dense
-            and get_flash_attn_version(head_size=head_size) == 3
-            and (page_size is None or cfg.block_size % page_size == 0))
+        STATS.record(counts, plan.query_blocks.causal_pairs, self.num_kv_heads)
+        return output
 
 
 def _expected_fa3_page_size(vllm_config, cfg: FlashPrefillConfig, head_size: int) -> int | None:

@@ -11,7 +11,7 @@ def add_backend_member(enum_cls: type[Enum], name: str, class_path: str) -> Enum
     """A new ``AttentionBackendEnum`` name: 0.32+ has an API for it, 0.26 does not."""
     if hasattr(enum_cls, "register"):
         return enum_cls.register(name, class_path)
-    from vllm_flashprefill.patches.enum_member import add_enum_member
+    from .patches.enum_member import add_enum_member
 
     return add_enum_member(enum_cls, name, class_path)
 

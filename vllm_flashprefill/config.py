@@ -10,7 +10,10 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .patterns import Pattern
 
 PATTERNS = ("dense", "local", "strided", "hybrid", "dynamic")
 SPARSE_KERNELS = ("auto", "hopper", "triton", "flash_attn")
@@ -18,14 +21,23 @@ STRING_KEYS = ("pattern", "sparse_kernel")
 NUMBER_KEYS = ("threshold", "above_mean")
 ENV_PREFIX = "FLASHPREFILL_"
 CONFIG_KEY = "flashprefill"
+# Fields whose user option has another name: the option `block_size` is the sparse tile, which the
+# code calls `sparse_block` (vLLM's own block size is its KV page, `page_size` here).
+OPTION_NAMES = {"sparse_block": "block_size"}
+FIELD_NAMES = {option: field for field, option in OPTION_NAMES.items()}
+
+
+def option_name(field: str) -> str:
+    """The user option (additional_config key, ``FLASHPREFILL_*`` suffix, results key) of a field."""
+    return OPTION_NAMES.get(field, field)
 
 
 @dataclasses.dataclass(frozen=True)
 class FlashPrefillConfig:
     # Which KV blocks a query block visits (see vllm_flashprefill/patterns.py).
     pattern: str = "dynamic"
-    # Side of the square sparse tile in tokens; selection works on these blocks.
-    block_size: int = 128
+    # Side of the square sparse tile in tokens; selection works on these blocks (option `block_size`).
+    sparse_block: int = 128
     # Leading KV blocks every query block keeps (attention sinks).
     sink_blocks: int = 1
     # KV blocks kept right before the diagonal block (the diagonal is always kept).
@@ -62,7 +74,7 @@ class FlashPrefillConfig:
     def __post_init__(self) -> None:
         def bad(key: str, allowed: str) -> ValueError:
             return ValueError(
-                f"flashprefill: invalid value for '{key}': {getattr(self, key)!r}; "
+                f"flashprefill: invalid value for '{option_name(key)}': {getattr(self, key)!r}; "
                 f"allowed: {allowed}"
             )
 
@@ -70,9 +82,9 @@ class FlashPrefillConfig:
             raise bad("pattern", " | ".join(PATTERNS))
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise bad("sparse_kernel", " | ".join(SPARSE_KERNELS))
-        bs = self.block_size
+        bs = self.sparse_block
         if bs < 64 or bs & (bs - 1):
-            raise bad("block_size", "a power of two >= 64")
+            raise bad("sparse_block", "a power of two >= 64")
         for key in ("sink_blocks", "local_blocks", "dense_tail_blocks", "min_budget", "max_budget"):
             if getattr(self, key) < 0:
                 raise bad(key, "an integer >= 0")
@@ -96,6 +108,13 @@ class FlashPrefillConfig:
             raise bad("dense_layers", "an integer N >= 0 (first N layers) or a list of layer indices >= 0")
 
     @property
+    def block_pattern(self) -> Pattern:
+        """The ``pattern`` option as a :class:`~vllm_flashprefill.patterns.Pattern`."""
+        from .patterns import pattern_named  # (patterns.py imports torch; this module does not)
+
+        return pattern_named(self.pattern)
+
+    @property
     def is_dense(self) -> bool:
         return self.pattern == "dense"
 
@@ -108,25 +127,31 @@ class FlashPrefillConfig:
             return layer_index < self.dense_layers
         return layer_index in self.dense_layers
 
+    @property
+    def block_size(self) -> int:
+        """The option's name for :attr:`sparse_block`; benchmarks/ still read it."""
+        return self.sparse_block
+
     def as_dict(self) -> dict[str, Any]:
-        """Every setting, for results files (so they stay readable after the defaults change)."""
-        return dataclasses.asdict(self)
+        """Every setting by option name, for results files (so they stay readable after the
+        defaults change)."""
+        return {option_name(k): v for k, v in dataclasses.asdict(self).items()}
 
     def summary(self) -> str:
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        fields = ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
         return f"FlashPrefill: {fields}"
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> "FlashPrefillConfig":
         options = dict(options or {})
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known = [option_name(f.name) for f in dataclasses.fields(cls)]
         for key in options:
             if key not in known:
                 raise ValueError(
                     f"flashprefill: unknown key '{key}' (value {options[key]!r}); "
                     f"allowed keys: {', '.join(known)}"
                 )
-        return cls(**{k: _coerce(k, v) for k, v in options.items()})
+        return cls(**{FIELD_NAMES.get(k, k): _coerce(k, v) for k, v in options.items()})
 
     @classmethod
     def from_additional_config(

@@ -8,15 +8,42 @@ bottom-right causal mask removes exactly the diagonal block's future keys
 (``kernels/block_tables.py`` writes the tables). Static patterns select the same blocks for every
 head, so one call covers all heads of a run of consecutive sparse requests; ``dynamic`` selects
 per KV head, so each KV head and its query heads get their own call and tables.
+
+vLLM is imported only when this route is asked for (``sparse_kernel: flash_attn``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from .block_lists import BlockLists
+from .kernels.block_tables import sparse_block_tables
+from .kernels.common import QB_FIRST_POS, QB_FIRST_ROW, QB_ROWS
+
+if TYPE_CHECKING:
+    from .config import FlashPrefillConfig
+    from .plan import QueryBlocks
+
+
+def flash_attn_version(head_size: int) -> int | None:
+    """The FlashAttention version vLLM runs for this head size (it picks one per head size)."""
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    return get_flash_attn_version(head_size=head_size)
+
+
+def fa3_sparse_usable(cfg: FlashPrefillConfig, page_size: int | None, head_size: int) -> bool:
+    """Whether FA3 can compute the sparse rows: asked for, FA3 for this head size, and KV pages
+    that tile a sparse block (each block maps to whole pages in the per-query-block block tables);
+    ``page_size`` None: not known yet, leave that check out."""
+    return (cfg.sparse_kernel == "flash_attn" and not cfg.is_dense
+            and flash_attn_version(head_size) == 3
+            and (page_size is None or cfg.sparse_block % page_size == 0))
 
 
 @dataclasses.dataclass
@@ -35,15 +62,15 @@ class FlashSparseRun:
 
 def plan_runs(qblocks_cpu: np.ndarray, device: torch.device | str) -> list[FlashSparseRun]:
     """One run per stretch of query blocks whose rows follow each other in the batch, from the
-    host-side [n, 4] query-block table (request, first row, first position, rows) alone."""
-    first_row, rows = qblocks_cpu[:, 1].astype(np.int64), qblocks_cpu[:, 3].astype(np.int64)
+    host-side query-block table alone."""
+    first_row, rows = qblocks_cpu[:, QB_FIRST_ROW].astype(np.int64), qblocks_cpu[:, QB_ROWS].astype(np.int64)
     breaks = np.flatnonzero(first_row[1:] != first_row[:-1] + rows[:-1]) + 1
     bounds = np.concatenate([[0], breaks, [len(qblocks_cpu)]])
     runs = []
     for lo, hi in itertools.pairwise(bounds):
         t0 = int(first_row[lo])
         cu = np.concatenate([first_row[lo:hi] - t0, [first_row[hi - 1] + rows[hi - 1] - t0]])
-        last_pos = qblocks_cpu[lo:hi, 2].astype(np.int64) + rows[lo:hi] - 1
+        last_pos = qblocks_cpu[lo:hi, QB_FIRST_POS].astype(np.int64) + rows[lo:hi] - 1
         runs.append(FlashSparseRun(
             token_start=t0,
             token_end=int(t0 + cu[-1]),
@@ -54,6 +81,41 @@ def plan_runs(qblocks_cpu: np.ndarray, device: torch.device | str) -> list[Flash
             max_seqlen_k=int(last_pos.max()) + 1,  # no query block lists more keys than its position
         ))
     return runs
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashSparsePlan:
+    """The FA3 calls of one step, and for a static pattern their block tables and key counts
+    (``dynamic``: each layer writes its own into the caller's buffers)."""
+
+    runs: list[FlashSparseRun]
+    tables: torch.Tensor | None = None
+    seqused: torch.Tensor | None = None
+
+
+def plan_flash_sparse(query_blocks: QueryBlocks, static_lists: BlockLists | None, block_table: torch.Tensor | None,
+                      page_size: int, device: torch.device | str) -> FlashSparsePlan:
+    """The step's FA3 runs, and the block tables of its static lists (built once for all layers)."""
+    runs = plan_runs(query_blocks.table_cpu, device)
+    if static_lists is None:
+        return FlashSparsePlan(runs)
+    tables, seqused = sparse_block_tables(query_blocks.table, block_table, *static_lists, query_blocks.sparse_block,
+                                          page_size)
+    return FlashSparsePlan(runs, tables, seqused)
+
+
+def flash_sparse_rows(flash: FlashSparsePlan, query_blocks: QueryBlocks, lists: BlockLists, query: torch.Tensor,
+                      key_cache: torch.Tensor, value_cache: torch.Tensor, output: torch.Tensor,
+                      block_table: torch.Tensor, scale: float, tables: torch.Tensor | None = None,
+                      seqused: torch.Tensor | None = None) -> None:
+    """The sparse rows into ``output`` on FA3: over the plan's tables (static lists), else over
+    tables of this layer's ``lists``, written into ``tables``/``seqused`` when given."""
+    if flash.tables is not None:
+        tables, seqused = flash.tables, flash.seqused
+    else:
+        tables, seqused = sparse_block_tables(query_blocks.table, block_table, *lists, query_blocks.sparse_block,
+                                              key_cache.shape[1], tables, seqused)
+    flash_sparse_attention(query, key_cache, value_cache, output, flash.runs, tables, seqused, scale)
 
 
 def flash_sparse_attention(

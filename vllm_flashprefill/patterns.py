@@ -1,6 +1,6 @@
-"""Which KV blocks each query block visits: block masks, made into the kernels' block lists.
+"""Which KV blocks each query block visits: the patterns, their block masks, dynamic selection.
 
-A pattern is a boolean mask over (query block, KV head, KV block), always causal and always
+A pattern's selection is a boolean mask over (query block, KV head, KV block), always causal and always
 holding the diagonal block. Static patterns depend on block indices only (one mask row shared by
 every head); ``dynamic`` keeps sink, local and strided blocks and adds the blocks whose score passes
 a threshold relative to the row maximum and stands out from the other candidates' mean.
@@ -10,12 +10,48 @@ a chunk, keep every causal block (dense).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from vllm_flashprefill.config import FlashPrefillConfig
+from .block_lists import BlockLists
+
+if TYPE_CHECKING:
+    from .config import FlashPrefillConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """What a pattern keeps on top of the sink blocks, the diagonal block and its dense rows."""
+
+    name: str
+    keeps_all: bool = False  # every causal block (dense)
+    keeps_local: bool = False  # the local_blocks before the diagonal
+    keeps_strided: bool = False  # every stride-th block back from the diagonal
+    scores_content: bool = False  # adds blocks by score, per layer and KV head (dynamic)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+_BY_NAME = {
+    p.name: p
+    for p in (
+        Pattern("dense", keeps_all=True),
+        Pattern("local", keeps_local=True),
+        Pattern("strided", keeps_strided=True),
+        Pattern("hybrid", keeps_local=True, keeps_strided=True),
+        Pattern("dynamic", keeps_local=True, keeps_strided=True, scores_content=True),
+    )
+}
+
+
+def pattern_named(name: str) -> Pattern:
+    """The pattern of a config's ``pattern`` option."""
+    return _BY_NAME[name]
 
 
 def dense_query_blocks(
@@ -25,7 +61,7 @@ def dense_query_blocks(
 
     last_block: the absolute index of the last block of the chunk each query block belongs to.
     Tensors or numpy arrays."""
-    return (block_index * cfg.block_size < cfg.min_seq_len) | (block_index > last_block - cfg.dense_tail_blocks)
+    return (block_index * cfg.sparse_block < cfg.min_seq_len) | (block_index > last_block - cfg.dense_tail_blocks)
 
 
 def content_selectable(
@@ -50,11 +86,12 @@ def forced_block_mask(
     causal = kb <= qb
     dense = dense_query_blocks(block_index, last_block, cfg)[:, None]
     keep = (kb == qb) | (kb < cfg.sink_blocks) | dense
-    if cfg.pattern in ("local", "hybrid", "dynamic"):
+    pattern = cfg.block_pattern
+    if pattern.keeps_local:
         keep = keep | (kb >= qb - cfg.local_blocks)
-    if cfg.pattern in ("strided", "hybrid", "dynamic") and cfg.stride:
+    if pattern.keeps_strided and cfg.stride:
         keep = keep | ((qb - kb) % cfg.stride == 0)
-    if cfg.pattern == "dense":
+    if pattern.keeps_all:
         keep = causal
     return (keep & causal)[:, None, :]
 
@@ -126,39 +163,18 @@ def select_dynamic_lists(
     cfg: FlashPrefillConfig,
     indices: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`select_dynamic` + :func:`mask_to_lists` as the backend runs them: one Triton kernel
+) -> BlockLists:
+    """:func:`select_dynamic` + :meth:`BlockLists.from_mask` as a layer runs them: one Triton kernel
     (``kernels/selection.py``) over block scores [n, Hq, W >= num_kv_blocks], the query-block
-    table and each request's sequence length after the chunk (vLLM's ``seq_lens``); returns
-    (indices [n, Hkv, W], counts [n, Hkv])."""
-    from vllm_flashprefill.kernels.selection import select_blocks
+    table and each request's sequence length after the chunk (vLLM's ``seq_lens``); lists of
+    width W, written into ``indices`` [n, Hkv, W] and ``counts`` [n, Hkv] when given."""
+    from .kernels.selection import select_blocks
 
-    return select_blocks(
+    return BlockLists(*select_blocks(
         scores, qblocks, seq_lens, num_kv_heads, num_kv_blocks,
-        sparse_block=cfg.block_size, threshold=cfg.threshold, above_mean=cfg.above_mean,
+        sparse_block=cfg.sparse_block, threshold=cfg.threshold, above_mean=cfg.above_mean,
         sink_blocks=cfg.sink_blocks,
         local_blocks=cfg.local_blocks, stride=cfg.stride, min_seq_len=cfg.min_seq_len,
         dense_tail_blocks=cfg.dense_tail_blocks, min_budget=cfg.min_budget,
         max_budget=cfg.max_budget, indices=indices, counts=counts,
-    )
-
-
-def mask_to_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block mask [n, H, nkb] -> (indices [n, H, nkb] int32, ascending; counts [n, H] int32)."""
-    n, heads, nkb = mask.shape
-    counts = mask.sum(-1, dtype=torch.int32)
-    slots = torch.cumsum(mask, -1, dtype=torch.int32) - 1
-    slots = torch.where(mask, slots, nkb)  # dropped blocks land in a spare last column
-    indices = torch.zeros(n, heads, nkb + 1, dtype=torch.int32, device=mask.device)
-    kb = torch.arange(nkb, dtype=torch.int32, device=mask.device).expand(n, heads, nkb)
-    indices.scatter_(-1, slots.long(), kb)
-    return indices[..., :nkb], counts
-
-
-def lists_to_mask(indices: torch.Tensor, counts: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
-    """Inverse of :func:`mask_to_lists` (for tests and the reference)."""
-    n, heads, _ = indices.shape
-    mask = torch.zeros(n, heads, num_kv_blocks + 1, dtype=torch.bool, device=indices.device)
-    valid = torch.arange(indices.shape[-1], device=indices.device)[None, None, :] < counts[..., None]
-    mask.scatter_(-1, torch.where(valid, indices.long(), num_kv_blocks), True)
-    return mask[..., :num_kv_blocks]
+    ))

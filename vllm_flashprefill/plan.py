@@ -14,13 +14,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.patterns import content_selectable
+from .config import FlashPrefillConfig
+from .kernels.common import QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
+from .patterns import content_selectable
 
 
 @dataclasses.dataclass
 class QueryBlocks:
-    # [n, 4] int32 on the device: request, first row in the query tensor, first position, rows.
+    # The query-block table [n, QB_COLUMNS] int32 on the device (columns: kernels/common.py).
     table: torch.Tensor
     # Same, on the host.
     table_cpu: np.ndarray
@@ -33,7 +34,7 @@ class QueryBlocks:
     score_groups: torch.Tensor
     # KV blocks the longest request spans (the width of block masks and lists).
     num_kv_blocks: int
-    block_size: int
+    sparse_block: int
 
     @property
     def num_blocks(self) -> int:
@@ -43,21 +44,21 @@ class QueryBlocks:
     def causal_pairs(self) -> int:
         """(query block, KV block) pairs a dense pass visits: block i sees blocks 0..i (computed
         once per step; every sparse layer records it)."""
-        return int((self.table_cpu[:, 2] // self.block_size + 1).sum())
+        return int((self.table_cpu[:, QB_FIRST_POS] // self.sparse_block + 1).sum())
 
 
 def build_query_blocks(
     query_start_loc_cpu: torch.Tensor | np.ndarray,
     seq_lens_cpu: torch.Tensor | np.ndarray,
     requests: Sequence[int],
-    block_size: int,
+    sparse_block: int,
     device: torch.device | str,
     blocks_per_score_group: int = 16,
     cfg: FlashPrefillConfig | None = None,
 ) -> QueryBlocks:
     """``cfg``: the config whose dynamic selection the score groups serve (None: every block)."""
-    if cfg is not None and cfg.block_size != block_size:
-        raise ValueError(f"block_size {block_size} differs from the config's {cfg.block_size}")
+    if cfg is not None and cfg.sparse_block != sparse_block:
+        raise ValueError(f"sparse_block {sparse_block} differs from the config's {cfg.sparse_block}")
     qsl = np.asarray(query_start_loc_cpu, dtype=np.int64)
     seq_lens = np.asarray(seq_lens_cpu, dtype=np.int64)
     rows, groups = [], []
@@ -67,15 +68,16 @@ def build_query_blocks(
         if q_len <= 0:
             continue
         context = seq_len - q_len
-        first_block, last_block = context // block_size, (seq_len - 1) // block_size
-        starts = np.maximum(np.arange(first_block, last_block + 1) * block_size, context)
-        ends = np.minimum(np.arange(first_block + 1, last_block + 2) * block_size, seq_len)
+        first_block, last_block = context // sparse_block, (seq_len - 1) // sparse_block
+        starts = np.maximum(np.arange(first_block, last_block + 1) * sparse_block, context)
+        ends = np.minimum(np.arange(first_block + 1, last_block + 2) * sparse_block, seq_len)
         base = sum(len(x) for x in rows)
-        rows.append(
-            np.stack(
-                [np.full_like(starts, r), q_start + starts - context, starts, ends - starts], axis=1
-            )
-        )
+        blocks = np.empty((len(starts), QB_COLUMNS), dtype=np.int64)
+        blocks[:, QB_REQUEST] = r
+        blocks[:, QB_FIRST_ROW] = q_start + starts - context
+        blocks[:, QB_FIRST_POS] = starts
+        blocks[:, QB_ROWS] = ends - starts
+        rows.append(blocks)
         scored = np.ones(len(starts), dtype=bool)
         if cfg is not None:
             scored = content_selectable(np.arange(first_block, last_block + 1), last_block, cfg)
@@ -84,16 +86,16 @@ def build_query_blocks(
             for g in range(0, len(run), blocks_per_score_group):
                 groups.append((base + run[g], min(blocks_per_score_group, len(run) - g)))
         num_kv_blocks = max(num_kv_blocks, int(last_block) + 1)
-    table_cpu = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+    table_cpu = np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, QB_COLUMNS), np.int32)
     groups_cpu = np.asarray(groups, dtype=np.int32).reshape(-1, 2)
     table = torch.from_numpy(table_cpu).to(device, non_blocking=True)
-    last_block_cpu = ((seq_lens[table_cpu[:, 0]] - 1) // block_size).astype(np.int32)
+    last_block_cpu = ((seq_lens[table_cpu[:, QB_REQUEST]] - 1) // sparse_block).astype(np.int32)
     return QueryBlocks(
         table=table,
         table_cpu=table_cpu,
-        block_index=table[:, 2] // block_size,
+        block_index=table.select(1, QB_FIRST_POS) // sparse_block,
         last_block=torch.from_numpy(last_block_cpu).to(device, non_blocking=True),
         score_groups=torch.from_numpy(groups_cpu).to(device, non_blocking=True),
         num_kv_blocks=num_kv_blocks,
-        block_size=block_size,
+        sparse_block=sparse_block,
     )

@@ -13,7 +13,7 @@ BACKEND_PATH = "vllm_flashprefill.backend.FlashPrefillBackend"
 def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from vllm_flashprefill.compat import add_backend_member
+    from .compat import add_backend_member
 
     member = AttentionBackendEnum.__members__.get(BACKEND_NAME)
     if member is None:

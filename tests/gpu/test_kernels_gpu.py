@@ -28,13 +28,14 @@ ON_GPU = os.environ.get("FP_TEST_DEVICE", "cuda").strip().lower() != "cpu"
 if ON_GPU and not torch.cuda.is_available():
     pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
 
+from vllm_flashprefill.block_lists import BlockLists  # noqa: E402
 from vllm_flashprefill.kernels.attention import sparse_prefill_attention  # noqa: E402
 from vllm_flashprefill.kernels.reference import (  # noqa: E402 - after the skip
     block_scores_reference,
     sparse_attention_reference,
 )
 from vllm_flashprefill.patterns import (  # noqa: E402
-    content_selectable, forced_block_mask, mask_to_lists, relative_scores, select_dynamic)
+    content_selectable, forced_block_mask, relative_scores, select_dynamic)
 
 BLOCK = 128 if ON_GPU else 64  # must match conftest.env().block
 
@@ -139,7 +140,7 @@ def run_pipeline(env, b, cfg, kernel: str):
     pipe = pipeline(env, b, cfg, kernel)
     mask = pipe.mask()
     out = torch.full_like(b.q, float("nan"))
-    pipe.attend(mask_to_lists(mask), out)
+    pipe.attend(BlockLists.from_mask(mask), out)
     return pipe, mask, out
 
 
@@ -360,7 +361,7 @@ def test_reads_only_listed_blocks_and_writes_only_its_rows(env, note, pattern, k
     b.v_cache[pages[poison], slots[poison]] = float("nan")
 
     sub = torch.from_numpy(pipe.qb.table_cpu[last]).to(b.q.device)
-    lists = mask_to_lists(mask[last])
+    lists = BlockLists.from_mask(mask[last])
     out = torch.full_like(b.q, 123.0)
     pipe.kernel(b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, sub, *lists, pipe.scale,
                 pipe.block_size)
@@ -381,7 +382,7 @@ def test_an_empty_list_attends_to_the_diagonal_block_alone(env, batches, note, c
     cfg = config(env, "hybrid")
     pipe = pipeline(env, b, cfg, kernel)
     mask = pipe.mask()
-    indices, counts = mask_to_lists(mask)
+    indices, counts = BlockLists.from_mask(mask)
     emptied = torch.arange(0, pipe.qb.num_blocks, 3, device=counts.device)
     counts = counts.clone()
     counts[emptied] = 0
