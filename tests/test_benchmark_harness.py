@@ -134,3 +134,24 @@ def test_serve_bench_help_example_parses_as_written(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     assert serve_bench.main([*argv, "--dry-run"]) == 0
     assert "bench serve" in capsys.readouterr().out
+
+
+def test_kernel_benchmark_checks_its_layer_calls_against_the_reference(tmp_path):
+    """benchmarks/ops/kernels.py on the Triton interpreter (no baselines there): each pattern's
+    layer call, made by the package's sparse_prefill.plan/run, matches the fp32 reference, and its
+    row carries the density and, for dynamic, the selection's timings. About 40 s."""
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ops.kernels", "--device", "cpu", "--seq-lens", "384",
+         "--block-size", "64", "--heads", "4:2:64", "--dtype", "fp32", "--check", "--patterns", "hybrid,dynamic",
+         "--local-blocks", "0", "--stride", "8", "--min-reps", "1", "--no-plot", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [(c["kernel"], c["ok"]) for c in result["checks"]] == [("flashprefill/hybrid", True),
+                                                                   ("flashprefill/dynamic", True)]
+    rows = {r["pattern"]: r for r in result["rows"]}
+    assert rows["hybrid"]["density"] == pytest.approx(18 / 21)  # sink + diagonal, dense last two blocks
+    assert rows["dynamic"]["total_ms"] > 0 and rows["dynamic"]["scores_ms"] > 0
+    assert result["source_digest"] and result["card"] == "cpu"

@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="subset of " + ",".join(KERNELS) + " (sdpa_*: PyTorch SDPA pinned to "
                         "one backend over contiguous K/V, a dense baseline without vLLM)")
     p.add_argument("--page-size", type=int, default=16, help="KV cache page size (tokens)")
-    p.add_argument("--block-size", type=int, default=128, help="FlashPrefill block size")
+    p.add_argument("--block-size", type=int, default=128, help="FlashPrefill's sparse tile (option block_size)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (Triton interpreter)")
     p.add_argument("--threshold", type=float, default=0.1, help="dynamic: score threshold")
@@ -236,17 +236,17 @@ def main(argv=None) -> int:
                 result["rows"].append(r)
                 files.write_json(out_path, result)
 
-            pipes = {}
+            calls = {}
             for pattern, cfg in cfgs.items():
                 try:
-                    pipes[pattern] = common.Pipeline(b, cfg, scale)
+                    calls[pattern] = common.LayerCall(b, cfg, scale)
                 except Exception as e:  # noqa: BLE001
                     record_error(dict(kernel="flashprefill", pattern=pattern, **cfg_desc), e)
 
             if args.check and si == 0:
                 bar.set_postfix_str(f"{hq}/{hkv}/{d} S={seq_len} check")
                 try:
-                    run_checks(args, b, pipes, baselines, scale, result,
+                    run_checks(args, b, calls, baselines, scale, result,
                                failures, cfg_desc, reference, log)
                 except Exception as e:  # noqa: BLE001
                     record_error(dict(kernel="check", **cfg_desc), e)
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
             order = ([("fa3", None)] + [(k, None) for k in kernels if k.startswith("sdpa")]
                      + [("flashprefill", p) for p in cfgs] + [("triton_unified", None)])
             for kernel, pattern in order:
-                if kernel == "flashprefill" and pattern not in pipes:
+                if kernel == "flashprefill" and pattern not in calls:
                     continue
                 if kernel != "flashprefill" and (kernel not in baselines or baselines[kernel][0] is None):
                     continue
@@ -272,25 +272,20 @@ def main(argv=None) -> int:
                     continue
                 try:
                     if kernel == "flashprefill":
-                        pipe = pipes[pattern]
-                        if pipe.dynamic:
-                            lists = pipe.select()
-                            density = common.mask_density(pipe.mask(), pipe.qb)
-                            sel_ms = common.bench(pipe.select, **timing)
-                            ms = common.bench(lambda: pipe.attend(lists, out), **timing)
-                            total = common.bench(lambda: pipe(out), **timing)
+                        call = calls[pattern]
+                        lists = call.lists()
+                        density = lists.density()
+                        ms = common.bench(lambda: call.attend(lists, out), **timing)
+                        if call.cfg.block_pattern.scores_content:  # selection runs in every layer
+                            sel_ms = common.bench(call.lists, **timing)
+                            total = common.bench(lambda: call.run(out), **timing)
                             # Where selection time goes: the scoring kernels alone, and the
                             # selection kernel on ready scores.
-                            scores = pipe.scores()
-                            scores_ms = common.bench(pipe.scores, **timing)
-                            lists_ms = common.bench(lambda: pipe.lists_from_scores(scores), **timing)
-                            del scores
+                            scores_ms = common.bench(call.scores, **timing)
+                            lists_ms = common.bench(call.select, **timing)
                             row(kernel, pattern, density, ms, selection_ms=sel_ms, total_ms=total,
                                 scores_ms=scores_ms, select_lists_ms=lists_ms)
                         else:
-                            lists = pipe.select()
-                            density = common.mask_density(pipe.mask(), pipe.qb)
-                            ms = common.bench(lambda: pipe.attend(lists, out), **timing)
                             row(kernel, pattern, density, ms)
                     else:
                         call, _ = make_baseline(kernel, baselines[kernel][0], b, out, scale)
@@ -309,7 +304,7 @@ def main(argv=None) -> int:
                             bar.close()
                             return finish(args, result, out_path, failures, t_start, fatal=True)
                 bar.update(1)
-            b = out = pipes = None  # free this configuration's tensors
+            b = out = calls = None  # free this configuration's tensors
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     bar.close()
@@ -333,7 +328,7 @@ def make_baseline(kernel, fn, b, out, scale):
     return call, (lambda: held["out"][0].transpose(0, 1))
 
 
-def run_checks(args, b, pipes, baselines, scale, result, failures, cfg_desc,
+def run_checks(args, b, calls, baselines, scale, result, failures, cfg_desc,
                reference, log) -> None:
     """Every kernel vs the torch reference on a sample of query blocks; dense vs FA3 in full."""
     import torch
@@ -353,18 +348,17 @@ def run_checks(args, b, pipes, baselines, scale, result, failures, cfg_desc,
         if not ok:
             failures.append(f"CHECK FAILED {cfg_desc}: {line}")
 
-    any_pipe = next(iter(pipes.values()), None)
     dense_out = None
-    for pattern, pipe in pipes.items():
+    for pattern, call in calls.items():
         out = torch.full_like(b.q, float("nan"))
-        mask = pipe.mask()
-        pipe.attend(_lists(mask), out)
-        blocks = common.pick_blocks(pipe.qb.num_blocks, args.check_blocks, seed=args.seed)
-        table = pipe.qb.table_cpu[blocks]
-        rows = common.query_block_rows(pipe.qb.table_cpu, blocks).to(b.q.device)
+        call.run(out)  # as the layer runs it; then the lists it attended, as a mask
+        qb = call.query_blocks
+        mask = call.lists().to_mask(qb.num_kv_blocks)
+        blocks = common.pick_blocks(qb.num_blocks, args.check_blocks, seed=args.seed)
+        rows = common.query_block_rows(qb.table_cpu, blocks).to(b.q.device)
         ref = reference.sparse_attention_reference(
             b.q, b.k_cache, b.v_cache, b.block_table, b.seq_lens,
-            torch.from_numpy(table).to(b.q.device), mask[blocks], scale, pipe.block_size,
+            torch.from_numpy(qb.table_cpu[blocks]).to(b.q.device), mask[blocks], scale, qb.sparse_block,
         )
         report(f"flashprefill/{pattern}", "reference", common.diff(out[rows], ref[rows]), len(rows))
         unwritten = int(torch.isnan(out).any(-1).any(-1).sum())
@@ -373,12 +367,12 @@ def run_checks(args, b, pipes, baselines, scale, result, failures, cfg_desc,
             log(f"check flashprefill/{pattern}: {unwritten} rows unwritten FAIL")
         if pattern == "dense":
             dense_out = out
-    if any_pipe is None:
+    if not calls:
         return
-    dense_mask = torch.ones(any_pipe.qb.num_blocks, 1, any_pipe.qb.num_kv_blocks, dtype=torch.bool,
-                            device=b.q.device)
-    blocks = common.pick_blocks(any_pipe.qb.num_blocks, args.check_blocks, seed=args.seed)
-    rows = common.query_block_rows(any_pipe.qb.table_cpu, blocks).to(b.q.device)
+    qb = next(iter(calls.values())).query_blocks
+    dense_mask = torch.ones(qb.num_blocks, 1, qb.num_kv_blocks, dtype=torch.bool, device=b.q.device)
+    blocks = common.pick_blocks(qb.num_blocks, args.check_blocks, seed=args.seed)
+    rows = common.query_block_rows(qb.table_cpu, blocks).to(b.q.device)
     ref = None
     for name, (fn, _) in baselines.items():
         if fn is None:
@@ -394,18 +388,11 @@ def run_checks(args, b, pipes, baselines, scale, result, failures, cfg_desc,
         if ref is None:
             ref = reference.sparse_attention_reference(
                 b.q, b.k_cache, b.v_cache, b.block_table, b.seq_lens,
-                torch.from_numpy(any_pipe.qb.table_cpu[blocks]).to(b.q.device),
-                dense_mask[blocks], scale, any_pipe.block_size,
+                torch.from_numpy(qb.table_cpu[blocks]).to(b.q.device), dense_mask[blocks], scale, qb.sparse_block,
             )
         report(name, "reference", common.diff(out[rows], ref[rows]), len(rows))
         if dense_out is not None:  # the whole output, not a sample
             report("flashprefill/dense", name, common.diff(dense_out, out), out.shape[0])
-
-
-def _lists(mask):
-    from vllm_flashprefill.patterns import mask_to_lists
-
-    return mask_to_lists(mask)
 
 
 def finish(args, result, out_path: Path, failures: list[str], t_start: float, fatal=False) -> int:

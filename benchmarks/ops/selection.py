@@ -27,9 +27,11 @@ import triton
 
 from benchmarks.harness import files, provenance
 from benchmarks.ops.common import load_kernel_file
+from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.kernels import scoring
-from vllm_flashprefill.patterns import mask_to_lists, select_dynamic, select_dynamic_lists
+from vllm_flashprefill.kernels.common import QB_FIRST_POS
+from vllm_flashprefill.patterns import select_dynamic, select_dynamic_lists
 from vllm_flashprefill.plan import build_query_blocks
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     scores = torch.empty(qb.num_blocks, hq, max(args.width, qb.num_kv_blocks), device=dev)
     pooled = torch.empty(qb.num_blocks, hq, d, device=dev)
     cfg = FlashPrefillConfig(pattern="dynamic", min_seq_len=0, max_budget=args.max_budget)
-    flops = 2 * hq * d * B * int((qb.table_cpu[:, 2] // B + 1).sum())
+    flops = 2 * hq * d * B * int((qb.table_cpu[:, QB_FIRST_POS] // B + 1).sum())
 
     def scorer(module=scoring, config=None):
         """A call of ``module``'s block_scores, on query-block groups of the size its kernel takes."""
@@ -87,7 +89,8 @@ def main() -> None:
         return lambda: fn(q, k, table, seq_lens, qb.table, groups, scores, pooled, d**-0.5, B, config)
 
     def select_torch():
-        return mask_to_lists(select_dynamic(scores[..., :qb.num_kv_blocks], qb.block_index, qb.last_block, hkv, cfg))
+        return BlockLists.from_mask(select_dynamic(scores[..., :qb.num_kv_blocks], qb.block_index, qb.last_block,
+                                                   hkv, cfg))
 
     def select():
         return select_dynamic_lists(scores, qb.table, seq_lens, hkv, qb.num_kv_blocks, cfg)
