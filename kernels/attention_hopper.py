@@ -25,17 +25,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import (
-    LOG2E,
-    QB_COLUMNS,
-    QB_FIRST_POS,
-    QB_FIRST_ROW,
-    QB_REQUEST,
-    QB_ROWS,
-    check_head_dim_contiguous,
-    kernel_shape,
-    list_strides,
-)
+from .common import LOG2E, QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
+from .common import check_head_dim_contiguous, kernel_shape, list_strides
 
 # Gluon's API moves between Triton releases; the two names this kernel needs differ between 3.6 (the
 # GPU image's, with vLLM 0.26) and 3.9 (vLLM 0.32+). Inside a warp-specialized partition the

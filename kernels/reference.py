@@ -1,4 +1,5 @@
-"""Plain-PyTorch references for the Triton kernels: same inputs, fp32 math, no tiling tricks."""
+"""Plain-PyTorch references for the Triton kernels (and for the FA3 call of the ``flash_attn`` route):
+same inputs, fp32 math, no tiling tricks."""
 
 from __future__ import annotations
 
@@ -60,3 +61,22 @@ def block_scores_reference(
         for kb in range(qb + 1):
             scores[i, :, kb] = logits[:, kb * sparse_block:(kb + 1) * sparse_block].amax(-1)
     return scores
+
+
+def flash_attn_varlen_reference(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k,
+                                softmax_scale, causal, block_table, num_splits, fa_version):
+    """What one FA3 varlen call over a block table computes (keys paged, ``causal=True`` aligned to
+    the end of each sequence), in fp32, written into ``out`` like the real call."""
+    assert causal and fa_version == 3 and num_splits == 1
+    gqa = q.shape[1] // k.shape[2]
+    cu = cu_seqlens_q.tolist()
+    for i, used in enumerate(seqused_k.tolist()):
+        lo, hi = cu[i], cu[i + 1]
+        assert hi - lo <= max_seqlen_q and used <= max_seqlen_k
+        keys = gather_kv(k, block_table[i], used).float().repeat_interleave(gqa, 1)
+        values = gather_kv(v, block_table[i], used).float().repeat_interleave(gqa, 1)
+        rows = torch.arange(hi - lo, device=q.device)
+        visible = torch.arange(used, device=q.device)[None, :] <= (used - (hi - lo) + rows)[:, None]
+        logits = torch.einsum("thd,shd->hts", q[lo:hi].float(), keys) * softmax_scale
+        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+        out[lo:hi] = torch.einsum("hts,shd->thd", probs, values).to(out.dtype)

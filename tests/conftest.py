@@ -24,38 +24,29 @@ def clean_flashprefill_env(monkeypatch):
     return monkeypatch
 
 
-def fa3_varlen_semantics(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k,
-                         softmax_scale, causal, block_table, num_splits, fa_version):
-    """What one FA3 varlen call over a block table computes (keys paged, ``causal=True`` aligned to
-    the end of each sequence), in fp32, written into ``out`` like the real call."""
-    from vllm_flashprefill.kernels.reference import gather_kv
-
-    assert causal and fa_version == 3 and num_splits == 1
-    gqa = q.shape[1] // k.shape[2]
-    cu = cu_seqlens_q.tolist()
-    for i, used in enumerate(seqused_k.tolist()):
-        lo, hi = cu[i], cu[i + 1]
-        assert hi - lo <= max_seqlen_q and used <= max_seqlen_k
-        keys = gather_kv(k, block_table[i], used).float().repeat_interleave(gqa, 1)
-        values = gather_kv(v, block_table[i], used).float().repeat_interleave(gqa, 1)
-        rows = torch.arange(hi - lo, device=q.device)
-        visible = torch.arange(used, device=q.device)[None, :] <= (used - (hi - lo) + rows)[:, None]
-        logits = torch.einsum("thd,shd->hts", q[lo:hi].float(), keys) * softmax_scale
-        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-        out[lo:hi] = torch.einsum("hts,shd->thd", probs, values).to(out.dtype)
-
-
 @pytest.fixture
 def fake_fa3(monkeypatch):
     """Stands in for vLLM's FA3 on any device (``flash_sparse_attention`` imports it at call time);
     returns the (query heads, KV heads, sequences) of every call."""
     from vllm.v1.attention.backends import fa_utils
 
+    from vllm_flashprefill.kernels.reference import flash_attn_varlen_reference
+
     calls = []
 
     def varlen(q, k, v, **kw):
         calls.append((q.shape[1], k.shape[2], kw["seqused_k"].shape[0]))
-        fa3_varlen_semantics(q, k, v, **kw)
+        flash_attn_varlen_reference(q, k, v, **kw)
 
     monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", varlen, raising=False)
     return calls
+
+
+@pytest.fixture
+def capability(monkeypatch):
+    """Sets the compute capability torch reports (the kernel choice reads it), e.g. 9 for sm_90."""
+
+    def set_capability(major: int, minor: int = 0):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+
+    return set_capability

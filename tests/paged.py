@@ -76,3 +76,32 @@ def make_paged_batch(
         context_lens=list(context_lens),
         query_lens=list(query_lens),
     )
+
+
+def query_blocks_of(batch: PagedBatch, gqa: int, sparse_block: int):
+    """Every row of the batch as query blocks (``plan.build_query_blocks``), with score groups
+    for a GQA group of ``gqa`` query heads."""
+    from vllm_flashprefill.kernels.scoring import blocks_per_group
+    from vllm_flashprefill.plan import build_query_blocks
+
+    return build_query_blocks(
+        batch.query_start_loc, batch.seq_lens, range(len(batch.query_lens)), sparse_block, "cpu",
+        blocks_per_group(gqa),
+    )
+
+
+def dynamic_mask(batch: PagedBatch, qblocks, cfg, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block scores from the scoring kernel, the torch selection over them) for every query block."""
+    from vllm_flashprefill.kernels.scoring import block_scores
+    from vllm_flashprefill.patterns import select_dynamic
+
+    heads, head_size = batch.q.shape[1], batch.q.shape[2]
+    scores = torch.full((qblocks.num_blocks, heads, qblocks.num_kv_blocks), float("-inf"))
+    pooled = torch.empty(qblocks.num_blocks, heads, head_size)
+    block_scores(
+        batch.q, batch.k_cache, batch.block_table, batch.seq_lens, qblocks.table,
+        qblocks.score_groups, scores, pooled, scale, qblocks.sparse_block,
+    )
+    return scores, select_dynamic(
+        scores, qblocks.block_index, qblocks.last_block, batch.k_cache.shape[2], cfg
+    )

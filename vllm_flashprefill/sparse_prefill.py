@@ -213,9 +213,9 @@ def run(
     chunk), on the device. on_fa3: this layer runs FA3, so the plan's FA3 calls (if any) replace
     our kernel. Returns the block counts of the layer's lists ([n, Hkv], or [n, 1] when shared).
     """
-    lists = block_lists(plan, query, key_cache, block_table, seq_lens, scale)
+    lists = layer_block_lists(plan, query, key_cache, block_table, seq_lens, scale)
     if plan.flash is not None and on_fa3:
-        buffers = (plan.workspace.tables, plan.workspace.seqused) if plan.workspace else (None, None)
+        buffers = (None, None) if plan.workspace is None else (plan.workspace.tables, plan.workspace.seqused)
         flash_sparse_rows(plan.flash, plan.query_blocks, lists, query, key_cache, value_cache, output,
                           block_table, scale, *buffers)
     else:
@@ -225,7 +225,7 @@ def run(
     return lists.counts
 
 
-def block_lists(plan: SparsePlan, query: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+def layer_block_lists(plan: SparsePlan, query: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
                 seq_lens: torch.Tensor, scale: float) -> BlockLists:
     """The KV blocks each query block visits: the plan's static lists, or this layer's dynamic
     selection ([n, Hkv, L], in the workspace)."""

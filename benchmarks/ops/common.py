@@ -159,10 +159,10 @@ class LayerCall:
 
     def lists(self):
         """The layer's BlockLists: the plan's (static patterns) or this layer's selection (dynamic)."""
-        from vllm_flashprefill.sparse_prefill import block_lists
+        from vllm_flashprefill.sparse_prefill import layer_block_lists
 
         b = self.batch
-        return block_lists(self.step, b.q, b.k_cache, b.block_table, b.seq_lens, self.scale)
+        return layer_block_lists(self.step, b.q, b.k_cache, b.block_table, b.seq_lens, self.scale)
 
     def scores(self) -> torch.Tensor:
         """``dynamic``: the block scores [n, Hq, KV blocks] (into the plan's workspace)."""

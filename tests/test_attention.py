@@ -1,0 +1,127 @@
+"""kernels/attention.py, the portable block-sparse attention kernel, against the PyTorch reference
+(Triton's interpreter on CPU, fp16/fp32), for every pattern's block lists."""
+
+import pytest
+import torch
+
+from tests.paged import dynamic_mask, make_paged_batch, query_blocks_of
+from vllm_flashprefill.block_lists import BlockLists
+from vllm_flashprefill.config import FlashPrefillConfig
+from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention, tma_supported
+from vllm_flashprefill.kernels.reference import sparse_attention_reference
+from vllm_flashprefill.patterns import forced_block_mask
+
+BLOCK = 64
+
+
+def run_sparse(batch, qblocks, mask, scale):
+    indices, counts = BlockLists.from_mask(mask)
+    out = torch.full_like(batch.q, float("nan"))
+    sparse_prefill_attention(
+        batch.q, batch.k_cache, batch.v_cache, out, batch.block_table, batch.seq_lens,
+        qblocks.table, indices, counts, scale, BLOCK,
+    )
+    return out
+
+
+# (query lengths, context lengths, Hq, Hkv, head size, page size, dtype, layout)
+CASES = [
+    ([150], [0], 4, 4, 64, 16, torch.float32, "NHD"),
+    ([100, 37, 200], [70, 300, 0], 8, 2, 64, 32, torch.float16, "NHD"),
+    ([130, 64], [5, 64], 7, 1, 64, 16, torch.float32, "HND"),
+    ([90], [200], 4, 1, 128, 64, torch.float16, "NHD"),  # pages of whole tiles: TMA copies
+    ([170, 60], [64, 0], 8, 2, 64, 64, torch.float16, "NHD"),
+]
+
+
+def case_mask(pattern, case):
+    """The batch of a case and the block mask the pattern gives it. Lengths and options are chosen
+    so that the sparse patterns skip blocks and, for dynamic, KV heads keep different lists (only
+    the diagonal and each head's best block), which the kernel must follow head by head."""
+    query_lens, context_lens, hq, hkv, head_size, page_size, dtype, layout = case
+    batch = make_paged_batch(
+        query_lens, context_lens, hq, hkv, head_size, page_size, dtype, layout=layout, seed=len(pattern)
+    )
+    options = dict(sink_blocks=1, local_blocks=1, stride=3, threshold=1.0)
+    if pattern == "dynamic":
+        options.update(sink_blocks=0, local_blocks=0, stride=0, above_mean=0.0)
+    cfg = FlashPrefillConfig(pattern=pattern, sparse_block=BLOCK, min_seq_len=0, dense_tail_blocks=0, **options)
+    scale = head_size**-0.5
+    qblocks = query_blocks_of(batch, hq // hkv, BLOCK)
+    if pattern == "dynamic":
+        _, mask = dynamic_mask(batch, qblocks, cfg, scale)
+    else:
+        mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+    return batch, qblocks, mask, scale
+
+
+@pytest.mark.parametrize("pattern", ["dense", "local", "strided", "hybrid", "dynamic"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"q{c[0]}-c{c[1]}-h{c[2]}/{c[3]}-d{c[4]}-p{c[5]}")
+def test_sparse_attention_matches_reference(pattern, case):
+    batch, qblocks, mask, scale = case_mask(pattern, case)
+    out = run_sparse(batch, qblocks, mask, scale)
+    ref = sparse_attention_reference(
+        batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.seq_lens,
+        qblocks.table, mask, scale, BLOCK,
+    )
+    assert not out.isnan().any(), "a row was left unwritten or read garbage"
+    tol = 2e-3 if batch.q.dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_reference_cases_skip_blocks_and_differ_across_heads():
+    """Guards the test above: with everything selected, a kernel that reads the wrong block list
+    (another head's, or none) would still match the reference."""
+    for pattern in ("local", "strided", "hybrid", "dynamic"):
+        skipping = per_head = 0
+        for case in CASES:
+            _, qblocks, mask, _ = case_mask(pattern, case)
+            causal = torch.arange(qblocks.num_kv_blocks)[None, :] <= qblocks.block_index[:, None]
+            skipping += int(mask.sum() < causal.sum() * mask.shape[1])
+            per_head += int(any(not torch.equal(mask[:, 0], mask[:, h]) for h in range(mask.shape[1])))
+        assert skipping >= 3, pattern
+        if pattern == "dynamic":
+            assert per_head >= 3
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_tma_tiles_match_gathered_tiles(head_size):
+    """Pages that hold whole key tiles switch off-diagonal tiles to TMA copies; same numbers."""
+    batch = make_paged_batch([200, 90], [60, 128], 8, 2, head_size, 64, torch.float32, seed=2)
+    qblocks = query_blocks_of(batch, 4, BLOCK)
+    cfg = FlashPrefillConfig(
+        pattern="hybrid", sparse_block=BLOCK, local_blocks=1, stride=2, min_seq_len=0, dense_tail_blocks=0
+    )
+    indices, counts = BlockLists.from_mask(
+        forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
+    )
+    tma = launch_config(head_size, 4, BLOCK, page_size=64, tma=tma_supported(batch.q.device))
+    assert tma["TMA"]
+    outs = []
+    for config in (tma, {**tma, "TMA": False}):
+        out = torch.full_like(batch.q, float("nan"))
+        sparse_prefill_attention(
+            batch.q, batch.k_cache, batch.v_cache, out, batch.block_table, batch.seq_lens,
+            qblocks.table, indices, counts, head_size**-0.5, BLOCK, config,
+        )
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert not outs[0].isnan().any()
+
+
+def test_sparse_patterns_actually_skip_blocks():
+    batch = make_paged_batch([640], [0], 2, 2, 64, 16, torch.float32)
+    qblocks = query_blocks_of(batch, 1, BLOCK)
+    cfg = FlashPrefillConfig(
+        pattern="local", sparse_block=BLOCK, sink_blocks=1, local_blocks=1, min_seq_len=0,
+        dense_tail_blocks=1,
+    )
+    qb, last = qblocks.block_index, qblocks.last_block
+    mask = forced_block_mask(qb, last, qblocks.num_kv_blocks, cfg)
+    dense = forced_block_mask(qb, last, qblocks.num_kv_blocks, FlashPrefillConfig(pattern="dense", sparse_block=BLOCK))
+    assert mask.sum() < dense.sum()
+    out = run_sparse(batch, qblocks, mask, 0.125)
+    out_dense = run_sparse(batch, qblocks, dense, 0.125)
+    tail = 640 - BLOCK  # the chunk's last block is its dense tail; the block before it is sparse
+    assert not torch.allclose(out[tail - BLOCK:tail], out_dense[tail - BLOCK:tail], atol=1e-3)
+    torch.testing.assert_close(out[tail:], out_dense[tail:], atol=1e-5, rtol=1e-5)
