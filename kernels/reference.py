@@ -17,17 +17,19 @@ def sparse_attention_reference(
     q, k_cache, v_cache, block_table, seq_lens, qblocks, block_mask, scale, sparse_block
 ) -> torch.Tensor:
     """Attention of every query row over the KV blocks ``block_mask`` [n, Hkv or 1, nkb] keeps,
-    causal inside them. Returns [tokens, Hq, D] fp32 (rows outside ``qblocks`` are zero)."""
+    causal inside them. Returns [tokens, Hq, D] fp32, float64 for a float64 ``q`` (rows outside
+    ``qblocks`` are zero)."""
     gqa = q.shape[1] // k_cache.shape[2]
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
     table = qblocks.cpu()
     cached = (None, None, None)
     for i in range(table.shape[0]):
         req, row0, pos0, rows = (int(x) for x in table[i])
         seq_len = int(seq_lens[req])
         if cached[0] != req:
-            k = gather_kv(k_cache, block_table[req], seq_len).float().repeat_interleave(gqa, 1)
-            v = gather_kv(v_cache, block_table[req], seq_len).float().repeat_interleave(gqa, 1)
+            k = gather_kv(k_cache, block_table[req], seq_len).to(dtype).repeat_interleave(gqa, 1)
+            v = gather_kv(v_cache, block_table[req], seq_len).to(dtype).repeat_interleave(gqa, 1)
             cached = (req, k, v)
         _, k, v = cached
         qpos = torch.arange(pos0, pos0 + rows, device=q.device)
@@ -35,7 +37,7 @@ def sparse_attention_reference(
         allowed = block_mask[i].expand(k_cache.shape[2], -1)[:, kpos // sparse_block]
         allowed = allowed.repeat_interleave(gqa, 0)  # [Hq, seq]
         allowed = allowed[:, None, :] & (kpos[None, None, :] <= qpos[None, :, None])
-        logits = torch.einsum("thd,shd->hts", q[row0:row0 + rows].float(), k) * scale
+        logits = torch.einsum("thd,shd->hts", q[row0:row0 + rows].to(dtype), k) * scale
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
         out[row0:row0 + rows] = torch.einsum("hts,shd->thd", probs, v)
     return out
@@ -68,6 +70,15 @@ def flash_attn_varlen_reference(q, k, v, out, cu_seqlens_q, max_seqlen_q, sequse
     """What one FA3 varlen call over a block table computes (keys paged, ``causal=True`` aligned to
     the end of each sequence), in fp32, written into ``out`` like the real call."""
     assert causal and fa_version == 3 and num_splits == 1
+    causal_paged_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
+                           block_table)
+
+
+def causal_paged_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
+                           block_table):
+    """Causal attention of varlen queries ``q`` [tokens, Hq, D] over paged keys and values
+    [pages, page_size, Hkv, D], aligned to the end of each sequence (as FlashAttention computes
+    it), in fp32, written into ``out``."""
     gqa = q.shape[1] // k.shape[2]
     cu = cu_seqlens_q.tolist()
     for i, used in enumerate(seqused_k.tolist()):
