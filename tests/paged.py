@@ -62,7 +62,8 @@ def make_paged_batch(
     seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
     pages_per_req = [-(-s // page_size) for s in seq_lens]
     shared = shared_pages or [0] * len(seq_lens)
-    if shared[0] or any(n * page_size > min(context_lens[r - 1], context_lens[r]) for r, n in enumerate(shared) if n):
+    if shared[0] or any(n * page_size > min(context_lens[r - 1], context_lens[r])
+                        for r, n in enumerate(shared) if n):
         raise ValueError(f"shared pages {shared} must lie in the context of both requests")
     num_pages = sum(pages_per_req) - sum(shared) + 3  # spare pages stay garbage: nothing may read them
     perm = torch.randperm(num_pages, generator=gen) if shuffle_pages else torch.arange(num_pages)

@@ -94,7 +94,8 @@ def test_max_budget_caps_content_selection_whatever_the_gqa_group(gqa):
     assert torch.equal(fused, capped)
 
 
-@pytest.mark.parametrize("gqa,min_budget,max_budget", [(1, 0, 2), (2, 1, 1), (3, 2, 2), (4, 2, 3), (7, 0, 1), (7, 3, 5)])
+@pytest.mark.parametrize("gqa,min_budget,max_budget",
+                         [(1, 0, 2), (2, 1, 1), (3, 2, 2), (4, 2, 3), (7, 0, 1), (7, 3, 5)])
 def test_budgets_keep_exact_counts_on_tied_scores(gqa, min_budget, max_budget):
     """Scores of three values tie everywhere: content selection still adds at least min_budget
     blocks (where the row has that many candidates) and at most max_budget, the kernel the same
