@@ -5,7 +5,8 @@ Each case draws from its own seed a batch in vLLM's decode-first order — decod
 chunked continuations (context anywhere) and prefix-cache hits (a context of whole pages, shared
 with the request before) — over shuffled pages of 16 to 128 slots in one of vLLM's KV-cache
 layouts (size-1 dims with any stride), GQA 1 to 8, head sizes 64/128/256, lengths of 1, a sparse
-block +- 1 and min_seq_len +- 1, with a random pattern and options. Sparse blocks are 64 tokens and
+block +- 1 and min_seq_len +- 1, with a random pattern and options, and the prompt lengths a model
+runner publishes (half the prefills stop short of their prompt's end). Sparse blocks are 64 tokens and
 min_seq_len small, so that the sparse path engages on short, cheap prompts. fp16 only: the
 interpreter's ``tl.dot`` on bf16 returns garbage (Triton 3.9), so bf16 is for the GPU tests.
 
@@ -28,6 +29,7 @@ import dataclasses
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ from tests.paged import (
     tiny_llama,
     vllm_config,
 )
-from vllm_flashprefill import flash_sparse, sparse_prefill
+from vllm_flashprefill import compat, flash_sparse, sparse_prefill
 from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.kernels.attention import tma_block_n, tma_supported
 from vllm_flashprefill.kernels.reference import block_scores_reference, sparse_attention_reference
@@ -72,6 +74,9 @@ class Case:
     q_in_qkv: bool
     padding_tokens: int
     options: dict
+    # Per request where its prefill ends, as the runner publishes it (compat.prefill_lens): past
+    # the chunk where the chunk stops short of its prompt's end, else 0.
+    prefill_lens: list[int]
 
 
 def draw_case(seed: int) -> Case:
@@ -132,17 +137,24 @@ def draw_case(seed: int) -> Case:
         layer=rng.randrange(num_layers),
         singleton_stride=rng.choice([None, 0, 1, 3, 2 * head_size + 8]), q_in_qkv=rng.random() < 0.5,
         padding_tokens=rng.choice([0, 0, 3]), options=options,
+        prefill_lens=[  # drawn last, so that each seed draws the batch it drew before these lengths
+            context + query + rng.choice([1, BLOCK - 1, BLOCK, 2 * BLOCK + 1, rng.randint(1, 4 * BLOCK)])
+            if query > 1 and rng.random() < 0.5 else 0
+            for context, query in zip(context_lens, query_lens)
+        ],
     )
 
 
-def expected_mask(block: int, last_block: int, nkb: int, options: dict) -> torch.Tensor:
+def expected_mask(block: int, tail_end: int, nkb: int, options: dict) -> torch.Tensor:
     """[nkb] the KV blocks a query block keeps regardless of content, as README states the rule:
-    every causal block for a block below min_seq_len or in the chunk's dense tail, else the
-    diagonal, the sink blocks, the local window (local/hybrid/dynamic) and every stride-th block
-    back from the diagonal (strided/hybrid/dynamic)."""
+    every causal block for a block below min_seq_len or in the prompt's dense tail (the
+    dense_tail_blocks blocks up to ``tail_end``, the block holding the prompt's last token), else
+    the diagonal, the sink blocks, the local window (local/hybrid/dynamic) and every stride-th
+    block back from the diagonal (strided/hybrid/dynamic)."""
     kb = torch.arange(nkb)
     causal = kb <= block
-    if block * BLOCK < options["min_seq_len"] or block > last_block - options["dense_tail_blocks"]:
+    in_tail = tail_end - options["dense_tail_blocks"] < block <= tail_end
+    if block * BLOCK < options["min_seq_len"] or in_tail:
         return causal
     keep = (kb == block) | (kb < options["sink_blocks"])
     if options["pattern"] != "strided":
@@ -207,7 +219,13 @@ def test_random_batch_matches_reference(seed, request, model_dirs, clean_flashpr
         layer=case.layer, singleton_stride=case.singleton_stride, shared_pages=case.shared_pages,
         block_table_slack=2, q_in_qkv=case.q_in_qkv, padding_tokens=case.padding_tokens,
     )
-    _, meta = build(config, batch)
+    compat.publish_prefill_lens(compat.PublishedPrefillLens(
+        query_start_loc=batch.query_start_loc.cpu().numpy(), seq_lens=batch.seq_lens.cpu().numpy(),
+        prefill_lens=np.array(case.prefill_lens)))
+    try:
+        _, meta = build(config, batch)
+    finally:
+        compat.publish_prefill_lens(None)
     step = meta.sparse
     if misaligned_tma_stride(case, step):
         request.applymarker(pytest.mark.xfail(
@@ -229,7 +247,8 @@ def test_random_batch_matches_reference(seed, request, model_dirs, clean_flashpr
     mask = torch.zeros(len(blocks), case.num_kv_heads, nkb, dtype=torch.bool)
     for i, (r, _, pos, _) in enumerate(blocks):
         block = pos // BLOCK
-        mask[i] = expected_mask(block, (seq_lens[r] - 1) // BLOCK, nkb, options) if r in sparse else (
+        tail_end = (max(seq_lens[r], case.prefill_lens[r]) - 1) // BLOCK
+        mask[i] = expected_mask(block, tail_end, nkb, options) if r in sparse else (
             torch.arange(nkb) <= block)
     if step is not None:
         qblocks = step.query_blocks
