@@ -44,7 +44,8 @@ from tests.paged import (
 )
 from vllm_flashprefill import compat, flash_sparse, sparse_prefill
 from vllm_flashprefill.block_lists import BlockLists
-from vllm_flashprefill.kernels.attention import tma_block_n, tma_supported
+from vllm_flashprefill.kernels.attention import tma_block_n
+from vllm_flashprefill.kernels.limits import device_limits
 from vllm_flashprefill.kernels.reference import block_scores_reference, sparse_attention_reference
 from vllm_flashprefill.patterns import select_dynamic
 
@@ -172,7 +173,7 @@ def misaligned_tma_stride(case: Case, step) -> bool:
     stride = case.singleton_stride
     if step is None or case.num_kv_heads != 1 or stride is None or stride * 2 % 16 == 0:
         return False
-    if not (tma_block_n(case.head_size, BLOCK, case.page_size) and tma_supported(torch.device("cpu"))):
+    if not (tma_block_n(case.head_size, BLOCK, case.page_size) and device_limits(torch.device("cpu")).tma):
         return False
     scored = case.options["pattern"] == "dynamic" and step.query_blocks.score_groups.shape[0] > 0
     return step.flash is None or scored  # our attention kernel runs the rows, or scoring reads K
