@@ -33,6 +33,21 @@ def check_head_dim_contiguous(*tensors: torch.Tensor) -> None:
         raise ValueError("the head dimension must be contiguous")
 
 
+def canonical_strides(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (no copy) with the stride of each size-1 dimension set as a contiguous layout would
+    set it: the next dimension's extent times its stride (1 for the last dimension). Such a stride
+    never addresses an element, so a view may carry any value there (vLLM's KV-cache views with one
+    KV head per rank may have 1); TMA descriptors need 16-byte aligned strides, and Triton
+    specializes its kernels on stride values."""
+    strides = list(t.stride())
+    inner = 1
+    for dim in reversed(range(t.dim())):
+        if t.shape[dim] == 1:
+            strides[dim] = inner
+        inner = strides[dim] * t.shape[dim]
+    return t if strides == list(t.stride()) else t.as_strided(t.shape, strides)
+
+
 def dot_dtype(q: torch.Tensor) -> torch.dtype:
     """What the kernels' dots run in: q's dtype; for an fp8 q fp16, which holds every e4m3 value
     exactly (and probabilities more precisely than bf16)."""

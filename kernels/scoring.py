@@ -21,6 +21,7 @@ from .common import (
     QB_REQUEST,
     QB_ROWS,
     TRITON_DTYPES,
+    canonical_strides,
     check_dtypes,
     dot_dtype,
     scale_args,
@@ -242,6 +243,7 @@ def block_scores(
     check_dtypes(dot_dtype(q), q=(q, q_scale), K=(k_cache, k_scale))
     if groups.shape[0] == 0:
         return scores
+    q, k_cache = canonical_strides(q), canonical_strides(k_cache)
     pool_queries(q, qblocks, groups, pooled, sparse_block, per_group)
     limits = limits or device_limits(q.device)
     cfg = scores_config(head_size, gqa, sparse_block, page_size, limits, dot_dtype(q).itemsize)

@@ -8,6 +8,7 @@ from tests.paged import dynamic_mask, make_paged_batch, query_blocks_of
 from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention
+from vllm_flashprefill.kernels.common import canonical_strides
 from vllm_flashprefill.kernels.limits import device_limits
 from vllm_flashprefill.kernels.reference import sparse_attention_reference
 from vllm_flashprefill.patterns import forced_block_mask
@@ -126,3 +127,38 @@ def test_sparse_patterns_actually_skip_blocks():
     tail = 640 - BLOCK  # the chunk's last block is its dense tail; the block before it is sparse
     assert not torch.allclose(out[tail - BLOCK:tail], out_dense[tail - BLOCK:tail], atol=1e-3)
     torch.testing.assert_close(out[tail:], out_dense[tail:], atol=1e-5, rtol=1e-5)
+
+
+def single_kv_head_views(batch):
+    """The batch's caches with their one KV head's stride set to 1, as vLLM's views may carry it
+    (any stride addresses the same elements of a size-1 dimension)."""
+    return [c.as_strided(c.shape, (c.stride(0), c.stride(1), 1, 1)) for c in (batch.k_cache, batch.v_cache)]
+
+
+def test_a_single_kv_head_of_any_stride_runs_as_the_canonical_view():
+    """One KV head per rank (e.g. TP 8): the head's stride of 1 is no 16-byte aligned stride for the
+    TMA descriptors (the launcher asserted "strides must be 16-byte aligned" before it set such
+    strides as a contiguous layout would); now the same numbers as the cache's own view."""
+    batch = make_paged_batch([130], [64], 2, 1, 64, 64, torch.float32, seed=1)
+    qblocks = query_blocks_of(batch, 2, BLOCK)
+    assert launch_config(64, 2, BLOCK, 64, device_limits(batch.q.device), 4)["TMA"]
+    causal = (torch.arange(qblocks.num_kv_blocks)[None, :] <= qblocks.block_index[:, None])[:, None]
+    indices, counts = BlockLists.from_mask(causal)
+    outs = []
+    for k_cache, v_cache in ((batch.k_cache, batch.v_cache), single_kv_head_views(batch)):
+        out = torch.full_like(batch.q, float("nan"))
+        sparse_prefill_attention(batch.q, k_cache, v_cache, out, batch.block_table, batch.seq_lens,
+                                 qblocks.table, indices, counts, 0.125, BLOCK)
+        outs.append(out)
+    assert not outs[0].isnan().any()
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+
+
+def test_canonical_strides_set_size_one_dimensions_as_a_contiguous_layout_would():
+    cache = torch.zeros(5, 64, 1, 128)[..., :64]  # [pages, page_size, 1 head, D] of a wider row
+    odd = cache.as_strided(cache.shape, (8192, 128, 1, 1))
+    assert canonical_strides(odd).stride() == (8192, 128, 64, 1)
+    assert canonical_strides(odd).data_ptr() == odd.data_ptr()
+    contiguous = torch.zeros(5, 64, 1, 64)
+    assert canonical_strides(contiguous) is contiguous  # nothing to change: the same tensor
+    assert canonical_strides(torch.zeros(1, 3, 1).as_strided((1, 3, 1), (7, 1, 5))).stride() == (3, 1, 1)

@@ -116,3 +116,21 @@ def test_selection_ignores_the_chunk_around_a_block():
     _, mask_tail = dynamic_mask(tail, qb_tail, cfg, 0.125)
     assert torch.equal(mask_tail, mask_whole[-3:])
     assert 0 < mask_tail.sum() < 2 * (6 + 7 + 8), "a selection that keeps every block shows nothing"
+
+
+def test_a_single_kv_head_of_any_stride_scores_as_the_canonical_view():
+    """The scoring kernel's TMA descriptor over a cache with one KV head whose stride is 1 (vLLM's
+    views may carry it; it asserted "strides must be 16-byte aligned" before the launcher set such
+    strides as a contiguous layout would): the same scores as the cache's own view."""
+    batch = make_paged_batch([200], [64], 2, 1, 64, 64, torch.float32, seed=3)
+    qblocks = query_blocks_of(batch, 2, BLOCK)
+    single_head = batch.k_cache.as_strided(batch.k_cache.shape, (*batch.k_cache.stride()[:2], 1, 1))
+    results = []
+    for k_cache in (batch.k_cache, single_head):
+        scores = torch.full((qblocks.num_blocks, 2, qblocks.num_kv_blocks), float("-inf"))
+        pooled = torch.empty(qblocks.num_blocks, 2, 64)
+        block_scores(batch.q, k_cache, batch.block_table, batch.seq_lens, qblocks.table, qblocks.score_groups,
+                     scores, pooled, 0.125, BLOCK, dict(TMA=True, BLOCK_N=64))
+        results.append(scores)
+    assert torch.isfinite(results[0]).any()
+    torch.testing.assert_close(results[1], results[0], atol=0, rtol=0)
