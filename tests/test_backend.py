@@ -631,3 +631,19 @@ def test_a_hopper_kernel_that_fails_at_start_up_leaves_the_portable_one(model_di
         step.query_blocks.table, mask, HEAD**-0.5, 128,
     )
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("invariant", [False, True])
+def test_dense_runs_split_keys_as_flash_attention_does_in_batch_invariant_mode(model_dir, monkeypatch, invariant):
+    """VLLM_BATCH_INVARIANT=1: vLLM's FlashAttention builder runs with max_num_splits 1 (a row's
+    result must not depend on the batch), and so do the dense runs beside the sparse rows (they had
+    0, FA3's heuristics, which may split keys by batch size)."""
+    from vllm import envs
+
+    monkeypatch.setattr(envs, "VLLM_BATCH_INVARIANT", invariant, raising=False)
+    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2)
+    batch = make_paged_batch([1, 40, 300, 1], [90, 0, 0, 70], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    _, meta = build(config, batch)
+    assert meta.sparse is not None and len(meta.dense_runs) == 2
+    assert meta.max_num_splits == (1 if invariant else 0)  # FlashAttention's own, for the whole batch
+    assert [run.metadata.max_num_splits for run in meta.dense_runs] == [meta.max_num_splits] * 2

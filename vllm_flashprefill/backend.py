@@ -13,6 +13,7 @@ import dataclasses
 from typing import ClassVar
 
 import torch
+from vllm import envs
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import (
@@ -82,6 +83,13 @@ def dynamic_workspace(vllm_config, cfg: FlashPrefillConfig, num_q_heads: int, nu
         num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size, device=device,
         fa3_pages_per_block=cfg.sparse_block // fa3_page_size if fa3_page_size else None,
     )
+
+
+def dense_run_splits() -> int:
+    """FlashAttention's ``max_num_splits`` for a dense run: 1 in batch-invariant mode, as vLLM's
+    FlashAttention builder sets it (a row's result then does not depend on the batch), else 0 (its
+    heuristics; a run has no ahead-of-time schedule)."""
+    return 1 if envs.VLLM_BATCH_INVARIANT else 0
 
 
 @dataclasses.dataclass
@@ -211,7 +219,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
                                 block_table=fa.block_table[start:r],
                                 slot_mapping=fa.slot_mapping[t0:t1],
                                 scheduler_metadata=None,
-                                max_num_splits=0,
+                                max_num_splits=dense_run_splits(),
                             ),
                         )
                     )
