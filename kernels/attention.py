@@ -18,7 +18,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import LOG2E, QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS, TRITON_DTYPES
-from .common import canonical_strides, check_dtypes, check_head_dim_contiguous, dot_dtype, list_strides, scale_args
+from .common import canonical_strides, check_dtypes, check_head_dim_contiguous, check_index_inputs, dot_dtype
+from .common import list_strides, scale_args
 from .limits import DeviceLimits, device_limits
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
@@ -286,6 +287,7 @@ def sparse_prefill_attention(
     if page_size % 16:
         raise ValueError(f"page size {page_size} is not a multiple of 16")
     check_head_dim_contiguous(q, out, k_cache, v_cache)
+    check_index_inputs(qblocks, block_table, seq_lens, kv_indices, kv_counts, num_kv_heads)
     q, k_cache, v_cache, written = (canonical_strides(t) for t in (q, k_cache, v_cache, out))
     limits = limits or device_limits(q.device)
     # fp8 tiles are converted to the dot dtype: size shared memory for that, the larger of the two.

@@ -26,7 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .common import FP8_DTYPE, LOG2E, QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
-from .common import canonical_strides, check_head_dim_contiguous, kernel_shape, list_strides
+from .common import canonical_strides, check_head_dim_contiguous, check_index_inputs, kernel_shape, list_strides
 
 # Gluon's API moves between Triton releases; the two names this kernel needs differ between 3.6 (the
 # GPU image's, with vLLM 0.26) and 3.9 (vLLM 0.32+). Inside a warp-specialized partition the
@@ -353,6 +353,7 @@ def sparse_prefill_attention(
     if reason:
         raise ValueError(f"the Hopper kernel cannot run these rows: {reason}")
     check_head_dim_contiguous(q, out, k_cache, v_cache)
+    check_index_inputs(qblocks, block_table, seq_lens, kv_indices, kv_counts, num_kv_heads)
     num_qblocks = qblocks.shape[0]
     if num_qblocks == 0:
         return out

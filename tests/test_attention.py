@@ -162,3 +162,48 @@ def test_canonical_strides_set_size_one_dimensions_as_a_contiguous_layout_would(
     contiguous = torch.zeros(5, 64, 1, 64)
     assert canonical_strides(contiguous) is contiguous  # nothing to change: the same tensor
     assert canonical_strides(torch.zeros(1, 3, 1).as_strided((1, 3, 1), (7, 1, 5))).stride() == (3, 1, 1)
+
+
+def transposed(t):
+    """The same values with non-contiguous rows (column-major)."""
+    return t.t().contiguous().t()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(block_table=lambda t: t.long()),
+     "block_table must be an int32 [requests, pages] tensor with contiguous rows; got torch.int64 of shape (2, 6) "
+     "with strides (6, 1)"),
+    (dict(block_table=transposed),
+     "block_table must be an int32 [requests, pages] tensor with contiguous rows; got torch.int32 of shape (2, 6) "
+     "with strides (1, 2)"),
+    (dict(seq_lens=lambda t: t.long()), "seq_lens must be an int32 [requests] tensor"),
+    (dict(qblocks=lambda t: torch.cat([t, t], 1)[:, :4]),
+     "qblocks must be an int32 [query blocks, 4] tensor, contiguous; got torch.int32 of shape (5, 4) with strides "
+     "(8, 1)"),
+    (dict(qblocks=lambda t: t[:, :3].contiguous()), "qblocks must have 4 columns (kernels/common.py), not 3"),
+    (dict(kv_indices=lambda t: t.long()), "kv_indices must be an int32 [query blocks, heads, blocks] tensor"),
+    (dict(kv_indices=lambda t: torch.stack([t, t], -1)[..., 0]),
+     "kv_indices must be an int32 [query blocks, heads, blocks] tensor with contiguous rows"),
+    (dict(kv_counts=lambda t: t.long()), "kv_counts must be an int32 [query blocks, heads] tensor; got torch.int64"),
+    (dict(kv_counts=lambda t: t[:-1]), "kv_indices (5, 1, 3) and kv_counts (4, 1) must list the 5 query blocks for "
+                                       "the same heads (1, or one list per KV head: 2)"),
+    (dict(kv_indices=lambda t: t.expand(-1, 3, -1), kv_counts=lambda t: t.expand(-1, 3)),
+     "kv_indices (5, 3, 3) and kv_counts (5, 3) must list the 5 query blocks for the same heads (1, or one list "
+     "per KV head: 2)"),
+], ids=["block-table-int64", "block-table-columns", "seq-lens-int64", "qblocks-strided", "qblocks-3-columns",
+        "kv-indices-int64", "kv-indices-strided-rows", "kv-counts-int64", "lists-short", "lists-3-heads"])
+def test_the_launcher_refuses_index_inputs_the_kernel_would_misread(change, message):
+    """Each index input in the dtype and layout the kernel reads, checked on the host (no device
+    sync): before, an int64 or column-major table read garbage (NaN, or out of bounds)."""
+    batch = make_paged_batch([100, 150], [0, 40], 4, 2, 64, 32, torch.float32)
+    qblocks = query_blocks_of(batch, 2, BLOCK)
+    causal = (torch.arange(qblocks.num_kv_blocks)[None, :] <= qblocks.block_index[:, None])[:, None]
+    kv_indices, kv_counts = BlockLists.from_mask(causal)
+    inputs = dict(block_table=batch.block_table, seq_lens=batch.seq_lens, qblocks=qblocks.table,
+                  kv_indices=kv_indices, kv_counts=kv_counts)
+    inputs = {name: change.get(name, lambda t: t)(t) for name, t in inputs.items()}
+    out = torch.full_like(batch.q, float("nan"))
+    with pytest.raises(ValueError) as refused:
+        sparse_prefill_attention(batch.q, batch.k_cache, batch.v_cache, out, **inputs, scale=0.125, sparse_block=BLOCK)
+    assert str(refused.value).startswith(message)
+    assert out.isnan().all(), "nothing launched"
