@@ -13,14 +13,15 @@ def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) 
     return cache[block_table_row[pos // page_size].long(), pos % page_size]
 
 
-def dequantize(x: torch.Tensor, scale: torch.Tensor | None, gqa: int = 1) -> torch.Tensor:
-    """``x`` [..., H, D] in fp32, times its fp8 scale (None: none; one element, or one per KV head,
-    each covering ``gqa`` of x's heads)."""
+def dequantize(x: torch.Tensor, scale: torch.Tensor | None, gqa: int = 1,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x`` [..., H, D] in ``dtype``, times its fp8 scale (None: none; one element, or one per KV
+    head, each covering ``gqa`` of x's heads)."""
     if scale is None:
-        return x.float()
+        return x.to(dtype)
     if scale.numel() == 1:
-        return x.float() * scale.float().reshape(())
-    return x.float() * scale.float().repeat_interleave(gqa)[:, None]
+        return x.to(dtype) * scale.to(dtype).reshape(())
+    return x.to(dtype) * scale.to(dtype).repeat_interleave(gqa)[:, None]
 
 
 def sparse_attention_reference(
@@ -28,18 +29,19 @@ def sparse_attention_reference(
     q_scale=None, k_scale=None, v_scale=None,
 ) -> torch.Tensor:
     """Attention of every query row over the KV blocks ``block_mask`` [n, Hkv or 1, nkb] keeps,
-    causal inside them. Returns [tokens, Hq, D] fp32 (rows outside ``qblocks`` are zero). fp8
-    inputs come with their scales, as the kernels take them."""
+    causal inside them. Returns [tokens, Hq, D] fp32, float64 for a float64 ``q`` (rows outside
+    ``qblocks`` are zero). fp8 inputs come with their scales, as the kernels take them."""
     gqa = q.shape[1] // k_cache.shape[2]
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
     table = qblocks.cpu()
     cached = (None, None, None)
     for i in range(table.shape[0]):
         req, row0, pos0, rows = (int(x) for x in table[i])
         seq_len = int(seq_lens[req])
         if cached[0] != req:
-            k = dequantize(gather_kv(k_cache, block_table[req], seq_len), k_scale).repeat_interleave(gqa, 1)
-            v = dequantize(gather_kv(v_cache, block_table[req], seq_len), v_scale).repeat_interleave(gqa, 1)
+            k = dequantize(gather_kv(k_cache, block_table[req], seq_len), k_scale, 1, dtype).repeat_interleave(gqa, 1)
+            v = dequantize(gather_kv(v_cache, block_table[req], seq_len), v_scale, 1, dtype).repeat_interleave(gqa, 1)
             cached = (req, k, v)
         _, k, v = cached
         qpos = torch.arange(pos0, pos0 + rows, device=q.device)
@@ -47,7 +49,7 @@ def sparse_attention_reference(
         allowed = block_mask[i].expand(k_cache.shape[2], -1)[:, kpos // sparse_block]
         allowed = allowed.repeat_interleave(gqa, 0)  # [Hq, seq]
         allowed = allowed[:, None, :] & (kpos[None, None, :] <= qpos[None, :, None])
-        logits = torch.einsum("thd,shd->hts", dequantize(q[row0:row0 + rows], q_scale, gqa), k) * scale
+        logits = torch.einsum("thd,shd->hts", dequantize(q[row0:row0 + rows], q_scale, gqa, dtype), k) * scale
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
         out[row0:row0 + rows] = torch.einsum("hts,shd->thd", probs, v)
     return out
@@ -80,6 +82,15 @@ def flash_attn_varlen_reference(q, k, v, out, cu_seqlens_q, max_seqlen_q, sequse
     """What one FA3 varlen call over a block table computes (keys paged, ``causal=True`` aligned to
     the end of each sequence), in fp32, written into ``out`` like the real call."""
     assert causal and fa_version == 3 and num_splits == 1
+    causal_paged_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
+                           block_table)
+
+
+def causal_paged_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
+                           block_table):
+    """Causal attention of varlen queries ``q`` [tokens, Hq, D] over paged keys and values
+    [pages, page_size, Hkv, D], aligned to the end of each sequence (as FlashAttention computes
+    it), in fp32, written into ``out``."""
     gqa = q.shape[1] // k.shape[2]
     cu = cu_seqlens_q.tolist()
     for i, used in enumerate(seqused_k.tolist()):

@@ -4,8 +4,8 @@ Same rule as ``vllm_flashprefill.patterns.select_dynamic`` followed by ``BlockLi
 definition the tests compare against), fused so that a layer pays one small launch instead of
 about twenty torch operations: per query block and KV head, each query head's causal scores
 relative to that head's maximum and to its candidates' mean, the union over the heads of the group
-of the blocks that pass both, optional
-min/max budgets on the content-selected blocks, the forced sink/local/strided/diagonal blocks
+of the blocks that pass both, optional min/max budgets on the content-selected blocks (exact
+counts, ties going to the later block), the forced sink/local/strided/diagonal blocks
 (every causal block for query blocks below ``min_seq_len`` or in the chunk's dense tail), and the
 kept block indices written in ascending order with their count.
 """
@@ -37,6 +37,17 @@ def _kth_largest(values, K: tl.constexpr):
         lo = tl.where(enough, lo, mid + 1)
     # Fewer than K keys at all: lo has run one past -inf's key (a NaN pattern); K-th largest = -inf.
     return -tl.minimum(lo, 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _best(values, K: tl.constexpr):
+    """The K largest finite ``values`` (each <= 0 or -inf) as a mask, ties going to the higher
+    index (all finite ones where there are fewer), as ``patterns.best_blocks``."""
+    kth = _kth_largest(values, K)
+    above = values > kth
+    tied = ((values == kth) & (values > float("-inf"))).to(tl.int32)
+    later_ties = tl.sum(tied, 0) - tl.cumsum(tied, 0)
+    return above | ((tied > 0) & (later_ties < K - tl.sum(above.to(tl.int32), 0)))
 
 
 @triton.jit(do_not_specialize=["num_kv_blocks", "stride_si", "stride_ii", "stride_ci"])
@@ -78,13 +89,14 @@ def _select_blocks_kernel(
         keep = keep | passes
         rel = tl.maximum(rel, rel_g)
     rel = tl.where(forced, float("-inf"), rel)
+    keep = keep & (rel > float("-inf"))
 
     if MIN_BUDGET > 0:
-        keep = keep | (rel >= _kth_largest(rel, MIN_BUDGET))
+        keep = keep | _best(rel, MIN_BUDGET)
     if MAX_BUDGET > 0:
-        if MAX_BUDGET < num_kv_blocks:
-            keep = keep & (rel >= _kth_largest(rel, MAX_BUDGET))
-    keep = (keep & (rel > float("-inf"))) | forced
+        if MAX_BUDGET < num_kv_blocks:  # else no row holds more candidates
+            keep = _best(tl.where(keep, rel, float("-inf")), MAX_BUDGET)
+    keep = keep | forced
 
     slot = tl.cumsum(keep.to(tl.int32), 0) - 1
     out = indices_ptr + qblock.to(tl.int64) * stride_ii + kv_head * stride_ih

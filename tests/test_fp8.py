@@ -8,7 +8,9 @@ from tests.fp8 import quantize_batch
 from tests.paged import make_paged_batch
 from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.config import FlashPrefillConfig
-from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention, tma_supported
+from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention
+from vllm_flashprefill.kernels.common import dot_dtype
+from vllm_flashprefill.kernels.limits import device_limits
 from vllm_flashprefill.kernels.common import FP8_DTYPE
 from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel
 from vllm_flashprefill.kernels.reference import block_scores_reference, sparse_attention_reference
@@ -53,7 +55,8 @@ def test_fp8_attention_matches_reference(case):
     scales = quantize_batch(batch, per_head, fp8_query)
     qblocks = plan(batch, hq // hkv)
     mask = hybrid_mask(qblocks)
-    config = launch_config(head_size, hq // hkv, BLOCK, page_size, tma_supported(batch.q.device))
+    config = launch_config(head_size, hq // hkv, BLOCK, page_size, device_limits(batch.q.device),
+                           dot_dtype(batch.q).itemsize)
     assert config["TMA"] == (page_size == 64)
     indices, counts = BlockLists.from_mask(mask)
     out = torch.full(batch.q.shape, float("nan"), dtype=dtype)

@@ -42,9 +42,9 @@ def compile_env() -> dict[str, str]:
 def sm90_build(tmp_path, kernel: str, *options: str) -> dict:
     out = tmp_path / "sass.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "experiments" / "kernel_sass.py"), "--kernel", kernel,
+        [sys.executable, "-m", "benchmarks.experiments.kernel_sass", "--kernel", kernel,
          "--offline-sm", "90", "--dump-cubin", str(tmp_path / "attention.cubin"), "--out", str(out), *options],
-        capture_output=True, text=True, timeout=600, env=compile_env(),
+        capture_output=True, text=True, timeout=600, env=compile_env(), cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())

@@ -1,17 +1,17 @@
-"""Every benchmark's result file gets its PNG: ``benchmarks/plotting.py`` recognises the JSON of
-serve_bench.py, profile_prefill.py, tune_attention.py, selection.py and experiments/fa3_virtual_table.py
-and draws it."""
+"""Every benchmark's result file gets its PNG: ``benchmarks/harness/plots.py`` recognises the JSON
+of each benchmark and draws it."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks.harness import plots as plotting
+from benchmarks.harness.provenance import REPO
 
-import plotting  # noqa: E402
+pytest.importorskip("matplotlib")
 
 SERVE = {
     "card": "NVIDIA H200", "date": "2026-11-29",
@@ -69,3 +69,18 @@ def test_a_file_of_another_kind_is_refused(tmp_path):
     path.write_text(json.dumps({"rows": [{"x": 1}]}))
     with pytest.raises(ValueError, match="not a result file"):
         plotting.plot_result_file(str(path))
+
+
+def test_the_command_line_helps_and_refuses_other_files_without_a_traceback(tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"rows": [{"x": 1}]}))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "benchmarks.harness.plots", *args], capture_output=True,
+                              text=True, timeout=120, cwd=REPO)
+
+    helped = run("--help")
+    assert helped.returncode == 0 and "RESULT.json" in helped.stdout
+    refused = run(str(other), str(tmp_path / "missing.json"))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "not a result file" in refused.stderr and "missing.json" in refused.stderr

@@ -69,7 +69,8 @@ class FlashPrefillConfig:
     # so with 2.0 a row of two candidates or fewer adds none). Where no candidate stands out (flat
     # scores), content selection then adds nothing and the forced blocks stand alone.
     above_mean: float = 2.0
-    # dynamic: at least / at most this many KV blocks per query block (0 = no cap).
+    # dynamic: at least / at most this many content-selected KV blocks per query block and KV head,
+    # whatever the GQA group (the best scores; ties go to the later block; max_budget 0 = no cap).
     min_budget: int = 0
     max_budget: int = 0
     # The last N query blocks of every prefill chunk keep every causal block: a prompt's end (where

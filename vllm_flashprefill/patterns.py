@@ -129,10 +129,13 @@ def select_dynamic(
     Per query head a candidate (causal, not forced) block passes when ``exp(s - max) >= threshold``
     (``max`` over the head's causal blocks) and ``exp(s) >= above_mean * mean(exp(s))`` over the
     head's candidates; the heads sharing a KV head keep the union of the blocks that pass (query
-    head h belongs to KV head h // (Hq / Hkv), as in vLLM). ``min_budget``/``max_budget`` bound how
-    many blocks content selection adds on top of the forced blocks of :func:`forced_block_mask`,
-    ranked by their best ``s - max`` over the group (``forced``: that mask, if the caller already
-    has it; ``last_block``: see :func:`dense_query_blocks`).
+    head h belongs to KV head h // (Hq / Hkv), as in vLLM). Candidates rank by their best ``s - max``
+    over the group, ties going to the later (nearer) block: ``min_budget`` adds the best
+    ``min_budget`` candidates, and ``max_budget`` then keeps the best ``max_budget`` of the blocks
+    content selection kept, so that it adds at least ``min_budget`` (where the row has that many
+    candidates) and at most ``max_budget`` blocks per query block and KV head on top of the forced
+    blocks of :func:`forced_block_mask` (``forced``: that mask, if the caller already has it;
+    ``last_block``: see :func:`dense_query_blocks`).
     """
     n, num_q_heads, nkb = scores.shape
     gqa = num_q_heads // num_kv_heads
@@ -144,14 +147,21 @@ def select_dynamic(
         passes &= to_mean >= math.log(cfg.above_mean)
     keep = passes.view(n, num_kv_heads, gqa, nkb).any(2)
     rel = rel.view(n, num_kv_heads, gqa, nkb).amax(2).masked_fill(forced, float("-inf"))
-    if cfg.min_budget:
-        kth = rel.topk(min(cfg.min_budget, nkb), dim=-1).values[..., -1:]
-        keep |= rel >= kth
-    if cfg.max_budget and cfg.max_budget < nkb:
-        kth = rel.topk(cfg.max_budget, dim=-1).values[..., -1:]
-        keep &= rel >= kth
     keep &= rel > float("-inf")
+    if cfg.min_budget:
+        keep |= best_blocks(rel, cfg.min_budget)
+    if cfg.max_budget:
+        keep = best_blocks(rel.masked_fill(~keep, float("-inf")), cfg.max_budget)
     return keep | forced
+
+
+def best_blocks(rel: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., nkb] bool: the ``k`` largest finite entries of ``rel`` along the last dim, ties going to
+    the later block (all finite entries where there are fewer)."""
+    later_first = rel.flip(-1)  # a stable sort keeps the later of two tied blocks first
+    order = later_first.argsort(dim=-1, descending=True, stable=True)[..., :k]
+    chosen = torch.zeros_like(rel, dtype=torch.bool).scatter_(-1, order, True).flip(-1)
+    return chosen & (rel > float("-inf"))
 
 
 def select_dynamic_lists(

@@ -1,8 +1,8 @@
 """Two accuracy runs of the same task sets side by side, sample by sample (e.g. the CPU reference
 path against vLLM on the GPU).
 
-    python benchmarks/accuracy/compare_runs.py GPU.json CPU.json --pair dyn=dyn --pair dense=dense \\
-        --out benchmarks/results/compare.json
+    python -m benchmarks.accuracy.compare_runs GPU.json CPU.json --pair dyn=dyn --pair dense=dense \\
+        --out bench-out/compare.json
 
 For each ``LABEL_A=LABEL_B`` pair: on the samples both runs hold (same task, length and index), the
 share of identical greedy outputs, the share with the same score, and the mean scores of each.

@@ -4,7 +4,7 @@
 ``AttentionInterface`` and switches the model to it. For a prefill (more than one query row) every
 attention layer then does what the vLLM backend does for one request:
 
-* query blocks are aligned to absolute positions 0, B, 2B, ... (B = ``cfg.block_size``); a block the
+* query blocks are aligned to absolute positions 0, B, 2B, ... (B = ``cfg.sparse_block``); a block the
   forward pass holds only part of (a chunk boundary) is cut to the rows it holds;
 * the block mask comes from the package itself: ``patterns.forced_block_mask`` for static patterns,
   ``patterns.select_dynamic`` on block scores for ``dynamic``. A block score is
@@ -53,25 +53,25 @@ STATS = Stats()
 _active: dict[str, FlashPrefillConfig] = {"cfg": FlashPrefillConfig(pattern="dense")}
 
 
-def block_scores(q: torch.Tensor, k: torch.Tensor, q_start: int, block_size: int, scale: float):
+def block_scores(q: torch.Tensor, k: torch.Tensor, q_start: int, sparse_block: int, scale: float):
     """Scores [nqb, Hq, nkb] and absolute block indices [nqb] of one sequence.
 
     q [Hq, q_len, D] holds positions q_start .. q_start + q_len - 1; k [Hkv, kv_len, D] positions
     0 .. kv_len - 1 with kv_len = q_start + q_len. Non-causal entries are -inf."""
     hq, q_len, d = q.shape
     kv_len = k.shape[1]
-    first, last = q_start // block_size, (kv_len - 1) // block_size
+    first, last = q_start // sparse_block, (kv_len - 1) // sparse_block
     nqb, nkb = last - first + 1, last + 1
-    lead = q_start - first * block_size  # rows of the first block before this forward pass
-    padded = F.pad(q.float(), (0, 0, lead, nqb * block_size - lead - q_len))
-    rows = torch.full((nqb,), block_size, dtype=torch.float32, device=q.device)
+    lead = q_start - first * sparse_block  # rows of the first block before this forward pass
+    padded = F.pad(q.float(), (0, 0, lead, nqb * sparse_block - lead - q_len))
+    rows = torch.full((nqb,), sparse_block, dtype=torch.float32, device=q.device)
     rows[0] -= lead
-    rows[-1] -= nqb * block_size - lead - q_len
-    pooled = padded.view(hq, nqb, block_size, d).sum(2) / rows[None, :, None]  # [Hq, nqb, D]
+    rows[-1] -= nqb * sparse_block - lead - q_len
+    pooled = padded.view(hq, nqb, sparse_block, d).sum(2) / rows[None, :, None]  # [Hq, nqb, D]
     kf = k.float().repeat_interleave(hq // k.shape[0], dim=0)  # [Hq, kv_len, D]
     logits = scale * pooled @ kf.transpose(1, 2)  # [Hq, nqb, kv_len]
-    logits = F.pad(logits, (0, nkb * block_size - kv_len), value=float("-inf"))
-    scores = logits.view(hq, nqb, nkb, block_size).amax(-1).transpose(0, 1)
+    logits = F.pad(logits, (0, nkb * sparse_block - kv_len), value=float("-inf"))
+    scores = logits.view(hq, nqb, nkb, sparse_block).amax(-1).transpose(0, 1)
     block_index = torch.arange(first, last + 1, device=q.device)
     scores = scores.masked_fill(
         torch.arange(nkb, device=q.device)[None, None, :] > block_index[:, None, None], float("-inf")
@@ -81,13 +81,13 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, q_start: int, block_size: int
 
 def block_mask_for(q, k, q_start: int, cfg: FlashPrefillConfig, scale: float, dense: bool):
     """[nqb, Hkv, nkb] bool mask of one sequence, and the query blocks' absolute indices."""
-    bs = cfg.block_size
+    bs = cfg.sparse_block
     kv_len = k.shape[1]
     first, last = q_start // bs, (kv_len - 1) // bs
     block_index = torch.arange(first, last + 1, device=q.device)
     if dense:
         mask = forced_block_mask(block_index, last, last + 1, FlashPrefillConfig(pattern="dense"))
-    elif cfg.pattern == "dynamic":
+    elif cfg.block_pattern.scores_content:
         scores, block_index = block_scores(q, k, q_start, bs, scale)
         mask = select_dynamic(scores, block_index, last, k.shape[0], cfg)
     else:
@@ -95,7 +95,7 @@ def block_mask_for(q, k, q_start: int, cfg: FlashPrefillConfig, scale: float, de
     return mask.expand(-1, k.shape[0], -1), block_index
 
 
-def masked_attention(q, k, v, q_start: int, mask: torch.Tensor, block_size: int, scale: float):
+def masked_attention(q, k, v, q_start: int, mask: torch.Tensor, sparse_block: int, scale: float):
     """fp32 softmax attention [Hq, q_len, D] over the KV blocks ``mask`` [nqb, Hkv, nkb] keeps,
     causal inside the diagonal block. Works one query block at a time and only on the union of the
     blocks its KV heads keep, so its cost follows the pattern's density."""
@@ -107,18 +107,18 @@ def masked_attention(q, k, v, q_start: int, mask: torch.Tensor, block_size: int,
     qf = q.float().view(hkv, group, q_len, d).permute(0, 2, 1, 3).contiguous()
     kf, vf = k.float(), v.float()
     out = torch.empty(hkv, q_len, group, v.shape[-1], dtype=torch.float32, device=q.device)
-    first = q_start // block_size
-    offsets = torch.arange(block_size, device=q.device)
+    first = q_start // sparse_block
+    offsets = torch.arange(sparse_block, device=q.device)
     for i in range(mask.shape[0]):
         qb = first + i
-        p0, p1 = max(qb * block_size, q_start), min((qb + 1) * block_size, kv_len)
+        p0, p1 = max(qb * sparse_block, q_start), min((qb + 1) * sparse_block, kv_len)
         rows = slice(p0 - q_start, p1 - q_start)
         blocks = mask[i].any(0).nonzero().squeeze(1)  # ascending: the diagonal block is last
-        keys = (blocks[:, None] * block_size + offsets).flatten()
+        keys = (blocks[:, None] * sparse_block + offsets).flatten()
         keys = keys[keys < p1]
         n = keys.numel()
         logits = qf[:, rows].reshape(hkv, -1, d) @ kf[:, keys].transpose(1, 2) * scale
-        drop = ~mask[i][:, blocks].repeat_interleave(block_size, 1)[:, None, :n]  # [Hkv, 1, n]
+        drop = ~mask[i][:, blocks].repeat_interleave(sparse_block, 1)[:, None, :n]  # [Hkv, 1, n]
         qpos = torch.arange(p0, p1, device=q.device).repeat_interleave(group)
         drop = drop | (keys[None, :] > qpos[:, None])  # [Hkv, rows * group, n]
         probs = torch.softmax(logits.masked_fill_(drop, float("-inf")), dim=-1)
@@ -148,7 +148,7 @@ def flashprefill_attention(module, query, key, value, attention_mask, dropout=0.
             causal = (torch.arange(mask.shape[-1])[None, :] <= block_index[:, None].cpu()).sum()
             STATS.kept += int(mask.sum())
             STATS.causal += int(causal) * mask.shape[1]
-        outs.append(masked_attention(query[i], key[i], value[i], q_start, mask, cfg.block_size, scale))
+        outs.append(masked_attention(query[i], key[i], value[i], q_start, mask, cfg.sparse_block, scale))
     STATS.prefill_calls += 1
     return torch.stack(outs).to(query.dtype).transpose(1, 2).contiguous(), None
 

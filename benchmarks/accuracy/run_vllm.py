@@ -1,6 +1,6 @@
 """RULER accuracy of FLASHPREFILL patterns against dense FLASH_ATTN, through vLLM ``LLM()`` (GPU).
 
-    python benchmarks/accuracy/run_vllm.py --model .models/smollm2-135m --data .ruler/smollm2-135m \\
+    python -m benchmarks.accuracy.run_vllm --model .models/smollm2-135m --data .ruler/smollm2-135m \\
         --base '{"min_seq_len": 0}'
 
 Every configuration runs in its own child process (one ``LLM()`` each, so GPU memory is freed and a
@@ -16,8 +16,8 @@ returned, because vLLM's start-up memory profile counts memory that another proc
 meanwhile as its own (with starts 8 s apart, one of six engines on an H200 failed with "No available
 memory for the cache blocks"). An engine given ``kv_cache_memory_bytes`` in ``--engine-args`` sizes its
 cache from that instead, so then they all start at once.
-Writes ``benchmarks/results/accuracy-<card>-<date>.json`` (rewritten after every configuration)
-and a ``.png`` beside it.
+Writes ``accuracy-<card>-<date>.json`` under ``--out`` (default ``./bench-out/``; rewritten after every
+configuration) and a ``.png`` beside it.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import suite
+from benchmarks.accuracy import suite
+from benchmarks.harness import children, files, provenance
 
 # FLASHPREFILL settings compared by default (--base options go under each).
 DEFAULT_CONFIGS = [
@@ -108,15 +108,15 @@ def run_config(args, label: str, options: dict, samples: list[dict], workdir: Pa
         for i, s in enumerate(samples)))
     spec = {"label": label, "options": options, "samples": str(sample_file), "out": str(out_file),
             "max_model_len": args.max_model_len or max(s["length"] for s in samples)}
-    cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--model", args.model,
-           "--engine-args", args.engine_args,
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization / args.parallel)]
+    cmd = children.module_command(__spec__.name, "--child", json.dumps(spec), "--model", args.model,
+                                  "--engine-args", args.engine_args,
+                                  "--gpu-memory-utilization", str(args.gpu_memory_utilization / args.parallel))
     status: dict = {"label": label, "options": options}
     t0 = time.time()
     with open(log_file, "w") as log:
         with _START_LOCK:
             # collective_rpc sends read_selection_stats to the engine process pickled.
-            env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+            env = children.child_env(VLLM_ALLOW_INSECURE_SERIALIZATION="1")
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     env=env)
             ready = Path(str(out_file) + ".ready")
@@ -156,7 +156,7 @@ def main() -> None:
     p.add_argument("--engine-args", default="{}", help="extra LLM() keywords (JSON)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     p.add_argument("--parallel", type=int, default=1, help="engines at a time on the GPU")
-    p.add_argument("--out", help="results JSON or folder (default benchmarks/results/)")
+    p.add_argument("--out", help=f"results JSON or folder (default ./{files.DEFAULT_OUT_DIR}/)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -177,12 +177,12 @@ def main() -> None:
             "settings": {"greedy": True, "chunked_prefill": "vLLM default", "prefix_caching": "vLLM default",
                          "base": json.loads(args.base), "engine_args": json.loads(args.engine_args),
                          "num_samples": args.num_samples},
-            "commit": suite.git_commit(),
-            "source_digest": suite.source_digest(),
+            "commit": provenance.git_commit(),
+            "source_digest": provenance.source_digest(),
             "configs": {label: {"backend": "FLASH_ATTN" if label == suite.DENSE else "FLASHPREFILL",
                                 "options": None if label == suite.DENSE else opts}
                         for label, opts in configs.items()},
-            "resolved": {label: suite.resolved(opts, dict(os.environ))  # the engines read FLASHPREFILL_*
+            "resolved": {label: provenance.resolved_settings(opts)  # the engines read FLASHPREFILL_*
                          for label, opts in configs.items() if label != suite.DENSE}}
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         futures = [pool.submit(run_config, args, label, options, samples, workdir)
@@ -199,9 +199,9 @@ def main() -> None:
                                 "score": suite.score(r["output"], s["refs"], s["metric"]),
                                 "density": r["density"]})
             card = next((st["card"] for st in statuses if st.get("card")), "unknown-gpu")
-            path = suite.output_path(args.out, card)
+            path = files.output_path(args.out, "accuracy", card, provenance.utc_date())
             summary = suite.summarize(records)
-            suite.write_results(path, {"card": card, "date": time.strftime("%Y-%m-%d"), **meta,
+            files.write_json(path, {"card": card, "date": provenance.utc_date(), **meta,
                                        "runs": statuses, "summary": summary, "records": records})
     statuses.sort(key=lambda st: list(configs).index(st["label"]))
     labels = [s["label"] for s in statuses if s["rc"] == 0]

@@ -5,15 +5,13 @@ No torch or vLLM import here, so the GPU runner's parent process stays light.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-RESULTS_DIR = REPO / "benchmarks" / "results"
+from benchmarks.harness.plots import pyplot
+
 DENSE = "dense"
 
 # Named FLASHPREFILL settings (``additional_config["flashprefill"]``); ``--base`` options go under
@@ -48,56 +46,7 @@ def parse_configs(specs: list[str], base: dict[str, Any]) -> dict[str, dict[str,
     return configs
 
 
-def resolved(options: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Every FLASHPREFILL setting a configuration ran with (its options over the package
-    defaults, then ``FLASHPREFILL_*`` from ``environ`` where the engine reads them), so that
-    results stay readable after the defaults change."""
-    from vllm_flashprefill.config import FlashPrefillConfig
-
-    return FlashPrefillConfig.from_additional_config({"flashprefill": options}, environ or {}).as_dict()
-
-
-def git_commit() -> str | None:
-    """``git describe --always --dirty`` of the checkout. On the GPU machine the copy's git metadata
-    can be older than its files (it then reads "-dirty"): ``source_digest`` names the tree."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-SOURCE_DIRS = ("vllm_flashprefill", "kernels", "patches")
-
-
-def source_digest(rev: str | None = None) -> str | None:
-    """First 12 hex digits of a sha256 over the package's Python sources (path and content, in path
-    order): of the files on disk, or with ``rev`` of that git revision, so that a result can be matched
-    to the commit it ran (``python3 benchmarks/accuracy/suite.py --digest REV``)."""
-    import hashlib
-    import subprocess
-
-    if rev is None:
-        files = {p.relative_to(REPO).as_posix(): p.read_bytes()
-                 for d in SOURCE_DIRS for p in (REPO / d).rglob("*.py") if "__pycache__" not in p.parts}
-    else:
-        try:
-            names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "-r", "--name-only", rev, "--", *SOURCE_DIRS],
-                                   capture_output=True, text=True, timeout=30, check=True).stdout.split()
-            files = {n: subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{n}"], capture_output=True,
-                                       timeout=30, check=True).stdout for n in names if n.endswith(".py")}
-        except (OSError, subprocess.SubprocessError):
-            return None
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(name.encode() + b"\0" + files[name] + b"\0")
-    return digest.hexdigest()[:12]
-
-
-def load_tasks(data_dir: str | os.PathLike, tasks: list[str] | None, lengths: list[int] | None,
+def load_tasks(data_dir: str | Path, tasks: list[str] | None, lengths: list[int] | None,
                num_samples: int | None) -> list[dict[str, Any]]:
     """Samples of ``<data_dir>/<length>/<task>/validation.jsonl`` (written by prepare.py)."""
     root = Path(data_dir)
@@ -181,35 +130,15 @@ def markdown(summary: list[dict[str, Any]], configs: list[str]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def output_path(out: str | None, card: str, date: str | None = None) -> Path:
-    date = date or datetime.date.today().isoformat()
-    if out and out.endswith(".json"):
-        return Path(out)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in card.lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    return Path(out or RESULTS_DIR) / f"accuracy-{slug}-{date}.json"
-
-
-def write_results(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def plot(summary: list[dict[str, Any]], configs: list[str], path: Path, title: str) -> Path | None:
     """Left: score vs length per configuration, averaged over the tasks run at every length.
     Right: heat map of the score per task (task@length when there are several lengths) x
     configuration, each cell annotated with the agreement with dense."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
+    import numpy as np
+
     lengths = sorted({r["length"] for r in summary})
     common = sorted(set.intersection(*({r["task"] for r in summary if r["length"] == n} for n in lengths)))
     rows = sorted({(r["task"], r["length"]) for r in summary})
@@ -257,12 +186,3 @@ def plot(summary: list[dict[str, Any]], configs: list[str], path: Path, title: s
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="source digest of the tree on disk, or of git revisions")
-    ap.add_argument("--digest", nargs="*", metavar="REV", default=[])
-    for rev in ap.parse_args().digest or [None]:
-        print(rev or "(working tree)", source_digest(rev))

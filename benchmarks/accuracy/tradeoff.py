@@ -1,6 +1,6 @@
 """Accuracy / sparsity trade-off from accuracy results: score change against dense vs block density.
 
-    python benchmarks/accuracy/tradeoff.py benchmarks/results/accuracy-*.json --out benchmarks/results/tradeoff.json
+    python -m benchmarks.accuracy.tradeoff bench-out/accuracy-*.json --out bench-out/tradeoff.json
 
 Each input file is one run with its own ``dense`` configuration; every other configuration is
 compared with the dense of its own file (mean over the tasks, per length), so runs can be put side
@@ -21,8 +21,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import suite
-
+from benchmarks.accuracy import suite
+from benchmarks.harness.plots import pyplot
 from vllm_flashprefill.config import FlashPrefillConfig
 
 
@@ -74,10 +74,9 @@ def points(path: Path, num_layers: int | None) -> list[dict]:
 
 
 def plot(rows: list[dict], png: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     def x(r):  # dense layers counted where the model's layer count was given
         return r["attention_density"] if r["attention_density"] is not None else r["density"]

@@ -1,32 +1,30 @@
 """How fast does FA3 run our sparse rows? ``sparse_kernel: flash_attn`` against our kernel.
 
-    python3 benchmarks/experiments/fa3_virtual_table.py --seq-lens 32768,131072 --out fa3-vt.json
-    python3 benchmarks/experiments/fa3_virtual_table.py --pattern dynamic --max-budget 16
+    python -m benchmarks.experiments.fa3_virtual_table --seq-lens 32768,131072 --out fa3-vt.json
+    python -m benchmarks.experiments.fa3_virtual_table --pattern dynamic --max-budget 16
 
 Times one layer call on one shuffled paged cache (bf16, one prompt, ``min_seq_len`` 0, the
-package's defaults for the pattern otherwise) three ways: block lists + our Triton kernel; block
-lists + FA3 over per-query-block block tables, exactly as the backend runs it (tables built by
-``kernels/block_tables.py``, calls by ``vllm_flashprefill/flash_sparse.py``; one table per KV head
-for ``dynamic``); FA3 dense. Static lists are built once (per step in the engine); ``dynamic``
-scores and selects inside every timed call, as each layer does, on data with planted hot blocks
-(``benchmarks/common.py: plant_structure``). Interleaved rounds, the card held at its power limit
-first (``--warmup-ms``). Checks that both sparse paths agree. Needs vLLM (the devkit) on CUDA.
+package's defaults for the pattern otherwise) three ways, each through the package's own
+``sparse_prefill.plan``/``run``: block lists + our kernel; block lists + FA3 over per-query-block
+block tables (``sparse_kernel: flash_attn``: tables built by ``kernels/block_tables.py``, calls by
+``vllm_flashprefill/flash_sparse.py``; one table per KV head for ``dynamic``); FA3 dense. Static
+lists are built once (per step in the engine); ``dynamic`` scores and selects inside every timed
+call, as each layer does, on data with planted hot blocks (``benchmarks/ops/common.py:
+plant_structure``). Interleaved rounds, the card held at its power limit first (``--warmup-ms``).
+Checks that both sparse paths agree. Needs vLLM (the devkit) on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (  # noqa: E402  (benchmarks/common.py)
-    Pipeline,
+from benchmarks.harness import files, provenance
+from benchmarks.ops.common import (
+    LayerCall,
     causal_flops,
     fa3_attention,
     fa3_status,
@@ -34,11 +32,6 @@ from common import (  # noqa: E402  (benchmarks/common.py)
     make_config,
     plant_structure,
 )
-from plotting import plot_result_file  # noqa: E402  (benchmarks/plotting.py)
-
-from vllm_flashprefill.flash_sparse import flash_sparse_attention, plan_runs  # noqa: E402
-from vllm_flashprefill.kernels.block_tables import sparse_block_tables  # noqa: E402
-from vllm_flashprefill.patterns import lists_to_mask  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +45,8 @@ def main() -> None:
     ap.add_argument("--warmup-ms", type=int, default=1500)
     ap.add_argument("--rep-ms", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results .json, or a folder for "
+                    f"fa3-virtual-table-<card>-<date>.json (default ./{files.DEFAULT_OUT_DIR}/)")
     args = ap.parse_args()
     fa3, reason = fa3_status("cuda")
     if fa3 is None:
@@ -63,46 +57,27 @@ def main() -> None:
     rows = []
     for seq_len in map(int, args.seq_lens.split(",")):
         rows += measure(seq_len, hq, hkv, d, cfg, fa3, args)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "triton": triton.__version__,
-                       "torch": torch.__version__, "settings": vars(args), "rows": rows}, f, indent=1)
-        plot_result_file(args.out)
+    result = dict(provenance.record(torch.cuda.get_device_name()), settings=vars(args), rows=rows)
+    files.write_result(args.out, "fa3-virtual-table", result)
 
 
 def measure(seq_len, hq, hkv, d, cfg, fa3, args) -> list[dict]:
     """One prompt of ``seq_len`` tokens: the three ways timed in interleaved rounds, and the check."""
-    block = cfg.block_size
     batch = make_batch([seq_len], [0], hq, hkv, d, args.page_size, torch.bfloat16)
-    if cfg.pattern == "dynamic":
-        plant_structure(batch, block, args.hot_frac)
-    pipe = Pipeline(batch, cfg)
-    runs = plan_runs(pipe.qb.table_cpu, "cuda")
+    if cfg.block_pattern.scores_content:
+        plant_structure(batch, cfg.sparse_block, args.hot_frac)
+    # Each layer call as the backend runs it: a static pattern's lists (and FA3 tables) come with
+    # the plan, once per step; dynamic scores and selects (and builds its tables) in every call.
+    ours, on_fa3 = LayerCall(batch, cfg), LayerCall(batch, cfg, on_fa3=True)
     outs = {name: torch.empty_like(batch.q) for name in ("triton", "fa3_sparse", "fa3_dense")}
-    lists = pipe.select()
-    # The engine's buffers: a static pattern's tables once per step, dynamic ones per layer.
-    tables, seqused = sparse_block_tables(pipe.qb.table, batch.block_table, *lists, block, args.page_size)
-
-    def triton_sparse():
-        pipe.attend(pipe.select(), outs["triton"])
-
-    def fa3_sparse():
-        if pipe.dynamic:
-            sparse_block_tables(pipe.qb.table, batch.block_table, *pipe.select(), block,
-                                args.page_size, tables, seqused)
-        flash_sparse_attention(batch.q, batch.k_cache, batch.v_cache, outs["fa3_sparse"], runs, tables,
-                               seqused, pipe.scale)
-
-    def fa3_dense():
-        fa3_attention(fa3, batch, outs["fa3_dense"], pipe.scale)
-
-    calls = {"triton": triton_sparse, "fa3_sparse": fa3_sparse, "fa3_dense": fa3_dense}
+    calls = {"triton": lambda: ours.run(outs["triton"]),
+             "fa3_sparse": lambda: on_fa3.run(outs["fa3_sparse"]),
+             "fa3_dense": lambda: fa3_attention(fa3, batch, outs["fa3_dense"], ours.scale)}
     for fn in calls.values():
         fn()
     torch.cuda.synchronize()
     diff = (outs["triton"].float() - outs["fa3_sparse"].float()).abs().max().item()
-    mask = lists_to_mask(*lists, pipe.qb.num_kv_blocks)
-    density = mask.sum().item() / mask.shape[1] / pipe.qb.causal_pairs
+    density = ours.lists().density()
     times = {name: [] for name in calls}
     for _ in range(args.rounds):
         for name, fn in calls.items():

@@ -1,9 +1,9 @@
 """What the compiled attention kernel looks like: registers, local memory (spills), shared memory and
 the instruction mix of each loop, from its SASS (Triton's bundled ``cuobjdump``/``nvdisasm``).
 
-    python3 benchmarks/experiments/kernel_sass.py --out sass.json              # GPU: JIT-compiled
-    python3 benchmarks/experiments/kernel_sass.py --offline-sm 90 --out x.json  # no GPU needed
-    python3 benchmarks/experiments/kernel_sass.py --cubin kernel.cubin          # a saved binary
+    python -m benchmarks.experiments.kernel_sass --out sass.json              # GPU: JIT-compiled
+    python -m benchmarks.experiments.kernel_sass --offline-sm 90 --out x.json  # no GPU needed
+    python -m benchmarks.experiments.kernel_sass --cubin kernel.cubin          # a saved binary
 
 ``--kernel hopper`` takes kernels/attention_hopper.py instead of kernels/attention.py (its loops:
 two consumer tile loops (off-diagonal, diagonal) per warpgroup's code path, and the producer's).
@@ -27,7 +27,6 @@ import collections
 import json
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -35,17 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import bootstrap, static_pattern_prompt  # noqa: E402  (benchmarks/common.py)
-
-bootstrap()
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "accuracy"))
-from suite import git_commit, source_digest  # noqa: E402  (provenance)
-
-from vllm_flashprefill.kernels import attention  # noqa: E402
-from vllm_flashprefill.kernels.common import FP8_DTYPE  # noqa: E402
-from vllm_flashprefill.kernels.limits import limits_for  # noqa: E402
-from vllm_flashprefill.kernels.offline_build import compile_offline  # noqa: E402
+from benchmarks.harness.provenance import git_commit, source_digest
+from benchmarks.ops.common import static_pattern_prompt
+from vllm_flashprefill.kernels import attention
+from vllm_flashprefill.kernels.common import FP8_DTYPE
+from vllm_flashprefill.kernels.limits import limits_for
+from vllm_flashprefill.kernels.offline_build import compile_offline
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")

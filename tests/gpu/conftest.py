@@ -4,7 +4,7 @@ The tests run on CUDA and skip when ``torch.cuda.is_available()`` is False. For 
 tests themselves without a GPU, ``FP_TEST_DEVICE=cpu`` runs the same tests on the Triton
 interpreter with tiny shapes and fp32 (slow, minutes).
 
-Batches come from ``benchmarks/common.py:make_batch``, which builds tests/paged.py's layout
+Batches come from ``benchmarks/ops/common.py:make_batch``, which builds tests/paged.py's layout
 (shuffled NHD pages viewed as vLLM's logical [pages, Hkv, page, 2D] cache, NaN in every slot no
 request owns) directly on the device, plus ``plant_structure`` so that attention is peaked and
 dynamic selection has hot blocks to find.
@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE = os.environ.get("FP_TEST_DEVICE", "cuda").strip().lower() or "cuda"
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
@@ -31,21 +28,11 @@ _NOTES: list[str] = []
 
 
 def load_common():
-    """benchmarks/common.py, imported the way benchmarks/kernels.py imports it."""
-    bench = str(REPO_ROOT / "benchmarks")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    import common
+    """benchmarks/ops/common.py, imported only once TRITON_INTERPRET is settled (it imports the
+    kernels; other suites of a CPU run may still have to set it before they are first imported)."""
+    from benchmarks.ops import common
 
-    common.bootstrap()
     return common
-
-
-if ENABLED:
-    # The test module imports the kernels at collection: make this checkout importable first.
-    # (Never on a CPU run without the switch: other suites may still have to set TRITON_INTERPRET
-    # before the kernels are first imported.)
-    load_common()
 
 
 @dataclasses.dataclass

@@ -23,16 +23,16 @@ from vllm_flashprefill.patterns import content_selectable
 
 
 def static_call(env, b, pattern: str):
-    """(pipeline, block mask) of one layer call of a static pattern."""
-    pipe = env.common.Pipeline(b, config(env, pattern))
-    return pipe, pipe.mask()
+    """(layer call, block mask) of one layer call of a static pattern."""
+    call = env.common.LayerCall(b, config(env, pattern))
+    return call, call.mask()
 
 
-def attend(env, b, pipe, mask, scales: dict) -> torch.Tensor:
+def attend(env, b, call, mask, scales: dict) -> torch.Tensor:
     """The portable kernel's output for the batch's fp8 cache (NaN where it writes nothing)."""
     out = torch.full(b.q.shape, float("nan"), dtype=env.dtype, device=b.q.device)
-    sparse_prefill_attention(b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, pipe.qb.table,
-                             *BlockLists.from_mask(mask), pipe.scale, pipe.block_size, **scales)
+    sparse_prefill_attention(b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, call.query_blocks.table,
+                             *BlockLists.from_mask(mask), call.scale, call.cfg.sparse_block, **scales)
     return out
 
 
@@ -42,11 +42,11 @@ def attend(env, b, pipe, mask, scales: dict) -> torch.Tensor:
 def test_fp8_cache_matches_reference(env, note, case, pattern, fp8_query):
     b = make(env, case)
     scales = quantize_batch(b, per_head=case == "gqa7", fp8_query=fp8_query)
-    pipe, mask = static_call(env, b, pattern)
-    out = attend(env, b, pipe, mask, scales)
+    call, mask = static_call(env, b, pattern)
+    out = attend(env, b, call, mask, scales)
     assert not torch.isnan(out).any(), "rows left unwritten, or an unused slot read"
-    blocks = env.common.pick_blocks(pipe.qb.num_blocks, SAMPLE_BLOCKS, seed=len(pattern))
-    rows, ref = reference_rows(env, b, pipe, mask, blocks, **scales)
+    blocks = env.common.pick_blocks(call.query_blocks.num_blocks, SAMPLE_BLOCKS, seed=len(pattern))
+    rows, ref = reference_rows(env, b, call, mask, blocks, **scales)
     query = "fp8" if fp8_query else "bf16"
     # An fp8 query's dots run in fp16: on the interpreter's fp32 batches that is the looser bound.
     tol = dict(atol=max(env.atol, 2e-3), rtol=max(env.rtol, 2e-3), rel_l2=max(env.rel_l2, 1e-3)) if fp8_query else {}
@@ -60,16 +60,16 @@ def test_fp8_block_scores_match_reference(env, note, case, fp8_query):
     scales = quantize_batch(b, fp8_query=fp8_query)
     scales.pop("v_scale")
     cfg = dataclasses.replace(config(env, "dynamic"), dense_tail_blocks=0)
-    pipe = env.common.Pipeline(b, cfg)
-    qb, device = pipe.qb, b.q.device
+    call = env.common.LayerCall(b, cfg)
+    qb, device = call.query_blocks, b.q.device
     scores = torch.empty(qb.num_blocks, b.q.shape[1], qb.num_kv_blocks, device=device)
     pooled = torch.empty(qb.num_blocks, b.q.shape[1], b.q.shape[2], device=device)
-    block_scores(b.q, b.k_cache, b.block_table, b.seq_lens, qb.table, qb.score_groups, scores, pooled, pipe.scale,
-                 pipe.block_size, **scales)
+    block_scores(b.q, b.k_cache, b.block_table, b.seq_lens, qb.table, qb.score_groups, scores, pooled, call.scale,
+                 call.cfg.sparse_block, **scales)
     scored = content_selectable(qb.block_index, qb.last_block, cfg).nonzero().flatten().tolist()
     blocks = [scored[i] for i in env.common.pick_blocks(len(scored), SAMPLE_BLOCKS, seed=3)]
     ref = block_scores_reference(b.q, b.k_cache, b.block_table, b.seq_lens,
-                                 torch.from_numpy(qb.table_cpu[blocks]).to(device), pipe.scale, pipe.block_size,
+                                 torch.from_numpy(qb.table_cpu[blocks]).to(device), call.scale, call.cfg.sparse_block,
                                  qb.num_kv_blocks, **scales)
     got = scores[torch.tensor(blocks, device=device)]
     causal = torch.isfinite(ref)
@@ -86,10 +86,10 @@ def test_fp8_cache_against_the_bf16_cache(env, note, case):
     """The dense pattern on the fp8 cache against the bf16 cache it came from: e4m3 keeps 3 bits of
     mantissa, so this is fp8's own error, noted for the accuracy runs, not the kernel's."""
     b = make(env, case)
-    pipe, mask = static_call(env, b, "dense")
-    blocks = env.common.pick_blocks(pipe.qb.num_blocks, SAMPLE_BLOCKS)
-    rows, ref16 = reference_rows(env, b, pipe, mask, blocks)
-    out = attend(env, b, pipe, mask, quantize_batch(b))
+    call, mask = static_call(env, b, "dense")
+    blocks = env.common.pick_blocks(call.query_blocks.num_blocks, SAMPLE_BLOCKS)
+    rows, ref16 = reference_rows(env, b, call, mask, blocks)
+    out = attend(env, b, call, mask, quantize_batch(b))
     d = env.common.diff(out[rows], ref16)
     note(f"{case}/dense: fp8 cache vs the bf16 cache's reference: {d}")
     assert d.nonfinite == 0 and d.rel_l2 < 0.1

@@ -128,30 +128,30 @@ def config(env, name: str):
 KERNELS = ["auto", "triton"]
 
 
-def pipeline(env, b, cfg, kernel: str):
-    pipe = env.common.Pipeline(b, dataclasses.replace(cfg, sparse_kernel=kernel))
-    if kernel != "triton" and pipe.kernel is sparse_prefill_attention:
+def layer_call(env, b, cfg, kernel: str):
+    call = env.common.LayerCall(b, dataclasses.replace(cfg, sparse_kernel=kernel))
+    if kernel != "triton" and call.kernel is sparse_prefill_attention:
         pytest.skip(f"'{kernel}' runs the portable kernel here, as 'triton' does")
-    return pipe
+    return call
 
 
-def run_pipeline(env, b, cfg, kernel: str):
+def run_layer_call(env, b, cfg, kernel: str):
     """(pipeline, mask, out) for one layer call; out starts as NaN so unwritten rows show."""
-    pipe = pipeline(env, b, cfg, kernel)
-    mask = pipe.mask()
+    call = layer_call(env, b, cfg, kernel)
+    mask = call.mask()
     out = torch.full_like(b.q, float("nan"))
-    pipe.attend(BlockLists.from_mask(mask), out)
-    return pipe, mask, out
+    call.attend(BlockLists.from_mask(mask), out)
+    return call, mask, out
 
 
-def reference_rows(env, b, pipe, mask, blocks, **fp8_scales):
+def reference_rows(env, b, call, mask, blocks, **fp8_scales):
     """(rows, reference output of those rows) for a sample of query blocks."""
-    table = torch.from_numpy(pipe.qb.table_cpu[blocks]).to(b.q.device)
+    table = torch.from_numpy(call.query_blocks.table_cpu[blocks]).to(b.q.device)
     ref = sparse_attention_reference(
-        b.q, b.k_cache, b.v_cache, b.block_table, b.seq_lens, table, mask[blocks], pipe.scale,
-        pipe.block_size, **fp8_scales,
+        b.q, b.k_cache, b.v_cache, b.block_table, b.seq_lens, table, mask[blocks], call.scale,
+        call.cfg.sparse_block, **fp8_scales,
     )
-    rows = env.common.query_block_rows(pipe.qb.table_cpu, blocks).to(b.q.device)
+    rows = env.common.query_block_rows(call.query_blocks.table_cpu, blocks).to(b.q.device)
     return rows, ref[rows]
 
 
@@ -163,16 +163,16 @@ def test_matches_reference(env, batches, note, case, pattern, kernel):
         pytest.skip("covered at other lengths")
     b = batches(case)
     cfg = config(env, pattern)
-    pipe, mask, out = run_pipeline(env, b, cfg, kernel)
+    call, mask, out = run_layer_call(env, b, cfg, kernel)
     assert not torch.isnan(out).any(), "rows left unwritten"
-    density = env.common.mask_density(mask, pipe.qb)
-    blocks = env.common.pick_blocks(pipe.qb.num_blocks, SAMPLE_BLOCKS, seed=len(pattern))
-    rows, ref = reference_rows(env, b, pipe, mask, blocks)
+    density = BlockLists.from_mask(mask).density()
+    blocks = env.common.pick_blocks(call.query_blocks.num_blocks, SAMPLE_BLOCKS, seed=len(pattern))
+    rows, ref = reference_rows(env, b, call, mask, blocks)
     env.check_close(out[rows], ref, f"{case}/{pattern}/{kernel} density={density:.3f} vs reference", note)
     if cfg.pattern != "dense" and density < 0.9:
         # The sparse result must differ from dense attention, or the lists were ignored.
         dense = torch.ones_like(mask[:, :1])
-        _, dense_ref = reference_rows(env, b, pipe, dense, blocks)
+        _, dense_ref = reference_rows(env, b, call, dense, blocks)
         gap = env.common.diff(ref, dense_ref).rel_l2
         assert gap > 3 * env.rel_l2, f"pattern {pattern} indistinguishable from dense ({gap:.2e})"
 
@@ -193,7 +193,7 @@ def test_dense_matches_fa3(env, note, case, kernel):
     # rows with pages of 128 (H200, 2026-11-27; not with pages of 16): it seems to read that page
     # whole and weight the slots past seq_len by zero (0 * NaN). vLLM's cache holds finite values.
     b.kv_cache.nan_to_num_(0.0)
-    _, _, out = run_pipeline(env, b, config(env, "dense"), kernel)
+    _, _, out = run_layer_call(env, b, config(env, "dense"), kernel)
     expected = torch.full_like(b.q, float("nan"))
     env.common.fa3_attention(fa3, b, expected, b.q.shape[-1] ** -0.5)
     assert torch.isfinite(expected).all(), "FA3 output has NaN/Inf: bad baseline call"
@@ -222,7 +222,7 @@ def test_dense_matches_torch_sdpa(env, batches, note, case, kernel):
     if expected is None:
         pytest.skip("; ".join(reasons))
     del q4, k4, v4
-    _, _, out = run_pipeline(env, b, config(env, "dense"), kernel)
+    _, _, out = run_layer_call(env, b, config(env, "dense"), kernel)
     env.check_close(out, expected, f"{case}/dense/{kernel} vs torch {sdpa} (all {out.shape[0]} rows)", note)
 
 
@@ -237,10 +237,10 @@ def test_vllm_baselines_match_reference(env, batches, note, kernel):
     b = batches("multi8k")
     out = torch.full_like(b.q, float("nan"))
     call(fn, b, out, b.q.shape[-1] ** -0.5)
-    pipe = env.common.Pipeline(b, config(env, "dense"))
-    mask = pipe.mask()
-    blocks = env.common.pick_blocks(pipe.qb.num_blocks, SAMPLE_BLOCKS)
-    rows, ref = reference_rows(env, b, pipe, mask, blocks)
+    call = env.common.LayerCall(b, config(env, "dense"))
+    mask = call.mask()
+    blocks = env.common.pick_blocks(call.query_blocks.num_blocks, SAMPLE_BLOCKS)
+    rows, ref = reference_rows(env, b, call, mask, blocks)
     env.check_close(out[rows], ref, f"multi8k/{kernel} vs reference", note)
 
 
@@ -265,20 +265,21 @@ def test_dynamic_selection_matches_reference(env, batches, note, case):
     b = batches(case)
     # Without a dense tail more blocks are scored (the CPU's small d256 case has none otherwise).
     cfg = dataclasses.replace(config(env, "dynamic"), dense_tail_blocks=0)
-    pipe = env.common.Pipeline(b, cfg)
-    scores = pipe.scores()
+    call = env.common.LayerCall(b, cfg)
+    scores = call.scores()
     # Scores exist where content selection can add a block (the others keep every causal block).
-    scored = content_selectable(pipe.qb.block_index, pipe.qb.last_block, cfg).nonzero().flatten().tolist()
+    qb = call.query_blocks
+    scored = content_selectable(qb.block_index, qb.last_block, cfg).nonzero().flatten().tolist()
     blocks = [scored[i] for i in env.common.pick_blocks(len(scored), 2 * SAMPLE_BLOCKS, seed=3)]
     sel = torch.tensor(blocks, device=b.q.device)
-    table = torch.from_numpy(pipe.qb.table_cpu[blocks]).to(b.q.device)
+    table = torch.from_numpy(qb.table_cpu[blocks]).to(b.q.device)
     ref = block_scores_reference(
-        b.q, b.k_cache, b.block_table, b.seq_lens, table, pipe.scale, pipe.block_size,
-        pipe.qb.num_kv_blocks,
+        b.q, b.k_cache, b.block_table, b.seq_lens, table, call.scale, call.cfg.sparse_block,
+        qb.num_kv_blocks,
     )
     got = scores[sel]
-    block_index = pipe.qb.block_index[sel]
-    causal = (torch.arange(pipe.qb.num_kv_blocks, device=b.q.device)[None, :]
+    block_index = qb.block_index[sel]
+    causal = (torch.arange(qb.num_kv_blocks, device=b.q.device)[None, :]
               <= block_index[:, None])[:, None, :].expand_as(ref)
     assert torch.isfinite(got[causal]).all(), "non-finite block scores"
     score_err = float((got[causal] - ref[causal]).abs().max())
@@ -287,7 +288,7 @@ def test_dynamic_selection_matches_reference(env, batches, note, case):
     assert score_err <= 1e-2 * score_max + 1e-3, f"block scores off by {score_err} (max {score_max})"
 
     num_kv_heads = b.k_cache.shape[2]
-    last_block = pipe.qb.last_block[sel]
+    last_block = qb.last_block[sel]
     mask_got = select_dynamic(got, block_index, last_block, num_kv_heads, cfg)
     mask_ref = select_dynamic(ref, block_index, last_block, num_kv_heads, cfg)
     dist, rel = _boundary_distance(ref, block_index, last_block, num_kv_heads, cfg)
@@ -295,7 +296,7 @@ def test_dynamic_selection_matches_reference(env, batches, note, case):
     near = dist <= band
     disagree = mask_got != mask_ref
     unexplained = int((disagree & ~near).sum())
-    forced = forced_block_mask(block_index, last_block, pipe.qb.num_kv_blocks, cfg).expand_as(mask_ref)
+    forced = forced_block_mask(block_index, last_block, qb.num_kv_blocks, cfg).expand_as(mask_ref)
     candidates = int((~forced & (rel > float("-inf"))).sum())
     picked = int((mask_ref & ~forced).sum())
     note(
@@ -318,7 +319,7 @@ def test_extreme_inputs(env, note, pattern, kernel):
     b.k_cache.mul_(100)
     b.v_cache.mul_(1e4)
     cfg = config(env, pattern)
-    pipe, mask, out = run_pipeline(env, b, cfg, kernel)
+    call, mask, out = run_layer_call(env, b, cfg, kernel)
     assert torch.isfinite(out).all(), f"{int((~torch.isfinite(out)).sum())} non-finite outputs"
     # Request 0 has no context: its row 0 sees only key 0, so the output is exactly v[0].
     page0 = int(b.block_table[0, 0])
@@ -326,8 +327,8 @@ def test_extreme_inputs(env, note, pattern, kernel):
     gqa = b.q.shape[1] // b.k_cache.shape[2]
     torch.testing.assert_close(out[0].float(), v0.float().repeat_interleave(gqa, 0), atol=0, rtol=1e-2)
     # Logits this large make attention nearly one-hot: allow a few near-ties to resolve apart.
-    blocks = env.common.pick_blocks(pipe.qb.num_blocks, SAMPLE_BLOCKS, seed=1)
-    rows, ref = reference_rows(env, b, pipe, mask, blocks)
+    blocks = env.common.pick_blocks(call.query_blocks.num_blocks, SAMPLE_BLOCKS, seed=1)
+    rows, ref = reference_rows(env, b, call, mask, blocks)
     scale = float(ref.abs().max())
     err = (out[rows].float() - ref).abs().amax(-1)  # [rows, Hq]
     off = int((err > 2e-2 * scale).sum())
@@ -343,28 +344,28 @@ def test_reads_only_listed_blocks_and_writes_only_its_rows(env, note, pattern, k
     blocks must keep their previous contents."""
     b = make(env, "long64k" if not ON_GPU else "gqa7", seed=11)
     cfg = config(env, pattern)
-    pipe = pipeline(env, b, cfg, kernel)
-    mask = pipe.mask()
-    n = pipe.qb.num_blocks
+    call = layer_call(env, b, cfg, kernel)
+    mask = call.mask()
+    n = call.query_blocks.num_blocks
     # Request 0's last query blocks before its dense tail (which lists every causal block).
-    own = [i for i in range(n) if int(pipe.qb.table_cpu[i][0]) == 0]
+    own = [i for i in range(n) if int(call.query_blocks.table_cpu[i][0]) == 0]
     last = own[: max(0, len(own) - cfg.dense_tail_blocks)][-3:]
     assert last, "request 0 has no sparse query block"
     keep = mask[last].any(0).any(0)  # KV blocks any of them lists
-    rows, ref = reference_rows(env, b, pipe, mask, last)  # before poisoning
+    rows, ref = reference_rows(env, b, call, mask, last)  # before poisoning
     skipped = (~keep).nonzero().squeeze(1).tolist()
     assert skipped, "nothing to poison"
     pages, slots = env.common.request_slots(b, 0)
     pos = torch.arange(pages.shape[0], device=pages.device)
-    poison = ~keep[pos // pipe.block_size]
+    poison = ~keep[pos // call.cfg.sparse_block]
     b.k_cache[pages[poison], slots[poison]] = float("nan")
     b.v_cache[pages[poison], slots[poison]] = float("nan")
 
-    sub = torch.from_numpy(pipe.qb.table_cpu[last]).to(b.q.device)
+    sub = torch.from_numpy(call.query_blocks.table_cpu[last]).to(b.q.device)
     lists = BlockLists.from_mask(mask[last])
     out = torch.full_like(b.q, 123.0)
-    pipe.kernel(b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, sub, *lists, pipe.scale,
-                pipe.block_size)
+    call.kernel(b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, sub, *lists, call.scale,
+                call.cfg.sparse_block)
     env.check_close(out[rows], ref, f"{pattern}/{kernel}: last blocks with {len(skipped)} KV blocks poisoned",
                 note)
     others = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
@@ -380,19 +381,19 @@ def test_an_empty_list_attends_to_the_diagonal_block_alone(env, batches, note, c
     unwritten)."""
     b = batches(case)
     cfg = config(env, "hybrid")
-    pipe = pipeline(env, b, cfg, kernel)
-    mask = pipe.mask()
+    call = layer_call(env, b, cfg, kernel)
+    mask = call.mask()
     indices, counts = BlockLists.from_mask(mask)
-    emptied = torch.arange(0, pipe.qb.num_blocks, 3, device=counts.device)
+    emptied = torch.arange(0, call.query_blocks.num_blocks, 3, device=counts.device)
     counts = counts.clone()
     counts[emptied] = 0
     diagonal_only = mask.clone()
     diagonal_only[emptied] = False
-    qb = pipe.qb.block_index.long()[emptied]
+    qb = call.query_blocks.block_index.long()[emptied]
     diagonal_only[emptied, :, qb] = True
     out = torch.full_like(b.q, float("nan"))
-    pipe.attend((indices, counts), out)
+    call.attend((indices, counts), out)
     assert not torch.isnan(out).any(), "rows left unwritten"
     blocks = emptied[: SAMPLE_BLOCKS].tolist()
-    rows, ref = reference_rows(env, b, pipe, diagonal_only, blocks)
+    rows, ref = reference_rows(env, b, call, diagonal_only, blocks)
     env.check_close(out[rows], ref, f"empty lists/{case}/{kernel}", note)

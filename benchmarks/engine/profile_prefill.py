@@ -1,6 +1,6 @@
 """Where the time of one long prefill goes: kernel totals from torch.profiler, engine in-process.
 
-    python3 benchmarks/profile_prefill.py --model-dir /tmp/llama8b --prompt-len 131072 \
+    python -m benchmarks.engine.profile_prefill --model-dir .models/llama8b --prompt-len 131072 \
         --backend FLASHPREFILL --options '{"pattern": "hybrid", "dense_layers": 0}' --out prof.json
 
 Runs the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, eager) so that the profiler
@@ -9,25 +9,21 @@ top kernels by total device time, their sum per group (attention / KV-cache writ
 the time of every attention kernel call (one per layer), the wall time of the step, the SM clock
 and power draw that ``nvidia-smi`` reports every 100 ms during the profiled prompt (a long prefill
 runs at the card's power limit, and its clocks explain the per-call times), and the card,
-versions and commit. Without a GPU (smoke runs) CPU times stand in for device times.
+versions and commit. Without a GPU (smoke runs) CPU times stand in for device times. The weights
+are dummy ones (on them ``dynamic`` keeps the same blocks as ``hybrid``; the JSON says so).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "accuracy"))
-from suite import git_commit, source_digest  # noqa: E402
-from plotting import plot_result_file  # noqa: E402  (benchmarks/plotting.py, the script's folder)
+from benchmarks.harness import files, provenance
 
 # Every kernel the package launches (tests/test_benchmark_harness.py checks the list against kernels/).
 OUR_KERNELS = ("_sparse_prefill_kernel", "_hopper_sparse_prefill_kernel", "_block_scores_kernel",
@@ -80,7 +76,8 @@ def main() -> None:
     ap.add_argument("--backend", default="FLASHPREFILL")
     ap.add_argument("--options", type=json.loads, default={}, help="FlashPrefill options (JSON)")
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None, help="results .json, or a folder for profile-<card>-<date>.json "
+                    f"(default ./{files.DEFAULT_OUT_DIR}/); the .png goes beside it")
     args = ap.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"  # prompt + room for the output token
@@ -128,11 +125,9 @@ def main() -> None:
         if on_device and kernel_group(e.name) == "attention":
             per_call.setdefault(e.name[:160], []).append(round(e.time_range.elapsed_us() / 1e3, 3))
     result = {
-        "card": torch.cuda.get_device_name() if on_gpu else "cpu",
-        "date": datetime.date.today().isoformat(),
+        **provenance.record(torch.cuda.get_device_name() if on_gpu else "cpu"),
         "vllm": vllm.__version__, "torch": torch.__version__,
-        "commit": git_commit(), "source_digest": source_digest(),
-        "model_dir": args.model_dir, "load_format": "dummy", "enforce_eager": True,
+        "model_dir": args.model_dir, **provenance.weights_record("dummy"), "enforce_eager": True,
         "backend": args.backend, "options": args.options if flashprefill else None,
         "prompt_len": args.prompt_len, "kv_page_size": llm.llm_engine.vllm_config.cache_config.block_size,
         "wall_s": wall, "busy_s_by_group": groups,
@@ -141,9 +136,8 @@ def main() -> None:
         "attention_call_ms": per_call,
         "clocks": clocks,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    plot_result_file(args.out)
+    files.write_result(args.out, "profile", result)
+    print(f"NOTE: {provenance.DUMMY_WEIGHTS_NOTE}")
     summary = ("card", "backend", "kv_page_size", "wall_s", "busy_s_by_group")
     print(json.dumps({k: result[k] for k in summary}, indent=1))
     if clocks:

