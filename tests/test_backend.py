@@ -593,20 +593,6 @@ def test_dense_runs_split_keys_as_flash_attention_does_in_batch_invariant_mode(m
     assert [run.metadata.max_num_splits for run in meta.dense_runs] == [meta.max_num_splits] * 2
 
 
-def flash_attention_semantics(impl, layer, q, k, v, kv_cache, metadata, out, *rest):
-    """vLLM's FlashAttention forward on CPU, where it cannot run: its documented semantics over the
-    metadata's requests (kernels/reference.py), written into ``out``."""
-    from vllm_flashprefill.kernels.reference import flash_attn_varlen_reference
-
-    key_cache, value_cache = kv_cache.transpose(1, 2).split(impl.head_size, dim=-1)
-    flash_attn_varlen_reference(
-        q, key_cache, value_cache, out, cu_seqlens_q=metadata.query_start_loc, max_seqlen_q=metadata.max_query_len,
-        seqused_k=metadata.seq_lens, max_seqlen_k=metadata.max_seq_len, softmax_scale=impl.scale, causal=True,
-        block_table=metadata.block_table, num_splits=1, fa_version=3,
-    )
-    return out
-
-
 def warnings_of(logger_name: str = "vllm.flashprefill"):
     """A context that collects the warnings logged there (vLLM's loggers do not propagate to caplog)."""
     import contextlib
@@ -628,7 +614,7 @@ def warnings_of(logger_name: str = "vllm.flashprefill"):
 
 
 @pytest.mark.parametrize("failure", ["kernel", "kv_dtype"])
-def test_a_sparse_path_that_fails_leaves_the_step_to_flash_attention(model_dir, monkeypatch, failure):
+def test_a_sparse_path_that_fails_leaves_the_step_to_flash_attention(model_dir, monkeypatch, request, failure):
     """Any exception of the sparse path (a TMA descriptor, a compile, a launch; here a kernel that
     raises, or an fp16 KV cache under a bf16 query, which no start-up run compiled) gives the whole
     step to FlashAttention, with one warning that says why; later calls of that shape do not try the
@@ -640,7 +626,7 @@ def test_a_sparse_path_that_fails_leaves_the_step_to_flash_attention(model_dir, 
     if failure == "kv_dtype" and DEVICE == "cuda":
         pytest.skip("FlashAttention refuses a query and cache of different dtypes as well")
     if DEVICE == "cpu":
-        monkeypatch.setattr(FlashAttentionImpl, "forward", flash_attention_semantics)
+        request.getfixturevalue("fake_flash_attention")
     monkeypatch.setattr(backend, "_FAILED_SPARSE_SHAPES", set(), raising=False)
     config = vllm_config(model_dir, pattern="hybrid", min_seq_len=0, local_blocks=1, stride=2)
     batch = make_paged_batch([1, 300], [90, 0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=6)
