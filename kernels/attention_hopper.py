@@ -21,12 +21,29 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import FP8_DTYPE, LOG2E, QB_COLUMNS, QB_FIRST_POS, QB_FIRST_ROW, QB_REQUEST, QB_ROWS
-from .common import check_head_dim_contiguous, kernel_shape, list_strides
+from .common import (
+    FP8_DTYPE,
+    LOG2E,
+    QB_COLUMNS,
+    QB_FIRST_POS,
+    QB_FIRST_ROW,
+    QB_REQUEST,
+    QB_ROWS,
+    canonical_strides,
+    check_head_dim_contiguous,
+    check_index_inputs,
+    kernel_shape,
+    list_strides,
+)
 
 # Gluon's API moves between Triton releases; the two names this kernel needs differ between 3.6 (the
 # GPU image's, with vLLM 0.26) and 3.9 (vLLM 0.32+). Inside a warp-specialized partition the
@@ -353,16 +370,18 @@ def sparse_prefill_attention(
     if reason:
         raise ValueError(f"the Hopper kernel cannot run these rows: {reason}")
     check_head_dim_contiguous(q, out, k_cache, v_cache)
+    check_index_inputs(qblocks, block_table, seq_lens, kv_indices, kv_counts, num_kv_heads)
     num_qblocks = qblocks.shape[0]
     if num_qblocks == 0:
         return out
+    q, k_cache, v_cache, written = (canonical_strides(t) for t in (q, k_cache, v_cache, out))
     block_q = BLOCK_M // triton.next_power_of_2(gqa)
     grid = (num_qblocks * (sparse_block // block_q), num_kv_heads)
     _hopper_sparse_prefill_kernel[grid](
-        q, out, cache_descriptor(k_cache), cache_descriptor(v_cache),
+        q, written, cache_descriptor(k_cache), cache_descriptor(v_cache),
         block_table, seq_lens, qblocks, kv_indices, kv_counts,
         scale * LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), written.stride(0), written.stride(1),
         block_table.stride(0),
         *list_strides(kv_indices, kv_counts),
         GQA=gqa, BLOCK_Q=block_q, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_SIZE=head_size,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import QB_COLUMNS, QB_FIRST_POS, QB_REQUEST, QB_ROWS
+from .common import QB_COLUMNS, QB_FIRST_POS, QB_REQUEST, QB_ROWS, check_index_inputs, check_index_table
 
 _SLOTS = 64
 
@@ -73,9 +73,12 @@ def sparse_block_tables(
     """
     if sparse_block % page_size:
         raise ValueError(f"sparse block {sparse_block} is not a multiple of the page size {page_size}")
-    rows_contiguous = (qblocks, block_table, kv_indices, tables, seqused)
-    if not qblocks.is_contiguous() or any(t is not None and t.stride(-1) != 1 for t in rows_contiguous):
-        raise ValueError("qblocks must be contiguous and every other table's rows contiguous")
+    # Tables for the first query blocks, as many as are listed.
+    check_index_inputs(qblocks[:kv_indices.shape[0]], block_table, kv_indices=kv_indices, kv_counts=kv_counts)
+    for name, given, layout in (("tables", tables, "[heads, query blocks, pages]"),
+                                ("seqused", seqused, "[heads, query blocks]")):
+        if given is not None:
+            check_index_table(name, given, layout)
     per_block = sparse_block // page_size
     n, heads, width = kv_indices.shape
     if tables is None:

@@ -33,6 +33,65 @@ def check_head_dim_contiguous(*tensors: torch.Tensor) -> None:
         raise ValueError("the head dimension must be contiguous")
 
 
+def check_index_table(name: str, t: torch.Tensor, layout: str, contiguity: str = "rows") -> None:
+    """``t`` as the kernels read an index table: int32, as many dimensions as ``layout`` names
+    (e.g. "[requests, pages]"), and with ``contiguity`` "rows" its last dimension contiguous
+    (kernels step through a row by 1), "whole" all of it (kernels compute flat offsets), or "none".
+    Host-side metadata only: no device sync."""
+    dims = layout.count(",") + 1
+    if contiguity == "whole":
+        laid_out = t.is_contiguous()
+    else:
+        laid_out = contiguity == "none" or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1
+    if t.dtype != torch.int32 or t.dim() != dims or not laid_out:
+        how = {"rows": " with contiguous rows", "whole": ", contiguous", "none": ""}[contiguity]
+        raise ValueError(f"{name} must be an int32 {layout} tensor{how}; got {t.dtype} of shape "
+                         f"{tuple(t.shape)} with strides {t.stride()}")
+
+
+def check_index_inputs(qblocks: torch.Tensor, block_table: torch.Tensor | None, seq_lens: torch.Tensor | None = None,
+                       kv_indices: torch.Tensor | None = None, kv_counts: torch.Tensor | None = None,
+                       num_kv_heads: int | None = None) -> None:
+    """The launchers' index inputs as the kernels read them (None: not read): the query-block table,
+    vLLM's block table and sequence lengths, and block lists of every query block for 1 or ``num_kv_heads``
+    KV heads (any heads when None). A wrong layout gave NaN or read out of bounds; a wrong dtype
+    read garbage."""
+    columns = QB_COLUMNS.value
+    check_index_table("qblocks", qblocks, f"[query blocks, {columns}]", "whole")
+    if qblocks.shape[1] != columns:
+        raise ValueError(f"qblocks must have {columns} columns (kernels/common.py), not {qblocks.shape[1]}")
+    if block_table is not None:
+        check_index_table("block_table", block_table, "[requests, pages]")
+    if seq_lens is not None:
+        check_index_table("seq_lens", seq_lens, "[requests]")
+    if kv_indices is None:
+        return
+    check_index_table("kv_indices", kv_indices, "[query blocks, heads, blocks]")
+    check_index_table("kv_counts", kv_counts, "[query blocks, heads]", "none")
+    heads = kv_counts.shape[1]
+    if (kv_indices.shape[:2] != kv_counts.shape or kv_counts.shape[0] != qblocks.shape[0]
+            or (num_kv_heads is not None and heads not in (1, num_kv_heads))):
+        raise ValueError(
+            f"kv_indices {tuple(kv_indices.shape)} and kv_counts {tuple(kv_counts.shape)} must list the "
+            f"{qblocks.shape[0]} query blocks for the same heads"
+            + ("" if num_kv_heads is None else f" (1, or one list per KV head: {num_kv_heads})"))
+
+
+def canonical_strides(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (no copy) with the stride of each size-1 dimension set as a contiguous layout would
+    set it: the next dimension's extent times its stride (1 for the last dimension). Such a stride
+    never addresses an element, so a view may carry any value there (vLLM's KV-cache views with one
+    KV head per rank may have 1); TMA descriptors need 16-byte aligned strides, and Triton
+    specializes its kernels on stride values."""
+    strides = list(t.stride())
+    inner = 1
+    for dim in reversed(range(t.dim())):
+        if t.shape[dim] == 1:
+            strides[dim] = inner
+        inner = strides[dim] * t.shape[dim]
+    return t if strides == list(t.stride()) else t.as_strided(t.shape, strides)
+
+
 def dot_dtype(q: torch.Tensor) -> torch.dtype:
     """What the kernels' dots run in: q's dtype; for an fp8 q fp16, which holds every e4m3 value
     exactly (and probabilities more precisely than bf16)."""

@@ -21,7 +21,11 @@ from .common import (
     QB_REQUEST,
     QB_ROWS,
     TRITON_DTYPES,
+    canonical_strides,
     check_dtypes,
+    check_head_dim_contiguous,
+    check_index_inputs,
+    check_index_table,
     dot_dtype,
     scale_args,
 )
@@ -163,12 +167,24 @@ def pool_queries(
     ``groups`` ([g, 2] (first query block, count <= blocks_per_group)); other rows stay untouched."""
     num_heads, head_size = q.shape[1], q.shape[2]
     cfg = pool_config(num_heads, head_size, q.element_size(), sparse_block, config)
+    check_index_inputs(qblocks, None)
+    check_index_table("groups", groups, "[groups, 2]", "whole")
+    if groups.shape[1] != 2:
+        raise ValueError(f"groups must have 2 columns (first query block, count), not {groups.shape[1]}")
+    check_fp32_rows("pooled", pooled)
     if groups.shape[0]:
         _pool_queries_kernel[(num_heads // cfg["HEADS"], groups.shape[0], blocks_per_group)](
             q, pooled, qblocks, groups, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
             HEAD_SIZE=head_size, **cfg,
         )
     return pooled
+
+
+def check_fp32_rows(name: str, buffer: torch.Tensor) -> None:
+    """A float32 [query blocks, heads, n] buffer the kernels write row by row."""
+    if buffer.dtype != torch.float32 or buffer.dim() != 3 or buffer.stride(-1) != 1:
+        raise ValueError(f"{name} must be a float32 [query blocks, heads, n] buffer with contiguous rows; got "
+                         f"{buffer.dtype} of shape {tuple(buffer.shape)} with strides {buffer.stride()}")
 
 
 def blocks_per_group(gqa: int, rows: int = 128) -> int:
@@ -240,8 +256,12 @@ def block_scores(
     gqa = num_q_heads // num_kv_heads
     per_group = blocks_per_group(gqa)
     check_dtypes(dot_dtype(q), q=(q, q_scale), K=(k_cache, k_scale))
+    check_head_dim_contiguous(q, k_cache)
+    check_index_inputs(qblocks, block_table, seq_lens)
+    check_fp32_rows("scores", scores)
     if groups.shape[0] == 0:
         return scores
+    q, k_cache = canonical_strides(q), canonical_strides(k_cache)
     pool_queries(q, qblocks, groups, pooled, sparse_block, per_group)
     limits = limits or device_limits(q.device)
     cfg = scores_config(head_size, gqa, sparse_block, page_size, limits, dot_dtype(q).itemsize)

@@ -117,7 +117,8 @@ def main() -> None:
             builds[key] = dict(
                 target=capability, kernel=kernel, shared=compiled.metadata.shared, estimate=estimate,
                 limit=limits_for(capability).shared_memory, cubin=str(cubin), compile_s=time.perf_counter() - started,
-                constexprs={k: v if isinstance(v, (int, bool)) else str(v) for k, v in constexprs.items() if v is not None}, options=options, launches=[shape],
+                constexprs={k: v if isinstance(v, (int, bool)) else str(v)
+                            for k, v in constexprs.items() if v is not None}, options=options, launches=[shape],
             )
     result = dict(builds=list(builds.values()), wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu,
                   launches=sum(len(b["launches"]) for b in builds.values()))

@@ -65,3 +65,49 @@ def test_hopper_kernel_refuses_what_it_cannot_run(capability, monkeypatch):
         call(out=q.half())
     with pytest.raises(ValueError, match="block_size 64"):
         call(sparse_block=64)
+
+
+def test_a_single_kv_head_of_any_stride_gets_aligned_descriptors(capability, monkeypatch):
+    """One KV head per rank: vLLM's view may give the head a stride of 1, which Gluon's TMA descriptor
+    refuses ("strides must be 16-byte aligned", before the launcher set size-1 strides as a
+    contiguous layout would). Checked up to the launch, which needs an sm_90 GPU."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(args)
+
+    capability(9)
+    monkeypatch.setattr(attention_hopper, "unsupported_reason", lambda *args: None)
+    monkeypatch.setattr(attention_hopper, "_hopper_sparse_prefill_kernel", Recorder())
+    q = torch.zeros(128, 4, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 64, 1, 256, dtype=torch.bfloat16)[..., :128]
+    single_head = cache.as_strided(cache.shape, (cache.stride(0), cache.stride(1), 1, 1))
+    qblocks = torch.tensor([[0, 0, 0, 128]], dtype=torch.int32)
+    lists = torch.zeros(1, 1, 1, dtype=torch.int32), torch.ones(1, 1, dtype=torch.int32)
+    attention_hopper.sparse_prefill_attention(
+        q, single_head, single_head, q.clone(), torch.zeros(1, 2, dtype=torch.int32),
+        torch.tensor([128], dtype=torch.int32), qblocks, *lists, 1.0, 128)
+    (args,) = launches
+    assert [d.strides for d in args[2:4]] == [[64 * 256, 256, 128, 1]] * 2
+
+
+def test_hopper_launcher_refuses_index_inputs_the_kernel_would_misread(capability, monkeypatch):
+    """The checks of the portable launcher (tests/test_attention.py), here too: e.g. an int64
+    block table, or block lists for another number of query blocks."""
+    capability(9)
+    monkeypatch.setattr(attention_hopper, "unsupported_reason", lambda *args: None)
+    q = torch.zeros(128, 4, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 64, 1, 128, dtype=torch.bfloat16)
+    qblocks = torch.tensor([[0, 0, 0, 128]], dtype=torch.int32)
+    block_table, seq_lens = torch.zeros(1, 2, dtype=torch.int32), torch.tensor([128], dtype=torch.int32)
+    lists = torch.zeros(1, 1, 1, dtype=torch.int32), torch.ones(1, 1, dtype=torch.int32)
+
+    def call(block_table=block_table, lists=lists):
+        attention_hopper.sparse_prefill_attention(q, cache, cache, q.clone(), block_table, seq_lens, qblocks, *lists,
+                                                  1.0, 128)
+
+    with pytest.raises(ValueError, match=r"block_table must be an int32 \[requests, pages\] tensor"):
+        call(block_table=block_table.long())
+    with pytest.raises(ValueError, match=r"kv_indices \(2, 1, 1\) and kv_counts \(2, 1\) must list the 1 query blocks"):
+        call(lists=(torch.zeros(2, 1, 1, dtype=torch.int32), torch.ones(2, 1, dtype=torch.int32)))

@@ -597,3 +597,104 @@ def test_a_hopper_kernel_that_fails_at_start_up_leaves_the_portable_one(model_di
         step.query_blocks.table, mask, HEAD**-0.5, 128,
     )
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("invariant", [False, True])
+def test_dense_runs_split_keys_as_flash_attention_does_in_batch_invariant_mode(model_dir, monkeypatch, invariant):
+    """VLLM_BATCH_INVARIANT=1: vLLM's FlashAttention builder runs with max_num_splits 1 (a row's
+    result must not depend on the batch), and so do the dense runs beside the sparse rows (they had
+    0, FA3's heuristics, which may split keys by batch size)."""
+    from vllm import envs
+
+    monkeypatch.setattr(envs, "VLLM_BATCH_INVARIANT", invariant, raising=False)
+    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=256, local_blocks=1, stride=2)
+    batch = make_paged_batch([1, 40, 300, 1], [90, 0, 0, 70], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    _, meta = build(config, batch)
+    assert meta.sparse is not None and len(meta.dense_runs) == 2
+    assert meta.max_num_splits == (1 if invariant else 0)  # FlashAttention's own, for the whole batch
+    assert [run.metadata.max_num_splits for run in meta.dense_runs] == [meta.max_num_splits] * 2
+
+
+def warnings_of(logger_name: str = "vllm.flashprefill"):
+    """A context that collects the warnings logged there (vLLM's loggers do not propagate to caplog)."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def collect():
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger(logger_name).addHandler(handler)
+        try:
+            yield records
+        finally:
+            logging.getLogger(logger_name).removeHandler(handler)
+            records[:] = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+
+    return collect()
+
+
+@pytest.mark.parametrize("failure", ["kernel", "kv_dtype"])
+def test_a_sparse_path_that_fails_leaves_the_step_to_flash_attention(model_dir, monkeypatch, request, failure):
+    """Any exception of the sparse path (a TMA descriptor, a compile, a launch; here a kernel that
+    raises, or an fp16 KV cache under a bf16 query, which no start-up run compiled) gives the whole
+    step to FlashAttention, with one warning that says why; later calls of that shape do not try the
+    sparse path again. Before, the exception left forward and killed the engine."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+    from vllm_flashprefill import backend
+
+    if failure == "kv_dtype" and DEVICE == "cuda":
+        pytest.skip("FlashAttention refuses a query and cache of different dtypes as well")
+    if DEVICE == "cpu":
+        request.getfixturevalue("fake_flash_attention")
+    monkeypatch.setattr(backend, "_FAILED_SPARSE_SHAPES", set(), raising=False)
+    config = vllm_config(model_dir, pattern="hybrid", min_seq_len=0, local_blocks=1, stride=2)
+    batch = make_paged_batch([1, 300], [90, 0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE, seed=6)
+    _, meta = build(config, batch)
+    query, calls = batch.q, []
+    if failure == "kernel":
+        def broken(*args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("strides must be 16-byte aligned")
+
+        monkeypatch.setattr(sparse_prefill, "kernel_for", lambda *args: broken)
+        reason = "RuntimeError: strides must be 16-byte aligned"
+    else:
+        query = batch.q.bfloat16()
+        reason = "ValueError: K dtype torch.float16: the kernels take torch.bfloat16 here, or torch.float8_e4m3fn"
+    impl = make_impl(config)
+    dense = torch.full_like(query, float("nan"))
+    FlashAttentionImpl.forward(impl, LAYER, query, None, None, batch.kv_cache, meta, dense)
+    assert not dense.isnan().any()
+    with warnings_of() as warnings:
+        for _ in range(2):  # two layers (or steps) of the same shape
+            out = torch.full_like(query, float("nan"))
+            impl.forward(LAYER, query, None, None, batch.kv_cache, meta, out)
+            torch.testing.assert_close(out, dense, atol=0, rtol=0)
+    dtype = "torch.bfloat16" if failure == "kv_dtype" else "torch.float16"
+    assert warnings == [
+        f"FlashPrefill: the sparse rows failed ({reason}); FlashAttention runs every row of this step, and from "
+        f"now on the rows of this shape (torch.float16 KV cache, {dtype} query, d {HEAD}, pages of {PAGE}, "
+        f"GQA {HQ // HKV})"
+    ]
+    assert len(calls) == (1 if failure == "kernel" else 0)
+
+
+def test_a_step_the_dynamic_workspace_cannot_hold_runs_on_flash_attention(model_dir):
+    """A step larger than the dynamic workspace (sized for max_num_batched_tokens and max_model_len,
+    so only a bug could make one): the builder leaves it to FlashAttention with one warning. Before,
+    the kernels wrote past the workspace (a segfault)."""
+    config = vllm_config(model_dir, pattern="dynamic", min_seq_len=0)
+    batch = make_paged_batch([1, 300], [90, 0], HQ, HKV, HEAD, PAGE, torch.float16, device=DEVICE)
+    spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=HKV, head_size=HEAD, dtype=torch.float16)
+    with set_current_vllm_config(config), warnings_of() as warnings:
+        builder = FlashPrefillMetadataBuilder(spec, [LAYER.layer_name], config, torch.device(DEVICE))
+        builder.workspace = sparse_prefill.DynamicWorkspace.allocate(2, 32, HQ, HKV, HEAD, DEVICE)
+        steps = [builder.build(0, common_metadata(batch)) for _ in range(2)]
+    assert all(meta.sparse is None and meta.dense_runs == [] for meta in steps)
+    assert warnings == [
+        "FlashPrefill: cannot plan the sparse rows of this step (ValueError: the step has 5 query blocks over 5 KV "
+        "blocks; the dynamic workspace holds 2 query blocks over 32 KV blocks); the step runs on FlashAttention"
+    ]

@@ -12,8 +12,19 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from tests.fp8 import quantize_batch
 from tests.paged import make_paged_batch
-from tests.test_backend import BLOCK, DEVICE, HEAD, HKV, HQ, LAYER, PAGE, common_metadata, make_impl, vllm_config
-from tests.test_backend import model_dir  # noqa: F401  (fixture)
+from tests.test_backend import (
+    BLOCK,
+    DEVICE,
+    HEAD,
+    HKV,
+    HQ,
+    LAYER,
+    PAGE,
+    common_metadata,
+    make_impl,
+    model_dir,  # noqa: F401  (fixture)
+    vllm_config,
+)
 from vllm_flashprefill import backend, flash_sparse, sparse_prefill
 from vllm_flashprefill.backend import FlashPrefillMetadataBuilder
 from vllm_flashprefill.kernels.common import FP8_DTYPE

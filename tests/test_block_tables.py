@@ -51,3 +51,28 @@ def test_pages_larger_than_the_sparse_block_are_refused():
     one = torch.zeros(1, 1, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="multiple of the page size"):
         sparse_block_tables(qblocks.table, batch.block_table, one, one[:, :, 0] + 1, BLOCK, 128)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(block_table=lambda t: t.long()), "block_table must be an int32 [requests, pages] tensor with contiguous"),
+    (dict(kv_indices=lambda t: t.long()), "kv_indices must be an int32 [query blocks, heads, blocks] tensor"),
+    (dict(kv_counts=lambda t: t[:, :1]), "kv_indices (4, 2, 2) and kv_counts (4, 1) must list the 4 query blocks for "
+                                         "the same heads"),
+    (dict(kv_indices=lambda t: torch.cat([t, t]), kv_counts=lambda t: torch.cat([t, t])),
+     "kv_indices (8, 2, 2) and kv_counts (8, 2) must list the 4 query blocks"),  # more lists than query blocks
+    (dict(tables=lambda t: t.long()), "tables must be an int32 [heads, query blocks, pages] tensor with contiguous"),
+    (dict(seqused=lambda t: t.t().contiguous().t()),
+     "seqused must be an int32 [heads, query blocks] tensor with contiguous rows; got torch.int32 of shape (2, 4) with "
+     "strides (1, 2)"),
+], ids=["block-table-int64", "kv-indices-int64", "counts-1-head", "more-lists", "tables-int64", "seqused-strided"])
+def test_block_tables_refuse_inputs_the_kernel_would_misread(change, message):
+    batch = make_paged_batch([200], [0], HQ, HKV, HEAD, 32, torch.float32, device=DEVICE)
+    qblocks = build_query_blocks(batch.query_start_loc.cpu(), batch.seq_lens.cpu(), [0], BLOCK, DEVICE)
+    inputs = dict(block_table=batch.block_table, kv_indices=torch.zeros(4, HKV, 2, dtype=torch.int32, device=DEVICE),
+                  kv_counts=torch.ones(4, HKV, dtype=torch.int32, device=DEVICE),
+                  tables=torch.zeros(HKV, 4, 4, dtype=torch.int32, device=DEVICE),
+                  seqused=torch.zeros(HKV, 4, dtype=torch.int32, device=DEVICE))
+    inputs = {name: change.get(name, lambda t: t)(t) for name, t in inputs.items()}
+    with pytest.raises(ValueError) as refused:
+        sparse_block_tables(qblocks.table, **inputs, sparse_block=BLOCK, page_size=32)
+    assert str(refused.value).startswith(message)

@@ -179,7 +179,8 @@ def test_numpy_numbers_are_numbers():
     # Plain Python values inside: the config hashes, compares and prints like one from JSON.
     assert type(cfg.sparse_block) is int and type(cfg.threshold) is float
     assert all(type(i) is int for i in cfg.dense_layers)
-    assert load({"dense_layers": np.int64(2)}).dense_layers == 2 and type(load({"dense_layers": np.int64(2)}).dense_layers) is int
+    dense_layers = load({"dense_layers": np.int64(2)}).dense_layers
+    assert dense_layers == 2 and type(dense_layers) is int
 
 
 def test_largest_values_pass():

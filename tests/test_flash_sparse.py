@@ -66,3 +66,23 @@ def test_block_tables_give_the_pattern_under_fa3s_causal_mask(page, lists, fake_
     rows = torch.cat([torch.arange(r.token_start, r.token_end) for r in runs])
     assert out[rows].isfinite().all()
     torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_fa3_gets_each_kv_head_slice_with_size_one_strides_set_as_a_contiguous_layout(monkeypatch):
+    """Per-head tables slice one KV head off the cache (and a rank may hold one only): FA3 gets that
+    size-1 head dimension with the stride a contiguous layout gives it, as vLLM's FLASH_ATTN passes
+    its caches, not whatever the view carried."""
+    from vllm.v1.attention.backends import fa_utils
+
+    strides = []
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func",
+                        lambda q, k, v, **kw: strides.append((k.stride(), v.stride())), raising=False)
+    batch = make_paged_batch([64], [0], HQ, 1, HEAD, 16, torch.float32, device=DEVICE)
+    k_cache, v_cache = (c.as_strided(c.shape, (*c.stride()[:2], 1, 1)) for c in (batch.k_cache, batch.v_cache))
+    qblocks = build_query_blocks(batch.query_start_loc.cpu(), batch.seq_lens.cpu(), [0], BLOCK, DEVICE)
+    runs = plan_runs(qblocks.table_cpu, DEVICE)
+    tables = torch.zeros(1, 1, 4, dtype=torch.int32, device=DEVICE)
+    seqused = torch.full((1, 1), 64, dtype=torch.int32, device=DEVICE)
+    flash_sparse_attention(batch.q, k_cache, v_cache, torch.empty_like(batch.q), runs, tables, seqused, 1.0)
+    row = batch.k_cache.stride(1)
+    assert strides == [((16 * row, row, HEAD, 1), (16 * row, row, HEAD, 1))]

@@ -9,10 +9,9 @@ from tests.paged import make_paged_batch
 from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.config import FlashPrefillConfig
 from vllm_flashprefill.kernels.attention import launch_config, sparse_prefill_attention
-from vllm_flashprefill.kernels.common import dot_dtype
-from vllm_flashprefill.kernels.limits import device_limits
-from vllm_flashprefill.kernels.common import FP8_DTYPE
+from vllm_flashprefill.kernels.common import FP8_DTYPE, dot_dtype
 from vllm_flashprefill.kernels.dispatch import choose_sparse_kernel
+from vllm_flashprefill.kernels.limits import device_limits
 from vllm_flashprefill.kernels.reference import block_scores_reference, sparse_attention_reference
 from vllm_flashprefill.kernels.scoring import block_scores, blocks_per_group
 from vllm_flashprefill.patterns import forced_block_mask, select_dynamic

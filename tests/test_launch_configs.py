@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.paged import make_paged_batch, query_blocks_of
+from vllm_flashprefill.block_lists import BlockLists
 from vllm_flashprefill.kernels import attention, limits, scoring
 from vllm_flashprefill.kernels.limits import DeviceLimits, device_limits, limits_for
-from vllm_flashprefill.block_lists import BlockLists
 
 TARGETS = (80, 86, 89, 90, 100, 120)
 SHAPES = list(itertools.product((64, 128, 256), (1, 4, 8), (16, 64), (2, 4)))  # d, GQA, page, element size

@@ -91,3 +91,22 @@ def test_above_mean_adds_nothing_on_flat_scores_and_keeps_what_stands_out():
     kept_by_mean_alone = select_dynamic(peaked, block_index, 11, 1, FlashPrefillConfig(
         **{**base, "threshold": 0.0}, above_mean=1.5))[:, 0]
     assert kept_by_mean_alone[1, 3], "without the threshold, head 0 keeps block 3"
+
+
+@pytest.mark.parametrize("pattern", ["dense", "local", "strided", "hybrid", "dynamic"])
+def test_forced_blocks_keep_each_diagonal_and_nothing_past_it(pattern):
+    """What the kernels assume of every list (its last block is the diagonal), which plans do not
+    check per step (it would read the mask back from the GPU): every pattern's forced mask keeps it
+    by construction, for any options and chunk."""
+    from vllm_flashprefill.block_lists import check_diagonals
+
+    gen = torch.Generator().manual_seed(len(pattern))
+    for _ in range(20):
+        sink, local, stride, tail = torch.randint(0, 4, (4,), generator=gen).tolist()
+        cfg = FlashPrefillConfig(pattern=pattern, sparse_block=BLOCK, sink_blocks=sink, local_blocks=local,
+                                 stride=stride or (0 if pattern in ("dynamic", "local") else 1),
+                                 dense_tail_blocks=tail,
+                                 min_seq_len=int(torch.randint(0, 8, (), generator=gen)) * BLOCK)
+        last = int(torch.randint(0, 40, (), generator=gen))
+        block_index = torch.arange(int(torch.randint(0, last + 1, (), generator=gen)), last + 1)
+        check_diagonals(forced_block_mask(block_index, last, last + 1 + int(stride), cfg), block_index)

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.usefixtures("clean_flashprefill_env")
 
 @pytest.fixture
 def backend_enum():
-    import vllm_flashprefill
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import vllm_flashprefill
 
     vllm_flashprefill.register()
     return AttentionBackendEnum
@@ -445,8 +446,9 @@ def test_without_the_backend_or_a_section_nothing_is_checked(tiny_llama, monkeyp
 
 
 def test_register_wraps_create_engine_config_once(backend_enum):
-    import vllm_flashprefill
     from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+    import vllm_flashprefill
 
     wrapped = EngineArgs.create_engine_config
     vllm_flashprefill.register()

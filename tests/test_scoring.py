@@ -116,3 +116,48 @@ def test_selection_ignores_the_chunk_around_a_block():
     _, mask_tail = dynamic_mask(tail, qb_tail, cfg, 0.125)
     assert torch.equal(mask_tail, mask_whole[-3:])
     assert 0 < mask_tail.sum() < 2 * (6 + 7 + 8), "a selection that keeps every block shows nothing"
+
+
+def test_a_single_kv_head_of_any_stride_scores_as_the_canonical_view():
+    """The scoring kernel's TMA descriptor over a cache with one KV head whose stride is 1 (vLLM's
+    views may carry it; it asserted "strides must be 16-byte aligned" before the launcher set such
+    strides as a contiguous layout would): the same scores as the cache's own view."""
+    batch = make_paged_batch([200], [64], 2, 1, 64, 64, torch.float32, seed=3)
+    qblocks = query_blocks_of(batch, 2, BLOCK)
+    single_head = batch.k_cache.as_strided(batch.k_cache.shape, (*batch.k_cache.stride()[:2], 1, 1))
+    results = []
+    for k_cache in (batch.k_cache, single_head):
+        scores = torch.full((qblocks.num_blocks, 2, qblocks.num_kv_blocks), float("-inf"))
+        pooled = torch.empty(qblocks.num_blocks, 2, 64)
+        block_scores(batch.q, k_cache, batch.block_table, batch.seq_lens, qblocks.table, qblocks.score_groups,
+                     scores, pooled, 0.125, BLOCK, dict(TMA=True, BLOCK_N=64))
+        results.append(scores)
+    assert torch.isfinite(results[0]).any()
+    torch.testing.assert_close(results[1], results[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(groups=lambda t: t[:, :1].contiguous()), "groups must have 2 columns (first query block, count), not 1"),
+    (dict(groups=lambda t: t.long()), "groups must be an int32 [groups, 2] tensor, contiguous; got torch.int64"),
+    (dict(block_table=lambda t: t.t().contiguous().t()), "block_table must be an int32 [requests, pages] tensor with "
+                                                         "contiguous rows; got torch.int32 of shape (2, 22) with "
+                                                         "strides (1, 2)"),
+    (dict(seq_lens=lambda t: t.long()), "seq_lens must be an int32 [requests] tensor"),
+    (dict(scores=lambda t: t.half()), "scores must be a float32 [query blocks, heads, n] buffer with contiguous rows; "
+                                      "got torch.float16"),
+    (dict(pooled=lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)),
+     "pooled must be a float32 [query blocks, heads, n] buffer with contiguous rows; got torch.float32 of shape "
+     "(8, 8, 64) with strides (512, 1, 8)"),
+], ids=["groups-1-column", "groups-int64", "block-table-columns", "seq-lens-int64", "scores-fp16", "pooled-strided"])
+def test_scoring_refuses_inputs_the_kernels_would_misread(change, message):
+    batch = make_paged_batch([300, 77], [40, 129], 8, 2, 64, 16, torch.float32)
+    qblocks = query_blocks_of(batch, 4, BLOCK)
+    inputs = dict(block_table=batch.block_table, seq_lens=batch.seq_lens, qblocks=qblocks.table,
+                  groups=qblocks.score_groups,
+                  scores=torch.full((qblocks.num_blocks, 8, qblocks.num_kv_blocks), float("-inf")),
+                  pooled=torch.full((qblocks.num_blocks, 8, 64), float("nan")))
+    inputs = {name: change.get(name, lambda t: t)(t) for name, t in inputs.items()}
+    with pytest.raises(ValueError) as refused:
+        block_scores(batch.q, batch.k_cache, **inputs, scale=0.125, sparse_block=BLOCK)
+    assert str(refused.value).startswith(message)
+    assert inputs["pooled"].isnan().all(), "nothing launched"

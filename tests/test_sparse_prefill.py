@@ -58,7 +58,7 @@ def test_workspace_is_shared_while_large_enough_and_its_fa3_tables_grow(caplog):
     heads = dict(num_q_heads=HQ, num_kv_heads=HKV, head_size=48, device="cpu")  # heads no other test uses
     workspace = DynamicWorkspace.shared(rows=10, width=8, **heads)
     assert DynamicWorkspace.shared(rows=6, width=8, **heads) is workspace
-    views = workspace.views(3)
+    views = workspace.views(3, 8)
     assert views.scores.shape == (3, HQ, 8) and views.indices.shape == (3, HKV, 8) and views.tables is None
     assert views.fits(HQ, HKV, 48) and not views.fits(HQ // 2, HKV // 2, 48)
     with caplog.at_level("WARNING", logger="vllm.flashprefill"):
@@ -66,8 +66,26 @@ def test_workspace_is_shared_while_large_enough_and_its_fa3_tables_grow(caplog):
         assert "grow" not in caplog.text
         assert DynamicWorkspace.shared(rows=10, width=8, fa3_pages_per_block=4, **heads) is workspace
     assert "FA3 block tables grow" in caplog.text
-    assert workspace.views(3).tables.shape == (HKV, 3, 8 * 4) and workspace.views(3).seqused.shape == (HKV, 3)
+    assert workspace.views(3, 8).tables.shape == (HKV, 3, 8 * 4) and workspace.views(3, 8).seqused.shape == (HKV, 3)
     assert DynamicWorkspace.shared(rows=20, width=8, **heads) is not workspace
+
+
+@pytest.mark.parametrize("rows,width", [(4, 8), (16, 4)], ids=["too-many-query-blocks", "too-many-kv-blocks"])
+def test_a_step_the_dynamic_workspace_cannot_hold_is_refused_at_plan_time(rows, width):
+    """A step of 8 query blocks over 5 KV blocks (300 rows, and 130 rows after 190 cached) in a workspace of
+    fewer rows or narrower rows: plan() raises, naming both sizes (the kernels wrote past the
+    buffers before, up to a segfault)."""
+    cfg = FlashPrefillConfig(pattern="dynamic", sparse_block=BLOCK, min_seq_len=0)
+    workspace = DynamicWorkspace.allocate(rows, width, HQ, HKV, HEAD, "cpu")
+    batch = make_paged_batch([300, 130], [0, 190], HQ, HKV, HEAD, PAGE, torch.float16)
+    with pytest.raises(ValueError) as refused:
+        sparse_prefill.plan(cfg, batch.query_start_loc, batch.seq_lens, [0, 1], num_q_heads=HQ, num_kv_heads=HKV,
+                            head_size=HEAD, device="cpu", workspace=workspace)
+    assert str(refused.value) == (f"the step has 8 query blocks over 5 KV blocks; the dynamic workspace holds "
+                                  f"{rows} query blocks over {width} KV blocks")
+    big_enough = DynamicWorkspace.allocate(8, 5, HQ, HKV, HEAD, "cpu")
+    sparse_prefill.plan(cfg, batch.query_start_loc, batch.seq_lens, [0, 1], num_q_heads=HQ, num_kv_heads=HKV,
+                        head_size=HEAD, device="cpu", workspace=big_enough)
 
 
 def test_a_hopper_kernel_that_failed_gives_way_to_the_portable_one(capability, monkeypatch):

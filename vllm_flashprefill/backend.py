@@ -13,6 +13,7 @@ import dataclasses
 from typing import ClassVar
 
 import torch
+from vllm import envs
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import (
@@ -27,7 +28,7 @@ from . import compat, sparse_prefill
 from .config import FlashPrefillConfig
 from .flash_sparse import fa3_sparse_usable, flash_attn_version
 from .kernels.attention import SUPPORTED_HEAD_SIZES, preferred_page_size
-from .kernels.common import FP8_DTYPE
+from .kernels.common import FP8_DTYPE, kernel_shape
 from .registration import BACKEND_NAME
 from .stats import STATS
 
@@ -82,6 +83,23 @@ def dynamic_workspace(vllm_config, cfg: FlashPrefillConfig, num_q_heads: int, nu
         num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size, device=device,
         fa3_pages_per_block=cfg.sparse_block // fa3_page_size if fa3_page_size else None,
     )
+
+
+def describe_error(error: Exception) -> str:
+    """An exception in one line of at most 300 characters of message, for a warning."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+# Shapes (kernel_shape and the config) whose sparse rows failed in this process: FlashAttention
+# runs them from then on, so that a kernel that cannot compile is not compiled again every layer.
+_FAILED_SPARSE_SHAPES: set[tuple] = set()
+
+
+def dense_run_splits() -> int:
+    """FlashAttention's ``max_num_splits`` for a dense run: 1 in batch-invariant mode, as vLLM's
+    FlashAttention builder sets it (a row's result then does not depend on the batch), else 0 (its
+    heuristics; a run has no ahead-of-time schedule)."""
+    return 1 if envs.VLLM_BATCH_INVARIANT else 0
 
 
 @dataclasses.dataclass
@@ -181,13 +199,18 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
         sparse = sparse_prefill.sparse_requests(self.cfg, seq_lens, range(num_decodes, cm.num_reqs))
         if not sparse:
             return metadata
+        try:
+            metadata.sparse = sparse_prefill.plan(
+                self.cfg, qsl, seq_lens, sparse, num_q_heads=self.num_heads_q, num_kv_heads=self.num_heads_kv,
+                head_size=self.headdim, device=self.device, workspace=self.workspace,
+                fa3_page_size=self.page_size if self.flash_sparse else None, block_table=metadata.block_table,
+                prefill_lens=compat.prefill_lens(cm),
+            )
+        except Exception as e:  # e.g. a step the dynamic workspace cannot hold: FlashAttention runs it
+            logger.warning_once("FlashPrefill: cannot plan the sparse rows of this step (%s); the step runs on "
+                                "FlashAttention", describe_error(e))
+            return metadata
         metadata.dense_runs = self._dense_runs(cm, metadata, set(sparse), qsl, seq_lens)
-        metadata.sparse = sparse_prefill.plan(
-            self.cfg, qsl, seq_lens, sparse, num_q_heads=self.num_heads_q, num_kv_heads=self.num_heads_kv,
-            head_size=self.headdim, device=self.device, workspace=self.workspace,
-            fa3_page_size=self.page_size if self.flash_sparse else None, block_table=metadata.block_table,
-            prefill_lens=compat.prefill_lens(cm),
-        )
         return metadata
 
     @staticmethod
@@ -214,7 +237,7 @@ class FlashPrefillMetadataBuilder(FlashAttentionMetadataBuilder):
                                 block_table=fa.block_table[start:r],
                                 slot_mapping=fa.slot_mapping[t0:t1],
                                 scheduler_metadata=None,
-                                max_num_splits=0,
+                                max_num_splits=dense_run_splits(),
                             ),
                         )
                     )
@@ -328,37 +351,55 @@ class FlashPrefillImpl(FlashAttentionImpl):
         output_scale=None,
         output_block_scale=None,
     ):
+        if self._forward_sparse(layer, query, key, value, kv_cache, attn_metadata, output, output_scale):
+            return output
+        return super().forward(
+            layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale,
+        )
+
+    def _forward_sparse(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale) -> bool:
+        """The step's sparse rows on the sparse path and its dense runs on FlashAttention; False when
+        FlashAttention must run the whole batch instead."""
         plan = getattr(attn_metadata, "sparse", None)
         # A builder sized for other head counts (vLLM 0.26 takes them from the model config, so
         # models whose layers differ get one workspace for all) cannot score this layer.
         misfit = plan is not None and plan.workspace is not None and not plan.workspace.fits(
             self.num_heads, self.num_kv_heads, self.head_size)
         if plan is None or output_scale is not None or not self._runs_sparse(layer) or misfit:
-            return super().forward(
-                layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale, output_block_scale,
-            )
-        for run in attn_metadata.dense_runs:
-            lo, hi = run.token_start, run.token_end
-            super().forward(  # KV-sharing layers pass no key/value: they read another layer's cache
-                layer, query[lo:hi], None if key is None else key[lo:hi],
-                None if value is None else value[lo:hi], kv_cache, run.metadata, output[lo:hi],
-            )
+            return False
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         fp8_scales = {}
         if self.fp8_cache:  # vLLM holds it as uint8; the query may come quantized as well
             key_cache, value_cache = key_cache.view(FP8_DTYPE), value_cache.view(FP8_DTYPE)
             fp8_scales = dict(k_scale=layer._k_scale, v_scale=layer._v_scale,
                               q_scale=layer._q_scale if query.dtype == FP8_DTYPE else None)
-        counts = sparse_prefill.run(
-            plan, query=query, key_cache=key_cache, value_cache=value_cache, output=output,
-            block_table=attn_metadata.block_table, seq_lens=attn_metadata.seq_lens, scale=self.scale,
-            # The builder checked the platform's FlashAttention version; a layer may still run
-            # another (vLLM picks it per head size), and only FA3 takes the plan's block tables.
-            on_fa3=self.vllm_flash_attn_version == 3, **fp8_scales,
-        )
+        shape = (*kernel_shape(query, key_cache, plan.cfg.sparse_block), plan.cfg)
+        if shape in _FAILED_SPARSE_SHAPES:
+            return False
+        try:
+            counts = sparse_prefill.run(
+                plan, query=query, key_cache=key_cache, value_cache=value_cache, output=output,
+                block_table=attn_metadata.block_table, seq_lens=attn_metadata.seq_lens, scale=self.scale,
+                # The builder checked the platform's FlashAttention version; a layer may still run
+                # another (vLLM picks it per head size), and only FA3 takes the plan's block tables.
+                on_fa3=self.vllm_flash_attn_version == 3, **fp8_scales,
+            )
+        except Exception as e:  # a descriptor, compile or launch failure: dense rows, not a dead engine
+            _FAILED_SPARSE_SHAPES.add(shape)
+            logger.warning(
+                "FlashPrefill: the sparse rows failed (%s); FlashAttention runs every row of this step, and "
+                "from now on the rows of this shape (%s KV cache, %s query, d %d, pages of %d, GQA %d)",
+                describe_error(e), key_cache.dtype, query.dtype, self.head_size, key_cache.shape[1],
+                self.num_heads // self.num_kv_heads)
+            return False
+        for run in attn_metadata.dense_runs:
+            lo, hi = run.token_start, run.token_end
+            super().forward(  # KV-sharing layers pass no key/value: they read another layer's cache
+                layer, query[lo:hi], None if key is None else key[lo:hi],
+                None if value is None else value[lo:hi], kv_cache, run.metadata, output[lo:hi],
+            )
         STATS.record(counts, plan.query_blocks.causal_pairs, self.num_kv_heads)
-        return output
+        return True
 
 
 def _expected_fa3_page_size(vllm_config, cfg: FlashPrefillConfig, head_size: int) -> int | None:

@@ -16,6 +16,25 @@ SHOWN_QUERY_BLOCKS = 8  # str() of large lists shows the first ones
 
 
 
+def check_diagonals(mask: torch.Tensor, diagonal: torch.Tensor) -> None:
+    """Every row (query block i, head h) of ``mask`` [n, H, nkb] keeps block ``diagonal[i]`` and
+    none past it."""
+    n, heads, nkb = mask.shape
+    if diagonal.shape != (n,) or (n and not 0 <= int(diagonal.min()) <= int(diagonal.max()) < nkb):
+        raise ValueError(f"diagonal blocks {diagonal.tolist()} must give each of the {n} query blocks a block "
+                         f"in [0, {nkb})")
+    own = diagonal.long().to(mask.device)[:, None, None]
+    missing = ~mask.gather(-1, own.expand(n, heads, 1))[..., 0]
+    past = (mask & (torch.arange(nkb, device=mask.device) > own)).any(-1)
+    bad = (missing | past).nonzero()
+    if len(bad):
+        i, h = (int(x) for x in bad[0])
+        what = "does not keep" if missing[i, h] else "keeps blocks past"
+        raise ValueError(
+            f"block mask row of query block {i}, head {h} {what} its diagonal block {int(diagonal[i])} (kept: "
+            f"{mask[i, h].nonzero().flatten().tolist()}); the kernels take a list's last block for the diagonal")
+
+
 class BlockLists(NamedTuple):
     """``indices[i, h, :counts[i, h]]``: the KV blocks query block i visits for KV head h, ascending
     (slots past the count hold anything). H = 1 when every head shares the lists (static patterns).
@@ -25,9 +44,15 @@ class BlockLists(NamedTuple):
     counts: torch.Tensor  # [n, H] int32
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> BlockLists:
-        """Lists of a block mask [n, H, nkb] (L = nkb)."""
+    def from_mask(cls, mask: torch.Tensor, diagonal: torch.Tensor | None = None) -> BlockLists:
+        """Lists of a block mask [n, H, nkb] (L = nkb). ``diagonal`` [n]: each query block's own
+        block; given, every row must keep it and no block past it, since the kernels take a list's
+        last block for the diagonal (the one they mask element by element), or a ValueError names
+        the first row that does not. The check reads the mask back (a device sync on a GPU);
+        ``patterns.forced_block_mask`` keeps the diagonal by construction, so plans skip it."""
         n, heads, nkb = mask.shape
+        if diagonal is not None:
+            check_diagonals(mask, diagonal)
         counts = mask.sum(-1, dtype=torch.int32)
         slots = torch.cumsum(mask, -1, dtype=torch.int32) - 1
         slots = torch.where(mask, slots, nkb)  # dropped blocks land in a spare last column

@@ -23,7 +23,7 @@ import torch
 
 from .block_lists import BlockLists
 from .kernels.block_tables import sparse_block_tables
-from .kernels.common import QB_FIRST_POS, QB_FIRST_ROW, QB_ROWS
+from .kernels.common import QB_FIRST_POS, QB_FIRST_ROW, QB_ROWS, canonical_strides
 
 if TYPE_CHECKING:
     from .config import FlashPrefillConfig
@@ -142,10 +142,14 @@ def flash_sparse_attention(
 
     def attend(group: int) -> None:
         qh, kh = slice(group * q_heads, (group + 1) * q_heads), slice(group * kv_heads, (group + 1) * kv_heads)
+        # A single KV head (per rank, or per call with dynamic lists) is a size-1 dimension of any
+        # stride; vLLM's FLASH_ATTN sets such strides as a contiguous layout would before calling
+        # FlashAttention (it crashed without), and so do we.
+        k, v = canonical_strides(key_cache[:, :, kh]), canonical_strides(value_cache[:, :, kh])
         for run in runs:
             rows, blocks = slice(run.token_start, run.token_end), slice(run.qblock_start, run.qblock_end)
             flash_attn_varlen_func(
-                q=query[rows, qh], k=key_cache[:, :, kh], v=value_cache[:, :, kh], out=output[rows, qh],
+                q=query[rows, qh], k=k, v=v, out=output[rows, qh],
                 cu_seqlens_q=run.cu_seqlens_q, max_seqlen_q=run.max_seqlen_q,
                 seqused_k=seqused[group, blocks], max_seqlen_k=run.max_seqlen_k,
                 softmax_scale=scale, causal=True, block_table=tables[group, blocks],

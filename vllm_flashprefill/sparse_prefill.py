@@ -117,7 +117,14 @@ class DynamicWorkspace:
             num_kv_heads, rows, width * pages_per_block, dtype=torch.int32, device=self.indices.device)
         self.seqused = torch.zeros(num_kv_heads, rows, dtype=torch.int32, device=self.indices.device)
 
-    def views(self, num_qblocks: int) -> WorkspaceViews:
+    def views(self, num_qblocks: int, num_kv_blocks: int) -> WorkspaceViews:
+        """The rows of a step of ``num_qblocks`` query blocks over ``num_kv_blocks`` KV blocks; a
+        step the workspace cannot hold raises (the kernels would write past its buffers)."""
+        rows, _, width = self.indices.shape
+        if num_qblocks > rows or num_kv_blocks > width:
+            raise ValueError(
+                f"the step has {num_qblocks} query blocks over {num_kv_blocks} KV blocks; the dynamic "
+                f"workspace holds {rows} query blocks over {width} KV blocks")
         n = slice(0, num_qblocks)
         tables = seqused = None
         if self.tables is not None:
@@ -190,7 +197,7 @@ def plan(
             workspace = DynamicWorkspace.allocate(
                 query_blocks.num_blocks, query_blocks.num_kv_blocks, num_q_heads, num_kv_heads, head_size, device,
                 cfg.sparse_block // fa3_page_size if fa3_page_size else None)
-        views = workspace.views(query_blocks.num_blocks)
+        views = workspace.views(query_blocks.num_blocks, query_blocks.num_kv_blocks)
     else:
         static_lists = BlockLists.from_mask(forced_block_mask(
             query_blocks.block_index, query_blocks.tail_end, query_blocks.num_kv_blocks, cfg))

@@ -135,7 +135,8 @@ def main() -> None:
     ap.add_argument("--kernel", choices=("triton", "hopper"), default="triton",
                     help="kernels/attention.py or kernels/attention_hopper.py")
     ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head size")
-    ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="fp8: e4m3 with scales (--kernel triton)")
+    ap.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16",
+                    help="fp8: e4m3 with scales (--kernel triton)")
     ap.add_argument("--dump-cubin", type=Path)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

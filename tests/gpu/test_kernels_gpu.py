@@ -34,8 +34,7 @@ from vllm_flashprefill.kernels.reference import (  # noqa: E402 - after the skip
     block_scores_reference,
     sparse_attention_reference,
 )
-from vllm_flashprefill.patterns import (  # noqa: E402
-    content_selectable, forced_block_mask, relative_scores, select_dynamic)
+from vllm_flashprefill.patterns import content_selectable, forced_block_mask, relative_scores, select_dynamic  # noqa: E402
 
 BLOCK = 128 if ON_GPU else 64  # must match conftest.env().block
 
