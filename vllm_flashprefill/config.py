@@ -154,11 +154,6 @@ class FlashPrefillConfig:
                 f"indices of the model's {num_layers} layers (0 to {num_layers - 1})"
             )
 
-    @property
-    def block_size(self) -> int:
-        """The option's name for :attr:`sparse_block`; benchmarks/ still read it."""
-        return self.sparse_block
-
     def as_dict(self) -> dict[str, Any]:
         """Every setting by option name, for results files (so they stay readable after the
         defaults change)."""
